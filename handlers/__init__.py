@@ -1,0 +1,25 @@
+"""FastStream subscribers, one module per domain."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from faststream.nats import NatsBroker
+
+from pipeline.intake import Intake
+from pipeline.settings import Settings
+from schemas import Domain
+from streams import Subjects
+
+from . import metrics, monitoring, security
+
+__all__ = ["REGISTER"]
+
+Register = Callable[[NatsBroker, Intake, Settings, Subjects], None]
+
+REGISTER: dict[Domain, Register] = {
+    security.DOMAIN: security.register,
+    monitoring.DOMAIN: monitoring.register,
+    metrics.DOMAIN: metrics.register,
+}
+"""How to register the subscriber of each domain."""

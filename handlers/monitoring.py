@@ -1,0 +1,21 @@
+"""Subscriber for monitoring messages (`monitoring.v<major>.<source>`)."""
+
+from __future__ import annotations
+
+from faststream.nats import NatsBroker
+
+from pipeline.intake import Intake
+from pipeline.settings import Settings
+from schemas import Domain
+from streams import Subjects
+
+from .subscriber import subscribe_batches
+
+__all__ = ["register"]
+
+DOMAIN = Domain.MONITORING
+
+
+def register(broker: NatsBroker, intake: Intake, settings: Settings, subjects: Subjects) -> None:
+    """Register the monitoring batch subscriber on the broker."""
+    subscribe_batches(broker, intake, settings, subjects)

@@ -1,0 +1,156 @@
+"""Composition root: builds the services, wires the handlers, starts and stops in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+
+import anyio
+import nats
+from faststream.nats import NatsBroker
+from nats.aio.client import Client
+from nats.js.errors import NotFoundError
+from prometheus_client import CollectorRegistry
+
+import handlers
+from streams import Applied, ConsumerLimits, Subjects, apply, consumer_config, stream_configs
+
+from .deadletter import DeadLetters
+from .dedup import CommittedIds
+from .errors import ConfigError, StoreUnavailable
+from .intake import Intake
+from .metrics import Metrics
+from .settings import Settings
+from .store import EventStore
+
+__all__ = ["Worker", "apply_streams", "connect_nats"]
+
+log = logging.getLogger(__name__)
+
+
+async def connect_nats(settings: Settings) -> Client:
+    """Connect to NATS, or fail with an error naming the setting."""
+    try:
+        return await nats.connect(
+            settings.nats_url, connect_timeout=5, max_reconnect_attempts=-1, allow_reconnect=True
+        )
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise ConfigError(
+            "PIPELINE_NATS_URL", f"cannot connect to NATS at {settings.nats_url}: {exc!r}"
+        ) from exc
+
+
+async def apply_streams(nc: Client, settings: Settings) -> list[Applied]:
+    """Create or update every stream and the consumers of the enabled domains."""
+    subjects = Subjects(settings.namespace)
+    limits = ConsumerLimits(ack_wait_s=settings.ack_wait_s, max_ack_pending=settings.max_ack_pending)
+    consumers = [
+        (subjects.stream(d), consumer_config(subjects, d, limits)) for d in settings.domains
+    ]
+    return await apply(nc.jsm(), stream_configs(subjects, replicas=settings.stream_replicas), consumers)
+
+
+class Worker:
+    """A pipeline worker: consumes every enabled domain until stopped.
+
+    Use as `async with Worker(settings) as worker: ...`; leaving the block finishes the
+    batches in hand, drains NATS and closes the stores, in reverse order of start.
+    """
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.subjects = Subjects(settings.namespace)
+        self.metrics = Metrics(registry)
+        self.store: EventStore | None = None
+        self._cache: CommittedIds | None = None
+        self._admin: Client | None = None
+        self._broker: NatsBroker | None = None
+        self._lag_task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Worker:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect, apply streams, open the event store, start consuming."""
+        s = self.settings
+        self._admin = await connect_nats(s)
+        for result in await apply_streams(self._admin, s):
+            log.info("%s", result)
+        try:
+            self.store = await anyio.to_thread.run_sync(EventStore, s.eventsourcing_env())
+        except StoreUnavailable as exc:
+            raise ConfigError(
+                "PIPELINE_POSTGRES_HOST",
+                f"cannot open the event store at {s.postgres_host}:{s.postgres_port}"
+                f"/{s.postgres_dbname}: {exc}",
+            ) from exc
+        if s.redis_url:
+            prefix = f"pipeline:{s.namespace or 'default'}:committed"
+            self._cache = CommittedIds(
+                s.redis_url, ttl_s=s.dedup_ttl_s, prefix=prefix, metrics=self.metrics
+            )
+        dead_letters = DeadLetters(self._admin.jetstream(), self.subjects)
+        self._broker = NatsBroker(s.nats_url, logger=None, graceful_timeout=30.0)
+        for domain in s.domains:
+            intake = Intake(
+                domain,
+                subjects=self.subjects,
+                store=self.store,
+                dead_letters=dead_letters,
+                metrics=self.metrics,
+                max_deliver=s.max_deliver,
+                max_message_bytes=s.max_message_bytes,
+                retry_delay=s.retry_delay,
+                cache=self._cache,
+            )
+            handlers.REGISTER[domain](self._broker, intake, s, self.subjects)
+        await self._broker.start()
+        self._lag_task = asyncio.create_task(self._watch_lag())
+        log.info("worker consuming %s from %s", [d.value for d in s.domains], s.nats_url)
+
+    async def stop(self) -> None:
+        """Finish the batches in hand, drain NATS, close the stores."""
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_task
+            self._lag_task = None
+        if self._broker is not None:
+            await self._broker.stop()  # waits for running handlers, then drains
+            self._broker = None
+        if self._cache is not None:
+            await self._cache.close()
+            self._cache = None
+        if self._admin is not None:
+            await self._admin.drain()
+            self._admin = None
+        if self.store is not None:
+            await anyio.to_thread.run_sync(self.store.close)
+            self.store = None
+
+    async def _watch_lag(self) -> None:
+        assert self._admin is not None
+        jsm = self._admin.jsm()
+        while True:
+            for domain in self.settings.domains:
+                try:
+                    info = await jsm.consumer_info(
+                        self.subjects.stream(domain), self.subjects.durable(domain)
+                    )
+                except (NotFoundError, nats.errors.Error, TimeoutError):
+                    continue
+                self.metrics.consumer_pending.labels(domain.value).set(info.num_pending or 0)
+                self.metrics.consumer_ack_pending.labels(domain.value).set(info.num_ack_pending or 0)
+            await asyncio.sleep(self.settings.consumer_lag_interval_s)

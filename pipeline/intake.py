@@ -1,0 +1,204 @@
+"""Intake: turn one pulled batch into stored events, dead letters, acks and naks.
+
+Order of effects for a batch:
+1. decode each message; rejected ones become dead letters;
+2. dead letters are published and acknowledged by the DLQ stream, then their sources acked;
+3. valid messages are written in one transaction (ids already stored are skipped);
+4. after the commit, their sources are acked and the ids cached.
+A transient failure naks the affected messages with backoff; past `max_deliver`
+deliveries they are dead-lettered instead. Nothing is acked before it is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import anyio
+
+from schemas import Domain
+from streams import Subjects
+
+from .codec import decode
+from .deadletter import DeadLetter, DeadLetters
+from .dedup import CommittedIds
+from .errors import Reason, Rejected, RetryLater
+from .metrics import Metrics
+from .store import Accepted, EventStore, WriteResult
+
+__all__ = ["Delivery", "Intake"]
+
+log = logging.getLogger(__name__)
+
+
+class Delivery(Protocol):
+    """What the intake needs of a JetStream message (`nats.aio.msg.Msg` has it)."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+
+    @property
+    def metadata(self) -> Any: ...
+
+    async def ack(self) -> None: ...
+
+    async def nak(self, delay: float | None = None) -> None: ...
+
+
+class Intake:
+    """Handles batches of one domain."""
+
+    def __init__(
+        self,
+        domain: Domain,
+        *,
+        subjects: Subjects,
+        store: EventStore,
+        dead_letters: DeadLetters,
+        metrics: Metrics,
+        max_deliver: int,
+        max_message_bytes: int,
+        retry_delay: Callable[[int], float],
+        cache: CommittedIds | None = None,
+    ) -> None:
+        self.domain = domain
+        self._subjects = subjects
+        self._store = store
+        self._dead_letters = dead_letters
+        self._metrics = metrics
+        self._max_deliver = max_deliver
+        self._max_bytes = max_message_bytes
+        self._retry_delay = retry_delay
+        self._cache = cache
+        self._label = domain.value
+
+    async def handle(self, batch: Sequence[Delivery]) -> None:
+        """Process one batch; every message ends acked, nak'd or dead-lettered."""
+        started = time.perf_counter()
+        received_at = datetime.now(UTC)
+        self._metrics.consumed.labels(self._label).inc(len(batch))
+        self._metrics.batch_size.labels(self._label).observe(len(batch))
+
+        rejected: list[tuple[Delivery, DeadLetter]] = []
+        accepted: dict[uuid.UUID, Accepted] = {}
+        deliveries: dict[uuid.UUID, list[Delivery]] = {}
+        for msg in batch:
+            try:
+                item = self._accept(msg, received_at)
+            except Rejected as exc:
+                rejected.append((msg, self._dead_letter(msg, exc.reason, exc.detail)))
+                continue
+            accepted.setdefault(item.event_id, item)
+            deliveries.setdefault(item.event_id, []).append(msg)
+
+        if rejected:
+            await self._dead_letter_all(rejected)
+        if accepted:
+            await self._store_all(accepted, deliveries)
+        self._metrics.handler_seconds.labels(self._label).observe(time.perf_counter() - started)
+
+    def _accept(self, msg: Delivery, received_at: datetime) -> Accepted:
+        meta = msg.metadata
+        if meta.num_delivered > self._max_deliver:
+            raise Rejected(
+                Reason.MAX_DELIVER_EXCEEDED,
+                f"delivered {meta.num_delivered} times without being acked "
+                f"(limit {self._max_deliver}); the worker may have crashed on it",
+            )
+        model = decode(
+            self._subjects, self.domain, msg.subject, msg.data, max_bytes=self._max_bytes
+        )
+        payload = model.model_dump(mode="json")
+        return Accepted(
+            domain=self.domain,
+            message_id=payload["id"],
+            subject=msg.subject,
+            stream_seq=meta.sequence.stream,
+            schema_version=payload["schema_version"],
+            received_at=received_at,
+            payload=payload,
+        )
+
+    def _dead_letter(self, msg: Delivery, reason: Reason, detail: str) -> DeadLetter:
+        meta = msg.metadata
+        return DeadLetter(
+            reason=reason,
+            detail=detail,
+            subject=msg.subject,
+            stream=meta.stream,
+            stream_seq=meta.sequence.stream,
+            delivered=meta.num_delivered,
+            body=msg.data or b"",
+            headers=dict(msg.headers or {}),
+        )
+
+    async def _dead_letter_all(self, rejected: list[tuple[Delivery, DeadLetter]]) -> None:
+        try:
+            await self._dead_letters.publish(self.domain, [letter for _, letter in rejected])
+        except RetryLater as exc:
+            log.warning("%s: %s; %d messages will be redelivered", self._label, exc, len(rejected))
+            for msg, _ in rejected:
+                await self._nak(msg, exc)
+            return
+        for msg, letter in rejected:
+            await msg.ack()
+            self._metrics.dead_lettered.labels(self._label, letter.reason.value).inc()
+
+    async def _store_all(
+        self, accepted: dict[uuid.UUID, Accepted], deliveries: dict[uuid.UUID, list[Delivery]]
+    ) -> None:
+        in_batch = sum(len(d) for d in deliveries.values()) - len(deliveries)
+        if in_batch:
+            self._metrics.duplicates.labels(self._label, "batch").inc(in_batch)
+        known = await self._cache.known(accepted.keys()) if self._cache else set()
+        started = time.perf_counter()
+        try:
+            result: WriteResult = await anyio.to_thread.run_sync(
+                self._store.write, list(accepted.values()), known
+            )
+        except RetryLater as exc:
+            msgs = [m for ms in deliveries.values() for m in ms]
+            log.warning("%s: %s; %d messages will be retried", self._label, exc, len(msgs))
+            await self._retry(msgs, exc)
+            return
+        self._metrics.commit_seconds.labels(self._label).observe(time.perf_counter() - started)
+        for ms in deliveries.values():
+            for msg in ms:
+                await msg.ack()
+        self._metrics.stored.labels(self._label).inc(len(result.stored))
+        if known:
+            self._metrics.duplicates.labels(self._label, "cache").inc(len(known))
+        if len(result.duplicates) > len(known):
+            self._metrics.duplicates.labels(self._label, "store").inc(
+                len(result.duplicates) - len(known)
+            )
+        if self._cache:
+            await self._cache.remember(result.stored | (result.duplicates - known))
+
+    async def _retry(self, msgs: list[Delivery], exc: RetryLater) -> None:
+        """Nak for redelivery, or dead-letter what has used up its deliveries."""
+        exhausted = []
+        for msg in msgs:
+            delivered = msg.metadata.num_delivered
+            if delivered >= self._max_deliver:
+                exhausted.append(
+                    (
+                        msg,
+                        self._dead_letter(
+                            msg, Reason.RETRIES_EXHAUSTED, f"after {delivered} deliveries: {exc}"
+                        ),
+                    )
+                )
+            else:
+                await self._nak(msg, exc)
+        if exhausted:
+            await self._dead_letter_all(exhausted)
+
+    async def _nak(self, msg: Delivery, exc: RetryLater) -> None:
+        await msg.nak(delay=self._retry_delay(msg.metadata.num_delivered))
+        self._metrics.retried.labels(self._label, type(exc).__name__).inc()

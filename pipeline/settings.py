@@ -1,0 +1,95 @@
+"""The one settings object, read from `PIPELINE_*` environment variables or a `.env` file."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas import Domain
+
+__all__ = ["Settings"]
+
+EVENT_DOMAINS = (Domain.SECURITY, Domain.MONITORING, Domain.METRICS)
+
+
+class Settings(BaseSettings):
+    """Everything a worker, the CLI or the demo needs; built once at the entrypoint."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PIPELINE_", env_file=".env", extra="forbid", frozen=True
+    )
+
+    # NATS JetStream
+    nats_url: str = "nats://127.0.0.1:4222"
+    namespace: str = Field("", description="prefix of every subject and stream; empty for none")
+    stream_replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    domains: tuple[Domain, ...] = EVENT_DOMAINS
+
+    # Consuming
+    batch_size: Annotated[int, Field(ge=1, le=10_000)] = 256
+    batch_timeout_s: Annotated[float, Field(gt=0, le=30)] = 0.05
+    ack_wait_s: Annotated[float, Field(gt=0)] = 30.0
+    max_ack_pending: Annotated[int, Field(ge=1)] = 4096
+    max_deliver: Annotated[int, Field(ge=1)] = 5
+    retry_backoff_s: tuple[float, ...] = (1.0, 5.0, 15.0, 30.0)
+    max_message_bytes: Annotated[int, Field(ge=256)] = 256 * 1024
+
+    # PostgreSQL event store
+    postgres_host: str = "127.0.0.1"
+    postgres_port: Annotated[int, Field(ge=1, le=65535)] = 5432
+    postgres_dbname: str = "postgres"
+    postgres_user: str = "postgres"
+    postgres_password: str = ""
+    postgres_schema: str = "public"
+    postgres_pool_size: Annotated[int, Field(ge=1)] = 4
+    postgres_connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+
+    # Redis cache of committed ids (optional)
+    redis_url: str | None = None
+    dedup_ttl_s: Annotated[int, Field(ge=1)] = 24 * 3600
+
+    # Metrics endpoint
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9108
+    consumer_lag_interval_s: Annotated[float, Field(gt=0)] = 5.0
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("domains")
+    @classmethod
+    def _event_domains_only(cls, value: tuple[Domain, ...]) -> tuple[Domain, ...]:
+        unsupported = [d.value for d in value if d not in EVENT_DOMAINS]
+        if unsupported:
+            raise ValueError(
+                f"no handler for {unsupported}; choose from {[d.value for d in EVENT_DOMAINS]}"
+            )
+        return value
+
+    def retry_delay(self, delivered: int) -> float:
+        """Seconds to wait before redelivery after the `delivered`-th failed attempt."""
+        if not self.retry_backoff_s:
+            return 0.0
+        return self.retry_backoff_s[min(delivered, len(self.retry_backoff_s)) - 1]
+
+    def eventsourcing_env(self) -> dict[str, str]:
+        """The environment the `eventsourcing` library reads its Postgres settings from."""
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "POSTGRES_HOST": self.postgres_host,
+            "POSTGRES_PORT": str(self.postgres_port),
+            "POSTGRES_DBNAME": self.postgres_dbname,
+            "POSTGRES_USER": self.postgres_user,
+            "POSTGRES_PASSWORD": self.postgres_password,
+            "POSTGRES_SCHEMA": self.postgres_schema,
+            "POSTGRES_POOL_SIZE": str(self.postgres_pool_size),
+            "POSTGRES_MAX_OVERFLOW": "0",
+            "POSTGRES_CONNECT_TIMEOUT": str(int(self.postgres_connect_timeout_s)),
+            "CREATE_TABLE": "y",
+        }

@@ -1,0 +1,31 @@
+"""Subjects, stream and consumer definitions, and their idempotent `apply`."""
+
+from __future__ import annotations
+
+from .apply import Applied, ConsumerStatus, StreamStatus, apply, status
+from .definitions import (
+    DEAD_LETTER_RETENTION,
+    RETENTION,
+    ConsumerLimits,
+    Retention,
+    consumer_config,
+    stream_configs,
+)
+from .subjects import ParsedSubject, SubjectError, Subjects
+
+__all__ = [
+    "DEAD_LETTER_RETENTION",
+    "RETENTION",
+    "Applied",
+    "ConsumerLimits",
+    "ConsumerStatus",
+    "ParsedSubject",
+    "Retention",
+    "StreamStatus",
+    "SubjectError",
+    "Subjects",
+    "apply",
+    "consumer_config",
+    "status",
+    "stream_configs",
+]

@@ -1,0 +1,121 @@
+"""The streams and durable consumers of the pipeline, as JetStream configs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from schemas import Domain
+
+from .subjects import Subjects
+
+__all__ = [
+    "DEAD_LETTER_RETENTION",
+    "RETENTION",
+    "ConsumerLimits",
+    "Retention",
+    "consumer_config",
+    "stream_configs",
+]
+
+HOUR = 3600.0
+DAY = 24 * HOUR
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long and how much a stream keeps, and what it refuses."""
+
+    max_age_s: float
+    max_bytes: int = -1
+    duplicate_window_s: float = 120.0
+    deny_delete: bool = False
+    deny_purge: bool = False
+
+
+RETENTION: Mapping[Domain, Retention] = {
+    Domain.FRAMES: Retention(max_age_s=HOUR, max_bytes=10 * GIB),
+    Domain.SECURITY: Retention(
+        max_age_s=90 * DAY, duplicate_window_s=600.0, deny_delete=True, deny_purge=True
+    ),
+    Domain.MONITORING: Retention(max_age_s=7 * DAY),
+    Domain.METRICS: Retention(max_age_s=DAY),
+}
+DEAD_LETTER_RETENTION = Retention(max_age_s=30 * DAY)
+
+
+@dataclass(frozen=True)
+class ConsumerLimits:
+    """Delivery limits of the durable consumers.
+
+    Redelivery is unlimited at the server: the pipeline itself counts deliveries and
+    dead-letters a message past `max_deliver`, because JetStream would only emit an
+    advisory and leave the message stranded in the stream.
+    """
+
+    ack_wait_s: float = 30.0
+    max_ack_pending: int = 4096
+
+
+def stream_configs(
+    subjects: Subjects, *, replicas: int = 1, storage: StorageType = StorageType.FILE
+) -> list[StreamConfig]:
+    """Configs of every domain stream plus the dead-letter stream."""
+    configs = [
+        _stream(subjects.stream(domain), subjects.wildcard(domain), policy, replicas, storage)
+        for domain, policy in RETENTION.items()
+    ]
+    configs.append(
+        _stream(
+            subjects.dead_letter_stream(),
+            subjects.dead_letter_wildcard(),
+            DEAD_LETTER_RETENTION,
+            replicas,
+            storage,
+        )
+    )
+    return configs
+
+
+def _stream(
+    name: str, subject: str, policy: Retention, replicas: int, storage: StorageType
+) -> StreamConfig:
+    return StreamConfig(
+        name=name,
+        subjects=[subject],
+        retention=RetentionPolicy.LIMITS,
+        storage=storage,
+        num_replicas=replicas,
+        max_age=policy.max_age_s,
+        max_bytes=policy.max_bytes,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=policy.duplicate_window_s,
+        deny_delete=policy.deny_delete,
+        deny_purge=policy.deny_purge,
+    )
+
+
+def consumer_config(subjects: Subjects, domain: Domain, limits: ConsumerLimits) -> ConsumerConfig:
+    """The durable pull consumer all workers of a domain share."""
+    name = subjects.durable(domain)
+    return ConsumerConfig(
+        name=name,
+        durable_name=name,
+        filter_subject=subjects.wildcard(domain),
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=limits.ack_wait_s,
+        max_deliver=-1,
+        max_ack_pending=limits.max_ack_pending,
+    )

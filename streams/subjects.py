@@ -1,0 +1,112 @@
+"""Subject, stream and consumer names: the only place they are spelled out.
+
+Subjects are `<domain>.v<major>.<source>`; dead letters go to `dlq.<domain>`. An optional
+namespace prefixes every subject (`acme.security.v1.door-7`) and stream (`ACME_SECURITY`)
+so several pipelines (or test runs) can share one NATS account.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from schemas import Domain
+
+__all__ = ["ParsedSubject", "SubjectError", "Subjects"]
+
+_NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_MAJOR = re.compile(r"^v([1-9][0-9]{0,2})$")
+
+
+class SubjectError(ValueError):
+    """A subject that does not follow `<domain>.v<major>.<source>`."""
+
+    def __init__(self, subject: str, problem: str) -> None:
+        super().__init__(f"subject {subject!r}: {problem}")
+        self.subject = subject
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class ParsedSubject:
+    """A subject split into its parts."""
+
+    domain: Domain
+    major: int
+    source: str
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """Names of subjects, streams and consumers, under an optional namespace."""
+
+    namespace: str = ""
+    consumer_prefix: str = "pipeline"
+
+    def __post_init__(self) -> None:
+        if self.namespace and not _NAMESPACE.match(self.namespace):
+            raise ValueError(
+                f"namespace {self.namespace!r} must be 1-32 lowercase letters, digits, '-' or '_'"
+            )
+
+    @property
+    def _prefix(self) -> str:
+        return f"{self.namespace}." if self.namespace else ""
+
+    def subject(self, domain: Domain, major: int, source: str) -> str:
+        """The subject a producer publishes to, e.g. `security.v1.door-7`."""
+        if not _TOKEN.match(source):
+            raise SubjectError(source, "source must be letters, digits, '.', '_' or '-'")
+        return f"{self._prefix}{domain.value}.v{major}.{source}"
+
+    def wildcard(self, domain: Domain) -> str:
+        """Every subject of a domain, all majors and sources."""
+        return f"{self._prefix}{domain.value}.>"
+
+    def dead_letter(self, domain: Domain) -> str:
+        """Where dead letters of a domain are published."""
+        return f"{self._prefix}dlq.{domain.value}"
+
+    def dead_letter_wildcard(self) -> str:
+        """Every dead-letter subject."""
+        return f"{self._prefix}dlq.>"
+
+    def stream(self, domain: Domain) -> str:
+        """Name of the stream holding a domain's messages."""
+        return self._stream_name(domain.value)
+
+    def dead_letter_stream(self) -> str:
+        """Name of the dead-letter stream."""
+        return self._stream_name("dlq")
+
+    def durable(self, domain: Domain) -> str:
+        """Name of the durable pull consumer shared by all workers of a domain."""
+        return f"{self.consumer_prefix}-{domain.value}"
+
+    def _stream_name(self, base: str) -> str:
+        name = f"{self.namespace}_{base}" if self.namespace else base
+        return name.upper().replace("-", "_")
+
+    def parse(self, subject: str) -> ParsedSubject:
+        """Split a subject into domain, major and source, or raise `SubjectError`."""
+        if self._prefix:
+            if not subject.startswith(self._prefix):
+                raise SubjectError(subject, f"not in namespace {self.namespace!r}")
+            subject_rest = subject[len(self._prefix) :]
+        else:
+            subject_rest = subject
+        parts = subject_rest.split(".", 2)
+        if len(parts) != 3:
+            raise SubjectError(subject, "expected <domain>.v<major>.<source>")
+        domain_token, major_token, source = parts
+        try:
+            domain = Domain(domain_token)
+        except ValueError:
+            raise SubjectError(subject, f"unknown domain {domain_token!r}") from None
+        match = _MAJOR.match(major_token)
+        if match is None:
+            raise SubjectError(subject, f"version token {major_token!r} is not v<major>")
+        if not _TOKEN.match(source):
+            raise SubjectError(subject, f"source {source!r} is not a single valid token")
+        return ParsedSubject(domain, int(match.group(1)), source)
