@@ -6,16 +6,16 @@ from collections.abc import Callable
 
 from faststream.nats import NatsBroker
 
-from pipeline.intake import Intake
 from pipeline.settings import Settings
 from schemas import Domain
 from streams import Subjects
 
 from . import metrics, monitoring, security
+from .subscriber import BatchHandler
 
-__all__ = ["REGISTER"]
+__all__ = ["REGISTER", "BatchHandler"]
 
-Register = Callable[[NatsBroker, Intake, Settings, Subjects], None]
+Register = Callable[[NatsBroker, BatchHandler, Settings, Subjects], None]
 
 REGISTER: dict[Domain, Register] = {
     security.DOMAIN: security.register,

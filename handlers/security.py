@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from faststream.nats import NatsBroker
 
-from pipeline.intake import Intake
 from pipeline.settings import Settings
 from schemas import Domain
 from streams import Subjects
 
-from .subscriber import subscribe_batches
+from .subscriber import BatchHandler, subscribe_batches
 
 __all__ = ["register"]
 
 DOMAIN = Domain.SECURITY
 
 
-def register(broker: NatsBroker, intake: Intake, settings: Settings, subjects: Subjects) -> None:
+def register(broker: NatsBroker, intake: BatchHandler, settings: Settings, subjects: Subjects) -> None:
     """Register the security batch subscriber on the broker."""
     subscribe_batches(broker, intake, settings, subjects)

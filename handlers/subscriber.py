@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from faststream import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 
-from pipeline.intake import Intake
+from pipeline.intake import Delivery
 from pipeline.settings import Settings
+from schemas import Domain
 from streams import Subjects
 
-__all__ = ["subscribe_batches"]
+__all__ = ["BatchHandler", "subscribe_batches"]
+
+
+class BatchHandler(Protocol):
+    """Handles the batches of one domain (`pipeline.intake.Intake`)."""
+
+    @property
+    def domain(self) -> Domain: ...
+
+    async def handle(self, batch: Sequence[Delivery]) -> None: ...
 
 
 async def _raw_batch(message: NatsMessage) -> Any:
@@ -20,7 +31,7 @@ async def _raw_batch(message: NatsMessage) -> Any:
 
 
 def subscribe_batches(
-    broker: NatsBroker, intake: Intake, settings: Settings, subjects: Subjects
+    broker: NatsBroker, intake: BatchHandler, settings: Settings, subjects: Subjects
 ) -> None:
     """Pull batches of the intake's domain from its durable consumer and hand them on.
 
@@ -37,7 +48,10 @@ def subscribe_batches(
         ack_policy=AckPolicy.MANUAL,
         decoder=_raw_batch,
         title=f"{domain.value}.v<major>.<source>",
-        description=f"{domain.value} messages, every supported major, stored as events",
+        description=(
+            f"{domain.value} messages of every supported major, stored as events; "
+            f"payload schemas: {domain.value}.v<major>.json from `pipeline schemas export`"
+        ),
     )
     async def handle(message: NatsMessage) -> None:
         await intake.handle(message.raw_message)

@@ -22,6 +22,7 @@ from .dedup import CommittedIds
 from .errors import ConfigError, StoreUnavailable
 from .intake import Intake
 from .metrics import Metrics
+from .natsfix import ensure_fetch_timeout_contract
 from .settings import Settings
 from .store import EventStore
 
@@ -102,6 +103,7 @@ class Worker:
                 s.redis_url, ttl_s=s.dedup_ttl_s, prefix=prefix, metrics=self.metrics
             )
         dead_letters = DeadLetters(self._admin.jetstream(), self.subjects)
+        ensure_fetch_timeout_contract()
         self._broker = NatsBroker(s.nats_url, logger=None, graceful_timeout=30.0)
         for domain in s.domains:
             intake = Intake(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from wsgiref.simple_server import WSGIServer
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["Metrics", "serve_metrics"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -60,3 +62,19 @@ class Metrics:
         self.cache_errors = Counter(
             "pipeline_dedup_cache_errors_total", "Failed calls to the Redis id cache.", registry=r
         )
+
+    def total(self, name: str) -> float:
+        """Sum of a counter's samples over all labels (`name` without `_total`)."""
+        return sum(
+            sample.value
+            for metric in self.registry.collect()
+            if metric.name == name
+            for sample in metric.samples
+            if sample.name == f"{name}_total"
+        )
+
+
+def serve_metrics(metrics: Metrics, host: str, port: int) -> WSGIServer:
+    """Serve `/metrics` from a background thread; `.shutdown()` stops it."""
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server

@@ -1,0 +1,224 @@
+"""The `pipeline` command: run a worker, the demo, the simulator; manage streams and DLQ."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import nats
+from nats.js.errors import NotFoundError
+from pydantic import ValidationError
+
+from schemas import Domain
+from streams import Subjects, status
+
+from .app import Worker, apply_streams, connect_nats
+from .deadletter import DeadLetter, DeadLetters
+from .errors import ConfigError, PipelineError
+from .metrics import serve_metrics
+from .settings import Settings
+
+__all__ = ["main"]
+
+log = logging.getLogger("pipeline")
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"PIPELINE_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError("settings", problems) from None
+
+
+def _stop_event() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _run_worker(args: argparse.Namespace) -> None:
+    settings = _settings()
+    async with Worker(settings) as worker:
+        server = None
+        if settings.metrics_port:
+            server = serve_metrics(worker.metrics, settings.metrics_host, settings.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+        await _stop_event().wait()
+        log.info("stopping: finishing the batches in hand")
+        if server is not None:
+            server.shutdown()
+
+
+async def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    await run_demo(
+        Path(args.data_dir).resolve(), rate=args.rate, duration_s=args.duration, stop=_stop_event()
+    )
+
+
+async def _simulate(args: argparse.Namespace) -> None:
+    from .simulate import Traffic, publish
+
+    settings = _settings()
+    nc = await connect_nats(settings)
+    try:
+        traffic = Traffic(
+            Subjects(settings.namespace),
+            bad_ratio=args.bad_ratio,
+            duplicate_ratio=args.duplicate_ratio,
+            seed=args.seed,
+        )
+        counts = await publish(
+            nc.jetstream(), iter(traffic), rate=args.rate, count=args.count, duration_s=args.duration
+        )
+        print(json.dumps(dict(counts)))
+    finally:
+        await nc.drain()
+
+
+async def _streams(args: argparse.Namespace) -> None:
+    settings = _settings()
+    nc = await connect_nats(settings)
+    try:
+        if args.action == "apply":
+            results = await apply_streams(nc, settings)
+            for result in results:
+                print(result)
+            if any(r.action == "failed" for r in results):
+                raise PipelineError("some streams or consumers could not be updated (see above)")
+        else:
+            subjects = Subjects(settings.namespace)
+            names = [subjects.stream(d) for d in Domain] + [subjects.dead_letter_stream()]
+            for info in await status(nc.jsm(), names):
+                print(info)
+    finally:
+        await nc.drain()
+
+
+def _describe(letter: DeadLetter, *, full: bool) -> str:
+    head = (
+        f"#{letter.dlq_seq} {letter.dead_lettered_at:%Y-%m-%d %H:%M:%S} {letter.reason.value:<20} "
+        f"{letter.subject} (stream {letter.stream} seq {letter.stream_seq}, "
+        f"delivered {letter.delivered})"
+    )
+    if not full:
+        return f"{head}\n    {letter.detail[:160]}"
+    body = letter.body.decode("utf-8", errors="replace")
+    headers = "\n".join(f"  {k}: {v}" for k, v in letter.headers.items())
+    return f"{head}\ndetail: {letter.detail}\nheaders:\n{headers}\nbody ({len(letter.body)} bytes):\n{body[:4000]}"
+
+
+async def _dlq(args: argparse.Namespace) -> None:
+    settings = _settings()
+    nc = await connect_nats(settings)
+    letters = DeadLetters(nc.jetstream(), Subjects(settings.namespace))
+    domain = Domain(args.domain) if getattr(args, "domain", None) else None
+    try:
+        if args.action == "list":
+            found = await letters.list(domain, limit=args.limit)
+            for letter in found:
+                print(_describe(letter, full=False))
+            print(f"{len(found)} dead letter(s)")
+        elif args.action == "show":
+            print(_describe(await letters.get(args.seq), full=True))
+        elif args.action == "requeue":
+            for seq in args.seq:
+                print(f"#{seq} requeued to {await letters.requeue(seq)}")
+        elif args.action == "purge":
+            if not args.yes:
+                raise ConfigError("--yes", "purge deletes dead letters for good; add --yes")
+            await letters.purge(domain)
+            print("purged")
+    except NotFoundError:
+        raise PipelineError("no such dead letter (see `pipeline dlq list`)") from None
+    finally:
+        await nc.drain()
+
+
+async def _schemas(args: argparse.Namespace) -> None:
+    from .export import export_schemas
+
+    for path in export_schemas(Path(args.directory), Settings(_env_file=None)):
+        print(path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a process")
+    run.add_argument("process", choices=["worker"])
+    run.set_defaults(func=_run_worker)
+
+    demo = sub.add_parser("demo", help="embedded servers + worker + simulator, no setup")
+    demo.add_argument("--data-dir", default=".pipeline-demo", help="where the servers keep data")
+    demo.add_argument("--rate", type=float, default=500.0, help="messages per second")
+    demo.add_argument("--duration", type=float, default=None, help="seconds (default: until Ctrl-C)")
+    demo.set_defaults(func=_demo)
+
+    sim = sub.add_parser("simulate", help="publish realistic traffic to PIPELINE_NATS_URL")
+    sim.add_argument("--rate", type=float, default=200.0, help="messages per second (0: as fast as possible)")
+    sim.add_argument("--count", type=int, default=None)
+    sim.add_argument("--duration", type=float, default=None, help="seconds")
+    sim.add_argument("--bad-ratio", type=float, default=0.01)
+    sim.add_argument("--duplicate-ratio", type=float, default=0.02)
+    sim.add_argument("--seed", type=int, default=None)
+    sim.set_defaults(func=_simulate)
+
+    streams = sub.add_parser("streams", help="apply or show the JetStream streams")
+    streams.add_argument("action", choices=["apply", "status"])
+    streams.set_defaults(func=_streams)
+
+    dlq = sub.add_parser("dlq", help="list, show, requeue or purge dead letters")
+    dlq_sub = dlq.add_subparsers(dest="action", required=True)
+    dlq_list = dlq_sub.add_parser("list")
+    dlq_list.add_argument("--domain", choices=[d.value for d in Domain])
+    dlq_list.add_argument("--limit", type=int, default=100)
+    dlq_show = dlq_sub.add_parser("show")
+    dlq_show.add_argument("seq", type=int)
+    dlq_requeue = dlq_sub.add_parser("requeue", help="publish back to the original subject")
+    dlq_requeue.add_argument("seq", type=int, nargs="+")
+    dlq_purge = dlq_sub.add_parser("purge")
+    dlq_purge.add_argument("--domain", choices=[d.value for d in Domain])
+    dlq_purge.add_argument("--yes", action="store_true")
+    dlq.set_defaults(func=_dlq)
+
+    schemas = sub.add_parser("schemas", help="export JSON Schema and AsyncAPI documents")
+    schemas.add_argument("action", choices=["export"])
+    schemas.add_argument("directory")
+    schemas.set_defaults(func=_schemas)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `pipeline` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    func: Callable[[argparse.Namespace], Awaitable[None]] = args.func
+    try:
+        asyncio.run(func(args))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (nats.errors.Error, TimeoutError) as exc:
+        print(f"error talking to NATS: {exc!r}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,101 @@
+"""`pipeline demo`: embedded NATS and PostgreSQL, a worker and simulated producers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import nats
+
+from .app import Worker
+from .embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from .metrics import serve_metrics
+from .settings import Settings
+from .simulate import Outgoing, Traffic, publish
+
+__all__ = ["run_demo"]
+
+
+def _line(published: Counter[str], worker: Worker) -> str:
+    m = worker.metrics
+    return (
+        f"published {sum(published.values()):>7} "
+        f"(dup {published['duplicate']}, bad {published['dead_letter']}) | "
+        f"stored {m.total('pipeline_events_stored'):>7.0f} | "
+        f"duplicates dropped {m.total('pipeline_duplicates'):>5.0f} | "
+        f"dead-lettered {m.total('pipeline_dead_lettered'):>5.0f}"
+    )
+
+
+async def run_demo(
+    data_dir: Path,
+    *,
+    rate: float,
+    duration_s: float | None,
+    stop: asyncio.Event,
+    say: Callable[[str], None] = print,
+) -> None:
+    """Run everything on embedded servers until `stop` is set or `duration_s` passes."""
+    nats_server = EmbeddedNats(data_dir / "nats")
+    postgres = EmbeddedPostgres(data_dir)
+    url = await anyio.to_thread.run_sync(nats_server.start)
+    try:
+        address = await anyio.to_thread.run_sync(postgres.start)
+        say(f"NATS {url}, PostgreSQL {address.host} (data in {data_dir})")
+        metrics_port = free_port()
+        settings = Settings(
+            _env_file=None,
+            nats_url=url,
+            postgres_host=address.host,
+            postgres_port=address.port,
+            postgres_user=address.user,
+            postgres_dbname=address.dbname,
+            metrics_port=metrics_port,
+            consumer_lag_interval_s=1.0,
+        )
+        async with Worker(settings) as worker:
+            server = serve_metrics(worker.metrics, settings.metrics_host, metrics_port)
+            say(f"metrics on http://127.0.0.1:{metrics_port}/metrics; Ctrl-C stops")
+            try:
+                await _simulate(settings, worker, rate=rate, duration_s=duration_s, stop=stop, say=say)
+            finally:
+                server.shutdown()
+    finally:
+        await anyio.to_thread.run_sync(postgres.stop)
+        await anyio.to_thread.run_sync(nats_server.stop)
+    say("stopped")
+
+
+async def _simulate(
+    settings: Settings, worker: Worker, *, rate: float, duration_s: float | None,
+    stop: asyncio.Event, say: Callable[[str], None],
+) -> None:
+    nc = await nats.connect(settings.nats_url)
+    published: Counter[str] = Counter()
+
+    def count(out: Outgoing) -> None:
+        published[out.expect.value] += 1
+
+    traffic = Traffic(worker.subjects)
+    producer = asyncio.create_task(
+        publish(nc.jetstream(), iter(traffic), rate=rate, duration_s=duration_s, on_published=count)
+    )
+    try:
+        while not producer.done() and not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            say(_line(published, worker))
+        producer.cancel()
+        # Let the worker catch up with what was published.
+        deadline = time.monotonic() + 10
+        expected = published["store"]
+        while time.monotonic() < deadline and worker.metrics.total("pipeline_events_stored") < expected:
+            await asyncio.sleep(0.2)
+        say("final: " + _line(published, worker))
+    finally:
+        await nc.drain()

