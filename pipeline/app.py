@@ -32,15 +32,25 @@ log = logging.getLogger(__name__)
 
 
 async def connect_nats(settings: Settings) -> Client:
-    """Connect to NATS, or fail with an error naming the setting."""
+    """Connect to NATS, or fail at once with an error naming the setting.
+
+    Once connected, the client reconnects for ever; but a server that cannot be reached
+    at startup is a configuration problem, so the first attempt does not retry.
+    """
+    async def quiet(exc: Exception) -> None:
+        log.debug("NATS connect attempt failed: %r", exc)
+
     try:
-        return await nats.connect(
-            settings.nats_url, connect_timeout=5, max_reconnect_attempts=-1, allow_reconnect=True
+        probe = await nats.connect(
+            settings.nats_url, connect_timeout=5, allow_reconnect=False,
+            max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=quiet,
         )
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         raise ConfigError(
             "PIPELINE_NATS_URL", f"cannot connect to NATS at {settings.nats_url}: {exc!r}"
         ) from exc
+    await probe.close()
+    return await nats.connect(settings.nats_url, connect_timeout=5, max_reconnect_attempts=-1)
 
 
 async def apply_streams(nc: Client, settings: Settings) -> list[Applied]:

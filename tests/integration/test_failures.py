@@ -120,6 +120,18 @@ async def test_database_down_past_max_deliver_dead_letters_with_the_error(
 
         await wait_until(all_dead_lettered, timeout_s=60)
         found = await letters.list()
-    assert {letter.reason for letter in found} == {Reason.RETRIES_EXHAUSTED}
-    assert all(letter.delivered == 2 for letter in found)
-    assert {letter.body for letter in found} == {o.body for o in sent}
+        assert {letter.reason for letter in found} == {Reason.RETRIES_EXHAUSTED}
+        assert all(letter.delivered == 2 for letter in found)
+        assert {letter.body for letter in found} == {o.body for o in sent}
+
+        # Once the database is back, requeued dead letters are stored.
+        embedded_pg.start()
+        for letter in found:
+            assert letter.dlq_seq is not None
+            await letters.requeue(letter.dlq_seq)
+
+        async def all_stored() -> bool:
+            return await _count(worker) == 5
+
+        await wait_until(all_stored, timeout_s=60)
+        assert await letters.list() == []

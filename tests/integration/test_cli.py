@@ -1,0 +1,137 @@
+"""The `pipeline` command against a real NATS server and PostgreSQL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+
+from pipeline.app import Worker
+from pipeline import cli
+from pipeline.cli import main
+from pipeline.deadletter import DeadLetters
+from pipeline.embedded import EmbeddedNats
+from pipeline.settings import Settings
+from pipeline.simulate import Traffic
+from schemas import Domain
+
+from ..conftest import wait_until
+from .helpers import stored_rows
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> Settings:
+    """Point the CLI (which reads PIPELINE_* variables) at the test's servers."""
+    monkeypatch.setenv("PIPELINE_NATS_URL", settings.nats_url)
+    monkeypatch.setenv("PIPELINE_POSTGRES_DBNAME", settings.postgres_dbname)
+    monkeypatch.setenv("PIPELINE_POSTGRES_SCHEMA", settings.postgres_schema)
+    monkeypatch.chdir(Path(__file__).parent)  # no stray .env file
+    return settings
+
+
+def test_streams_apply_is_idempotent_and_reports_drift(
+    env: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["streams", "apply"]) == 0
+    first = capsys.readouterr().out
+    assert "stream SECURITY: created" in first
+    assert "consumer SECURITY/pipeline-security: created" in first
+
+    assert main(["streams", "apply"]) == 0
+    second = capsys.readouterr().out
+    assert "created" not in second and "updated" not in second
+    assert second.count("unchanged") == 8
+
+    monkeypatch.setenv("PIPELINE_MAX_ACK_PENDING", "100")
+    assert main(["streams", "apply"]) == 0
+    third = capsys.readouterr().out
+    assert "consumer SECURITY/pipeline-security: updated (max_ack_pending: 4096 -> 100)" in third
+
+    assert main(["streams", "status"]) == 0
+    status = capsys.readouterr().out
+    assert "SECURITY: 0 messages" in status
+    assert "consumer pipeline-security: pending 0, ack pending 0, redelivered 0" in status
+
+
+async def test_dlq_list_show_requeue_purge(
+    env: Settings, pg_schema: str, nc: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    js = nc.jetstream()
+    async with Worker(env) as worker:
+        traffic = Traffic(worker.subjects, seed=8)
+        good = traffic.valid(Domain.SECURITY)
+        broken = good.body.replace(b'"severity": "', b'"severity": "apocalyptic-')
+        await js.publish(good.subject, broken, headers=good.headers)
+        bad = traffic.bad("schema_violation")  # a metrics message
+        await js.publish(bad.subject, bad.body, headers=bad.headers)
+        letters = DeadLetters(js, worker.subjects)
+
+        async def two_letters() -> bool:
+            return len(await letters.list()) == 2
+
+        await wait_until(two_letters)
+        first = (await letters.list())[0]
+
+        # The CLI runs its own event loop: call its coroutine here instead of main().
+        await cli._dlq(_args(action="list", domain=None, limit=100))
+        listing = capsys.readouterr().out
+        assert "schema_violation" in listing and "2 dead letter(s)" in listing
+
+        await cli._dlq(_args(action="show", seq=first.dlq_seq))
+        shown = capsys.readouterr().out
+        assert "severity" in shown and "apocalyptic" in shown
+
+        # Fix nothing, requeue: it is dead-lettered again, proving the round trip.
+        await cli._dlq(_args(action="requeue", seq=[first.dlq_seq]))
+        assert "requeued to security.v1." in capsys.readouterr().out
+
+        async def requeued_and_rejected_again() -> bool:
+            found = await letters.list()
+            return len(found) == 2 and first.dlq_seq not in {f.dlq_seq for f in found}
+
+        await wait_until(requeued_and_rejected_again)
+
+        await cli._dlq(_args(action="purge", domain="security", yes=True))
+        assert len(await letters.list()) == 1
+        assert stored_rows(pg_schema) == []
+
+
+def _args(**values: object) -> argparse.Namespace:
+    return argparse.Namespace(**values)
+
+
+def test_schemas_export_writes_json_schema_and_asyncapi(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["schemas", "export", str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        "asyncapi.json", "frames.v1.json", "metrics.v1.json", "monitoring.v1.json",
+        "monitoring.v2.json", "security.v1.json",
+    ]
+    spec = json.loads((tmp_path / "asyncapi.json").read_text())
+    addresses = {c["address"] for c in spec["channels"].values()}
+    assert addresses == {"security.>", "monitoring.>", "metrics.>"}
+    security = json.loads((tmp_path / "security.v1.json").read_text())
+    assert "occurred_at" in security["required"]
+
+
+def test_bad_settings_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], nats_server: EmbeddedNats
+) -> None:
+    monkeypatch.chdir(Path(__file__).parent)
+    monkeypatch.setenv("PIPELINE_BATCH_SIZE", "lots")
+    assert main(["streams", "status"]) == 2
+    assert "PIPELINE_BATCH_SIZE" in capsys.readouterr().err
+
+
+def test_unreachable_nats_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(Path(__file__).parent)
+    monkeypatch.setenv("PIPELINE_NATS_URL", "nats://127.0.0.1:1")
+    assert main(["streams", "status"]) == 2
+    assert "PIPELINE_NATS_URL" in capsys.readouterr().err

@@ -1,0 +1,108 @@
+"""Kill -9 the worker process repeatedly while it consumes: nothing lost, nothing doubled."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+from nats.aio.client import Client
+
+from pipeline.app import apply_streams
+from pipeline.deadletter import DeadLetters
+from pipeline.embedded import EmbeddedNats
+from pipeline.simulate import Expect, Outgoing, Traffic, publish
+from schemas import Domain
+from streams import Subjects
+
+from ..conftest import PG_DB, PG_HOST, make_settings, wait_until
+from .helpers import ids_of, stored_ids
+
+MESSAGES = 20_000
+KILLS = 3
+
+
+def _start_worker(nats_url: str, schema: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "PIPELINE_NATS_URL": nats_url,
+        "PIPELINE_POSTGRES_HOST": PG_HOST,
+        "PIPELINE_POSTGRES_DBNAME": PG_DB,
+        "PIPELINE_POSTGRES_SCHEMA": schema,
+        "PIPELINE_BATCH_SIZE": "64",
+        "PIPELINE_BATCH_TIMEOUT_S": "0.02",
+        "PIPELINE_ACK_WAIT_S": "2",
+        "PIPELINE_METRICS_PORT": "0",
+    }
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", "worker"], env=env, stdout=out, stderr=out
+        )
+
+
+def _count(schema: str) -> int:
+    try:
+        with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres") as conn:
+            row = conn.execute(f'SELECT count(*) FROM "{schema}".journal_events').fetchone()
+    except psycopg.errors.UndefinedTable:
+        return 0
+    assert row is not None
+    return int(row[0])
+
+
+async def test_kill_9_during_consumption_loses_and_duplicates_nothing(
+    nats_server: EmbeddedNats, pg_schema: str, nc: Client, tmp_path: Path
+) -> None:
+    subjects = Subjects()
+    ledger: list[Outgoing] = []
+    # Streams must exist before publishing; the worker applies them idempotently too.
+    await apply_streams(nc, make_settings(nats_server.url, pg_schema))
+    traffic = Traffic(subjects, seed=11, duplicate_ratio=0.05, bad_ratio=0.01)
+    await publish(nc.jetstream(), iter(traffic), count=MESSAGES, on_published=ledger.append)
+
+    expected = {
+        i for d in (Domain.SECURITY, Domain.MONITORING, Domain.METRICS)
+        for i in ids_of(d, [o.message_id for o in ledger if o.domain is d and o.expect is Expect.STORE])
+    }
+    bad = [o for o in ledger if o.expect is Expect.DEAD_LETTER]
+    assert len(expected) > 18_000 and len(bad) > 100
+
+    log = tmp_path / "worker.log"
+    worker = _start_worker(nats_server.url, pg_schema, log)
+    try:
+        for kill in range(KILLS):
+            threshold = len(expected) * (kill + 1) // (KILLS + 2)
+            await wait_until(lambda t=threshold: _count(pg_schema) >= t, timeout_s=120)
+            assert worker.poll() is None, log.read_text()[-3000:]
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+            assert _count(pg_schema) < len(expected), "the kill came after consumption ended"
+            worker = _start_worker(nats_server.url, pg_schema, log)
+
+        await wait_until(lambda: _count(pg_schema) >= len(expected), timeout_s=180)
+        letters = DeadLetters(nc.jetstream(), subjects)
+
+        async def dead_letters_done() -> bool:
+            return len(await letters.list(limit=len(bad) + 100)) >= len(bad)
+
+        await wait_until(dead_letters_done, timeout_s=60)
+        # Let redeliveries of anything still unacked (ack_wait 2 s) play out.
+        await asyncio.sleep(5)
+        found = await letters.list(limit=len(bad) + 100)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+    counts = stored_ids(pg_schema)
+    assert set(counts) == expected, "lost or unexpected events"
+    assert set(counts.values()) == {1}, "an event was stored twice"
+    assert len(found) == len(bad), "a dead letter was lost or doubled"
+    assert sorted(letter.body for letter in found) == sorted(o.body for o in bad)
+    assert worker.returncode == 0, log.read_text()[-3000:]

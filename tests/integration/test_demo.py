@@ -1,0 +1,41 @@
+"""`pipeline demo` runs on its own embedded servers and stops cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def test_demo_processes_traffic_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "demo", "--data-dir", str(tmp_path / "demo"),
+         "--rate", "400"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 90
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            match = re.search(r"stored\s+(\d+).*dead-lettered\s+(\d+)", line)
+            if match and int(match.group(1)) > 500 and int(match.group(2)) > 0:
+                break
+            assert time.monotonic() < deadline, "".join(lines[-20:])
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output[-3000:]
+    final = re.search(r"final: published\s+(\d+).*stored\s+(\d+)", output)
+    assert final, output[-3000:]
+    assert int(final.group(2)) > 500
+    assert "stopped" in output
+    # The embedded servers are gone with the demo.
+    assert not (tmp_path / "demo" / "postgres" / "postmaster.pid").exists()
