@@ -15,6 +15,8 @@ __all__ = ["register"]
 DOMAIN = Domain.MONITORING
 
 
-def register(broker: NatsBroker, intake: BatchHandler, settings: Settings, subjects: Subjects) -> None:
+def register(
+    broker: NatsBroker, intake: BatchHandler, settings: Settings, subjects: Subjects
+) -> None:
     """Register the monitoring batch subscriber on the broker."""
     subscribe_batches(broker, intake, settings, subjects)

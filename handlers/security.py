@@ -15,6 +15,8 @@ __all__ = ["register"]
 DOMAIN = Domain.SECURITY
 
 
-def register(broker: NatsBroker, intake: BatchHandler, settings: Settings, subjects: Subjects) -> None:
+def register(
+    broker: NatsBroker, intake: BatchHandler, settings: Settings, subjects: Subjects
+) -> None:
     """Register the security batch subscriber on the broker."""
     subscribe_batches(broker, intake, settings, subjects)

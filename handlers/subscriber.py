@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from faststream import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
@@ -54,4 +54,4 @@ def subscribe_batches(
         ),
     )
     async def handle(message: NatsMessage) -> None:
-        await intake.handle(message.raw_message)
+        await intake.handle(cast("list[Delivery]", message.raw_message))  # a batch message

@@ -37,13 +37,18 @@ async def connect_nats(settings: Settings) -> Client:
     Once connected, the client reconnects for ever; but a server that cannot be reached
     at startup is a configuration problem, so the first attempt does not retry.
     """
+
     async def quiet(exc: Exception) -> None:
         log.debug("NATS connect attempt failed: %r", exc)
 
     try:
         probe = await nats.connect(
-            settings.nats_url, connect_timeout=5, allow_reconnect=False,
-            max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=quiet,
+            settings.nats_url,
+            connect_timeout=5,
+            allow_reconnect=False,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.1,
+            error_cb=quiet,
         )
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         raise ConfigError(
@@ -56,11 +61,15 @@ async def connect_nats(settings: Settings) -> Client:
 async def apply_streams(nc: Client, settings: Settings) -> list[Applied]:
     """Create or update every stream and the consumers of the enabled domains."""
     subjects = Subjects(settings.namespace)
-    limits = ConsumerLimits(ack_wait_s=settings.ack_wait_s, max_ack_pending=settings.max_ack_pending)
+    limits = ConsumerLimits(
+        ack_wait_s=settings.ack_wait_s, max_ack_pending=settings.max_ack_pending
+    )
     consumers = [
         (subjects.stream(d), consumer_config(subjects, d, limits)) for d in settings.domains
     ]
-    return await apply(nc.jsm(), stream_configs(subjects, replicas=settings.stream_replicas), consumers)
+    return await apply(
+        nc.jsm(), stream_configs(subjects, replicas=settings.stream_replicas), consumers
+    )
 
 
 class Worker:
@@ -89,7 +98,10 @@ class Worker:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.stop()
 
@@ -164,5 +176,7 @@ class Worker:
                 except (NotFoundError, nats.errors.Error, TimeoutError):
                     continue
                 self.metrics.consumer_pending.labels(domain.value).set(info.num_pending or 0)
-                self.metrics.consumer_ack_pending.labels(domain.value).set(info.num_ack_pending or 0)
+                self.metrics.consumer_ack_pending.labels(domain.value).set(
+                    info.num_ack_pending or 0
+                )
             await asyncio.sleep(self.settings.consumer_lag_interval_s)

@@ -8,8 +8,9 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.js.errors import NotFoundError
@@ -34,7 +35,8 @@ def _settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         problems = "; ".join(
-            f"PIPELINE_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+            f"PIPELINE_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()
         )
         raise ConfigError("settings", problems) from None
 
@@ -54,7 +56,9 @@ async def _run_worker(args: argparse.Namespace) -> None:
         server = None
         if settings.metrics_port:
             server = serve_metrics(worker.metrics, settings.metrics_host, settings.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+            log.info(
+                "metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port
+            )
         await _stop_event().wait()
         log.info("stopping: finishing the batches in hand")
         if server is not None:
@@ -82,7 +86,11 @@ async def _simulate(args: argparse.Namespace) -> None:
             seed=args.seed,
         )
         counts = await publish(
-            nc.jetstream(), iter(traffic), rate=args.rate, count=args.count, duration_s=args.duration
+            nc.jetstream(),
+            iter(traffic),
+            rate=args.rate,
+            count=args.count,
+            duration_s=args.duration,
         )
         print(json.dumps(dict(counts)))
     finally:
@@ -118,7 +126,10 @@ def _describe(letter: DeadLetter, *, full: bool) -> str:
         return f"{head}\n    {letter.detail[:160]}"
     body = letter.body.decode("utf-8", errors="replace")
     headers = "\n".join(f"  {k}: {v}" for k, v in letter.headers.items())
-    return f"{head}\ndetail: {letter.detail}\nheaders:\n{headers}\nbody ({len(letter.body)} bytes):\n{body[:4000]}"
+    return (
+        f"{head}\ndetail: {letter.detail}\nheaders:\n{headers}\n"
+        f"body ({len(letter.body)} bytes):\n{body[:4000]}"
+    )
 
 
 async def _dlq(args: argparse.Namespace) -> None:
@@ -166,11 +177,15 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="embedded servers + worker + simulator, no setup")
     demo.add_argument("--data-dir", default=".pipeline-demo", help="where the servers keep data")
     demo.add_argument("--rate", type=float, default=500.0, help="messages per second")
-    demo.add_argument("--duration", type=float, default=None, help="seconds (default: until Ctrl-C)")
+    demo.add_argument(
+        "--duration", type=float, default=None, help="seconds (default: until Ctrl-C)"
+    )
     demo.set_defaults(func=_demo)
 
     sim = sub.add_parser("simulate", help="publish realistic traffic to PIPELINE_NATS_URL")
-    sim.add_argument("--rate", type=float, default=200.0, help="messages per second (0: as fast as possible)")
+    sim.add_argument(
+        "--rate", type=float, default=200.0, help="messages per second (0: as fast as possible)"
+    )
     sim.add_argument("--count", type=int, default=None)
     sim.add_argument("--duration", type=float, default=None, help="seconds")
     sim.add_argument("--bad-ratio", type=float, default=0.01)
@@ -209,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    func: Callable[[argparse.Namespace], Awaitable[None]] = args.func
+    func: Callable[[argparse.Namespace], Coroutine[Any, Any, None]] = args.func
     try:
         asyncio.run(func(args))
     except ConfigError as exc:

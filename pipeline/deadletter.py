@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
 from schemas import Domain
@@ -99,6 +100,11 @@ class DeadLetter:
         )
 
 
+def _letter(raw: RawStreamMsg) -> DeadLetter:
+    assert raw.seq is not None, "a stored message always has a sequence"
+    return DeadLetter.from_message(raw.headers or {}, raw.data or b"", raw.seq)
+
+
 class DeadLetters:
     """Publish, list, requeue and purge dead letters."""
 
@@ -136,14 +142,14 @@ class DeadLetters:
                 raw = await self._js.get_msg(self._stream, seq=seq, subject=subject, next=True)
             except NotFoundError:
                 break
-            out.append(DeadLetter.from_message(raw.headers or {}, raw.data or b"", raw.seq))
-            seq = raw.seq + 1
+            letter = _letter(raw)
+            out.append(letter)
+            seq = (letter.dlq_seq or seq) + 1
         return out
 
     async def get(self, dlq_seq: int) -> DeadLetter:
         """One dead letter by its DLQ sequence; `NotFoundError` if there is none."""
-        raw = await self._js.get_msg(self._stream, seq=dlq_seq)
-        return DeadLetter.from_message(raw.headers or {}, raw.data or b"", raw.seq)
+        return _letter(await self._js.get_msg(self._stream, seq=dlq_seq))
 
     async def requeue(self, dlq_seq: int) -> str:
         """Publish a dead letter back to its original subject, then delete it from the DLQ."""
@@ -151,7 +157,9 @@ class DeadLetters:
         headers = dict(letter.headers)
         # A fresh transport id: the original may still be inside the duplicate window.
         headers["Nats-Msg-Id"] = f"requeue:{self._stream}:{dlq_seq}"
-        await self._js.publish(letter.subject, letter.body, headers=headers, timeout=self._timeout_s)
+        await self._js.publish(
+            letter.subject, letter.body, headers=headers, timeout=self._timeout_s
+        )
         await self._js.delete_msg(self._stream, dlq_seq)
         return letter.subject
 

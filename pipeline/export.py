@@ -42,8 +42,12 @@ def export_schemas(directory: Path, settings: Settings) -> list[Path]:
     broker = NatsBroker(settings.nats_url, logger=None)
     for domain in EVENT_DOMAINS:
         handlers.REGISTER[domain](broker, _Described(domain), settings, subjects)
-    spec = AsyncAPI(broker, title="event-pipeline", version="0.1.0",
-                    description="Subjects the pipeline consumes.")
+    spec = AsyncAPI(
+        broker,
+        title="event-pipeline",
+        version="0.1.0",
+        description="Subjects the pipeline consumes.",
+    )
     path = directory / "asyncapi.json"
     path.write_text(json.dumps(json.loads(spec.to_specification().to_json()), indent=2) + "\n")
     written.append(path)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 
 __all__ = ["Metrics", "serve_metrics"]
 
@@ -19,10 +26,16 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.consumed = Counter(
-            "pipeline_messages_consumed_total", "Messages received from JetStream.", ["domain"], registry=r
+            "pipeline_messages_consumed_total",
+            "Messages received from JetStream.",
+            ["domain"],
+            registry=r,
         )
         self.stored = Counter(
-            "pipeline_events_stored_total", "Events committed to the event store.", ["domain"], registry=r
+            "pipeline_events_stored_total",
+            "Events committed to the event store.",
+            ["domain"],
+            registry=r,
         )
         self.duplicates = Counter(
             "pipeline_duplicates_total",
@@ -31,7 +44,10 @@ class Metrics:
             registry=r,
         )
         self.dead_lettered = Counter(
-            "pipeline_dead_lettered_total", "Messages moved to the DLQ.", ["domain", "reason"], registry=r
+            "pipeline_dead_lettered_total",
+            "Messages moved to the DLQ.",
+            ["domain", "reason"],
+            registry=r,
         )
         self.retried = Counter(
             "pipeline_retries_total",
@@ -40,24 +56,37 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "pipeline_batch_size_messages", "Messages per pulled batch.", ["domain"],
-            buckets=_BATCH_BUCKETS, registry=r,
+            "pipeline_batch_size_messages",
+            "Messages per pulled batch.",
+            ["domain"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.handler_seconds = Histogram(
-            "pipeline_handler_seconds", "Time to handle one batch, pull to ack.", ["domain"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "pipeline_handler_seconds",
+            "Time to handle one batch, pull to ack.",
+            ["domain"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.commit_seconds = Histogram(
-            "pipeline_commit_seconds", "Time to look up and commit one batch.", ["domain"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "pipeline_commit_seconds",
+            "Time to look up and commit one batch.",
+            ["domain"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.consumer_pending = Gauge(
-            "pipeline_consumer_pending_messages", "Messages not yet delivered (consumer lag).",
-            ["domain"], registry=r,
+            "pipeline_consumer_pending_messages",
+            "Messages not yet delivered (consumer lag).",
+            ["domain"],
+            registry=r,
         )
         self.consumer_ack_pending = Gauge(
-            "pipeline_consumer_ack_pending_messages", "Messages delivered but not yet acked.",
-            ["domain"], registry=r,
+            "pipeline_consumer_ack_pending_messages",
+            "Messages delivered but not yet acked.",
+            ["domain"],
+            registry=r,
         )
         self.cache_errors = Counter(
             "pipeline_dedup_cache_errors_total", "Failed calls to the Redis id cache.", registry=r
@@ -76,5 +105,6 @@ class Metrics:
 
 def serve_metrics(metrics: Metrics, host: str, port: int) -> WSGIServer:
     """Serve `/metrics` from a background thread; `.shutdown()` stops it."""
+    disable_created_metrics()  # type: ignore[no-untyped-call] # `_created` series only add noise to every counter
     server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
     return server

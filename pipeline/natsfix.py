@@ -1,4 +1,4 @@
-"""Keep nats-py's pull `fetch` to its documented contract: time-outs raise `nats.errors.TimeoutError`.
+"""Hold nats-py's pull `fetch` to its contract: time-outs raise `nats.errors.TimeoutError`.
 
 nats-py 2.16 can raise the bare `asyncio.TimeoutError` from `fetch` when a deadline
 runs out just before its lingering pull request. FastStream's batch loop only catches
@@ -10,7 +10,6 @@ keeps the loop running and the batch delivered.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from typing import Any
 
@@ -33,7 +32,7 @@ def ensure_fetch_timeout_contract() -> None:
             return await original(self, *args, **kwargs)
         except nats.errors.TimeoutError:
             raise
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise nats.errors.TimeoutError from exc
 
     fetch._pipeline_wrapped = True  # type: ignore[attr-defined]

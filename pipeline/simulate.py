@@ -64,8 +64,12 @@ _SOURCES = {
     Domain.METRICS: ["worker-1", "worker-2", "worker-3", "ingest"],
 }
 _KINDS = [
-    ("badge.accepted", "info"), ("badge.rejected", "low"), ("door.held_open", "medium"),
-    ("door.forced", "high"), ("motion.after_hours", "medium"), ("alarm.tamper", "critical"),
+    ("badge.accepted", "info"),
+    ("badge.rejected", "low"),
+    ("door.held_open", "medium"),
+    ("door.forced", "high"),
+    ("motion.after_hours", "medium"),
+    ("alarm.tamper", "critical"),
 ]
 
 
@@ -116,8 +120,12 @@ class Traffic:
         if domain is Domain.SECURITY:
             kind, severity = self._rng.choice(_KINDS)
             body = {
-                "id": message_id, "source": source, "occurred_at": _now(), "kind": kind,
-                "severity": severity, "zone": f"zone-{self._rng.randint(1, 9)}",
+                "id": message_id,
+                "source": source,
+                "occurred_at": _now(),
+                "kind": kind,
+                "severity": severity,
+                "zone": f"zone-{self._rng.randint(1, 9)}",
                 "attributes": {"badge": f"B{self._rng.randint(1000, 9999)}", "attempt": 1},
             }
         elif domain is Domain.MONITORING:
@@ -125,12 +133,17 @@ class Traffic:
             body = self._health(message_id, source, major)
         else:
             body = {
-                "id": message_id, "service": source, "instance": f"{source}-0",
+                "id": message_id,
+                "service": source,
+                "instance": f"{source}-0",
                 "collected_at": _now(),
                 "samples": [
                     {"name": "cpu_usage", "value": round(self._rng.random(), 3), "unit": "ratio"},
-                    {"name": "queue_depth", "value": float(self._rng.randint(0, 500)),
-                     "labels": {"queue": "default"}},
+                    {
+                        "name": "queue_depth",
+                        "value": float(self._rng.randint(0, 500)),
+                        "labels": {"queue": "default"},
+                    },
                 ],
             }
         out = self._message(domain, major, source, message_id, json.dumps(body).encode())
@@ -140,23 +153,43 @@ class Traffic:
 
     def _health(self, message_id: str, service: str, major: int) -> dict[str, Any]:
         status = self._rng.choices(["ok", "degraded", "down"], weights=[90, 8, 2])[0]
-        base = {"id": message_id, "service": service, "instance": f"{service}-0",
-                "reported_at": _now(), "status": status}
+        base = {
+            "id": message_id,
+            "service": service,
+            "instance": f"{service}-0",
+            "reported_at": _now(),
+            "status": status,
+        }
         if major == 1:
             return {**base, "checks": {"db": status, "cache": "ok"}}
         latency = round(self._rng.uniform(0.5, 40), 2)
-        return {**base, "schema_version": "2.0",
-                "checks": [{"name": "db", "status": status, "latency_ms": latency},
-                           {"name": "cache", "status": "ok"}]}
+        return {
+            **base,
+            "schema_version": "2.0",
+            "checks": [
+                {"name": "db", "status": status, "latency_ms": latency},
+                {"name": "cache", "status": "ok"},
+            ],
+        }
 
     def _message(
-        self, domain: Domain, major: int, source: str, message_id: str, body: bytes,
-        expect: Expect = Expect.STORE, reason: str = "",
+        self,
+        domain: Domain,
+        major: int,
+        source: str,
+        message_id: str,
+        body: bytes,
+        expect: Expect = Expect.STORE,
+        reason: str = "",
     ) -> Outgoing:
         return Outgoing(
-            subject=self.subjects.subject(domain, major, source), body=body,
-            headers={"Nats-Msg-Id": message_id}, domain=domain, message_id=message_id,
-            expect=expect, reason=reason,
+            subject=self.subjects.subject(domain, major, source),
+            body=body,
+            headers={"Nats-Msg-Id": message_id},
+            domain=domain,
+            message_id=message_id,
+            expect=expect,
+            reason=reason,
         )
 
     def duplicate(self, fresh_transport_id: bool | None = None) -> Outgoing:
@@ -172,7 +205,11 @@ class Traffic:
         if fresh_transport_id:
             headers["Nats-Msg-Id"] = f"{original.message_id}-retry-{uuid7()}"
         return Outgoing(
-            original.subject, original.body, headers, original.domain, original.message_id,
+            original.subject,
+            original.body,
+            headers,
+            original.domain,
+            original.message_id,
             Expect.DUPLICATE,
         )
 
@@ -180,19 +217,41 @@ class Traffic:
         """A message the pipeline must dead-letter, with the reason it should give."""
         makers: dict[str, Callable[[str], Outgoing]] = {
             "invalid_json": lambda i: self._message(
-                Domain.SECURITY, 1, "door-1", i, b'{"id": "' + i.encode() + b'", "kind": ',
-                Expect.DEAD_LETTER, "invalid_json"),
+                Domain.SECURITY,
+                1,
+                "door-1",
+                i,
+                b'{"id": "' + i.encode() + b'", "kind": ',
+                Expect.DEAD_LETTER,
+                "invalid_json",
+            ),
             "schema_violation": lambda i: self._message(
-                Domain.METRICS, 1, "worker-1", i,
+                Domain.METRICS,
+                1,
+                "worker-1",
+                i,
                 json.dumps({"id": i, "service": "worker-1", "samples": []}).encode(),
-                Expect.DEAD_LETTER, "schema_violation"),
+                Expect.DEAD_LETTER,
+                "schema_violation",
+            ),
             "unsupported_version": lambda i: self._message(
-                Domain.SECURITY, 9, "door-1", i, json.dumps({"id": i}).encode(),
-                Expect.DEAD_LETTER, "unsupported_version"),
+                Domain.SECURITY,
+                9,
+                "door-1",
+                i,
+                json.dumps({"id": i}).encode(),
+                Expect.DEAD_LETTER,
+                "unsupported_version",
+            ),
             "oversized": lambda i: self._message(
-                Domain.MONITORING, 2, "auth", i,
+                Domain.MONITORING,
+                2,
+                "auth",
+                i,
                 json.dumps({"id": i, "message": "x" * self.oversize_bytes}).encode(),
-                Expect.DEAD_LETTER, "oversized"),
+                Expect.DEAD_LETTER,
+                "oversized",
+            ),
         }
         reason = reason or self._rng.choice(sorted(makers))
         return makers[reason](uuid7())

@@ -78,7 +78,9 @@ class EventStore:
         assert isinstance(recorder, PostgresApplicationRecorder)
         self._recorder = recorder
         self._mapper = self.journal.mapper
-        self._topics = {d: get_topic(aggregate_class(d)) for d in Domain if d != Domain.FRAMES}
+        self._topics: dict[Domain, str] = {
+            d: get_topic(aggregate_class(d)) for d in Domain if d != Domain.FRAMES
+        }
         table = SQL("{}.{}").format(
             Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name)
         )
@@ -137,7 +139,7 @@ class EventStore:
         raise StoreUnavailable(f"batch still conflicting after {_RACE_RETRIES} attempts")
 
     def _to_stored(self, accepted: Accepted) -> StoredEvent:
-        event_class = aggregate_class(accepted.domain).Recorded
+        event_class: Any = aggregate_class(accepted.domain).Recorded  # fields set by eventsourcing
         event = event_class(
             originator_id=accepted.event_id,
             originator_version=1,

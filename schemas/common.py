@@ -37,7 +37,10 @@ UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
 """A timestamp with an explicit offset, normalised to UTC; naive times are rejected."""
 
 AttributeValue = (
-    Annotated[str, StringConstraints(max_length=1024)] | bool | int | Annotated[float, Field(allow_inf_nan=False)]
+    Annotated[str, StringConstraints(max_length=1024)]
+    | bool
+    | int
+    | Annotated[float, Field(allow_inf_nan=False)]
 )
 Attributes = Annotated[
     dict[Annotated[str, StringConstraints(min_length=1, max_length=64)], AttributeValue],

@@ -35,5 +35,3 @@ class SecurityEventV1(Message):
     zone: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
     location: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
     attributes: Attributes = Field(default_factory=dict)
-
-

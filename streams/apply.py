@@ -148,6 +148,8 @@ async def status(jsm: JetStreamManager, stream_names: Iterable[str]) -> list[Str
         ]
         state = info.state
         out.append(
-            StreamStatus(name, state.messages, state.bytes, state.first_seq, state.last_seq, consumers)
+            StreamStatus(
+                name, state.messages, state.bytes, state.first_seq, state.last_seq, consumers
+            )
         )
     return out

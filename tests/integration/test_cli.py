@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from pipeline.app import Worker
 from pipeline import cli
+from pipeline.app import Worker
 from pipeline.cli import main
 from pipeline.deadletter import DeadLetters
 from pipeline.embedded import EmbeddedNats
@@ -109,8 +109,12 @@ def test_schemas_export_writes_json_schema_and_asyncapi(
     assert main(["schemas", "export", str(tmp_path)]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
-        "asyncapi.json", "frames.v1.json", "metrics.v1.json", "monitoring.v1.json",
-        "monitoring.v2.json", "security.v1.json",
+        "asyncapi.json",
+        "frames.v1.json",
+        "metrics.v1.json",
+        "monitoring.v1.json",
+        "monitoring.v2.json",
+        "security.v1.json",
     ]
     spec = json.loads((tmp_path / "asyncapi.json").read_text())
     addresses = {c["address"] for c in spec["channels"].values()}

@@ -65,8 +65,11 @@ async def test_kill_9_during_consumption_loses_and_duplicates_nothing(
     await publish(nc.jetstream(), iter(traffic), count=MESSAGES, on_published=ledger.append)
 
     expected = {
-        i for d in (Domain.SECURITY, Domain.MONITORING, Domain.METRICS)
-        for i in ids_of(d, [o.message_id for o in ledger if o.domain is d and o.expect is Expect.STORE])
+        i
+        for d in (Domain.SECURITY, Domain.MONITORING, Domain.METRICS)
+        for i in ids_of(
+            d, [o.message_id for o in ledger if o.domain is d and o.expect is Expect.STORE]
+        )
     }
     bad = [o for o in ledger if o.expect is Expect.DEAD_LETTER]
     assert len(expected) > 18_000 and len(bad) > 100

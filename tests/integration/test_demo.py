@@ -12,9 +12,19 @@ from pathlib import Path
 
 def test_demo_processes_traffic_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "demo", "--data-dir", str(tmp_path / "demo"),
-         "--rate", "400"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "demo",
+            "--data-dir",
+            str(tmp_path / "demo"),
+            "--rate",
+            "400",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert proc.stdout is not None
     lines: list[str] = []

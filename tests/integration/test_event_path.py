@@ -23,7 +23,11 @@ async def test_each_domain_is_stored_once_with_its_payload(
     async with Worker(settings) as worker:
         js = nc.jetstream()
         traffic = Traffic(worker.subjects, seed=1)
-        sent = [traffic.valid(d) for d in (Domain.SECURITY, Domain.MONITORING, Domain.METRICS) for _ in range(20)]
+        sent = [
+            traffic.valid(d)
+            for d in (Domain.SECURITY, Domain.MONITORING, Domain.METRICS)
+            for _ in range(20)
+        ]
         for out in sent:
             await js.publish(out.subject, out.body, headers=out.headers)
         await wait_until(lambda: len(stored_rows(pg_schema)) == len(sent))
@@ -48,13 +52,29 @@ async def test_monitoring_v1_and_v2_side_by_side_are_stored_as_v2(
 ) -> None:
     async with Worker(settings) as worker:
         js = nc.jetstream()
-        v1 = {"id": "h-1", "service": "api", "instance": "api-0", "reported_at": "2026-11-27T09:00:00Z",
-              "status": "degraded", "checks": {"db": "down", "cache": "ok"}}
-        v2 = {"id": "h-2", "schema_version": "2.3", "service": "api", "instance": "api-1",
-              "reported_at": "2026-11-27T09:00:01Z", "status": "ok",
-              "checks": [{"name": "db", "status": "ok", "latency_ms": 3.5}]}
-        await js.publish(worker.subjects.subject(Domain.MONITORING, 1, "api"), json.dumps(v1).encode())
-        await js.publish(worker.subjects.subject(Domain.MONITORING, 2, "api"), json.dumps(v2).encode())
+        v1 = {
+            "id": "h-1",
+            "service": "api",
+            "instance": "api-0",
+            "reported_at": "2026-11-27T09:00:00Z",
+            "status": "degraded",
+            "checks": {"db": "down", "cache": "ok"},
+        }
+        v2 = {
+            "id": "h-2",
+            "schema_version": "2.3",
+            "service": "api",
+            "instance": "api-1",
+            "reported_at": "2026-11-27T09:00:01Z",
+            "status": "ok",
+            "checks": [{"name": "db", "status": "ok", "latency_ms": 3.5}],
+        }
+        await js.publish(
+            worker.subjects.subject(Domain.MONITORING, 1, "api"), json.dumps(v1).encode()
+        )
+        await js.publish(
+            worker.subjects.subject(Domain.MONITORING, 2, "api"), json.dumps(v2).encode()
+        )
         await wait_until(lambda: len(stored_rows(pg_schema)) == 2)
 
         report = worker.store.journal.repository.get(ids_of(Domain.MONITORING, ["h-1"]).pop())
@@ -74,16 +94,25 @@ async def test_every_kind_of_bad_input_is_dead_lettered_with_its_reason(
     async with Worker(settings) as worker:
         js = nc.jetstream()
         traffic = Traffic(worker.subjects, seed=2)
-        bad = [traffic.bad(reason) for reason in
-               ("invalid_json", "schema_violation", "unsupported_version", "oversized")]
+        bad = [
+            traffic.bad(reason)
+            for reason in ("invalid_json", "schema_violation", "unsupported_version", "oversized")
+        ]
         good = [traffic.valid(Domain.SECURITY) for _ in range(10)]
         extra = [
-            ("security.v1.door-1", security_body("naive", occurred_at="2026-11-27T10:00:00"),
-             "schema_violation"),
+            (
+                "security.v1.door-1",
+                security_body("naive", occurred_at="2026-11-27T10:00:00"),
+                "schema_violation",
+            ),
             ("security.version1.door-1", security_body("no-version"), "bad_subject"),
-            ("metrics.v1.w", b'{"id": "nan", "service": "w", "instance": "w", '
-             b'"collected_at": "2026-11-27T10:00:00Z", "samples": [{"name": "x", "value": NaN}]}',
-             "schema_violation"),
+            (
+                "metrics.v1.w",
+                b'{"id": "nan", "service": "w", "instance": "w", '
+                b'"collected_at": "2026-11-27T10:00:00Z", '
+                b'"samples": [{"name": "x", "value": NaN}]}',
+                "schema_violation",
+            ),
         ]
         for out in bad + good:
             await js.publish(out.subject, out.body, headers=out.headers)
@@ -126,7 +155,9 @@ async def test_duplicates_inside_and_after_the_window_are_stored_once(
         for out in originals:
             await js.publish(out.subject, out.body, headers=out.headers)
         # Same Nats-Msg-Id inside the window: JetStream itself drops it.
-        ack = await js.publish(originals[0].subject, originals[0].body, headers=originals[0].headers)
+        ack = await js.publish(
+            originals[0].subject, originals[0].body, headers=originals[0].headers
+        )
         assert ack.duplicate
         await wait_until(lambda: len(stored_rows(pg_schema)) == 50)
         # A new transport id stands for a retry after the window: the pipeline drops it.

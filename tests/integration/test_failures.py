@@ -68,8 +68,13 @@ def embedded_pg(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
 def _pg_settings(nats_url: str, server: EmbeddedPostgres, **overrides: object) -> Settings:
     address = server.start()
     return make_settings(
-        nats_url, "public", postgres_host=address.host, postgres_port=address.port,
-        postgres_dbname=address.dbname, postgres_connect_timeout_s=1.0, **overrides,
+        nats_url,
+        "public",
+        postgres_host=address.host,
+        postgres_port=address.port,
+        postgres_dbname=address.dbname,
+        postgres_connect_timeout_s=1.0,
+        **overrides,
     )
 
 

@@ -1,0 +1,44 @@
+"""Handlers are thin: each hands whole batches of its domain to one intake (in memory)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from faststream.nats import NatsBroker, TestNatsBroker
+
+import handlers
+from pipeline.intake import Delivery
+from pipeline.settings import EVENT_DOMAINS, Settings
+from schemas import Domain
+from streams import Subjects
+
+
+class Recorder:
+    """Stands in for an intake and keeps the batches it was given."""
+
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+        self.batches: list[list[Delivery]] = []
+
+    async def handle(self, batch: Sequence[Delivery]) -> None:
+        self.batches.append(list(batch))
+
+
+@pytest.mark.parametrize("domain", EVENT_DOMAINS)
+async def test_each_domain_module_subscribes_its_own_wildcard(domain: Domain) -> None:
+    settings = Settings(_env_file=None)
+    subjects = Subjects("unit")
+    broker = NatsBroker()
+    recorders = {d: Recorder(d) for d in EVENT_DOMAINS}
+    for d, recorder in recorders.items():
+        handlers.REGISTER[d](broker, recorder, settings, subjects)
+
+    async with TestNatsBroker(broker) as test_broker:
+        subject = subjects.subject(domain, 1, "src-1")
+        await test_broker.publish(b'{"id": "x"}', subject, stream=subjects.stream(domain))
+
+    got = recorders[domain].batches
+    assert len(got) == 1 and [m.subject for m in got[0]] == [subject]
+    assert got[0][0].data == b'{"id": "x"}'
+    assert all(not r.batches for d, r in recorders.items() if d is not domain)

@@ -1,0 +1,36 @@
+"""Settings come from PIPELINE_* variables and fail loudly."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from pipeline.settings import Settings
+from schemas import Domain
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIPELINE_NATS_URL", "nats://nats.internal:4222")
+    monkeypatch.setenv("PIPELINE_DOMAINS", '["security", "metrics"]')
+    monkeypatch.setenv("PIPELINE_RETRY_BACKOFF_S", "[1, 2]")
+    settings = Settings(_env_file=None)
+    assert settings.nats_url == "nats://nats.internal:4222"
+    assert settings.domains == (Domain.SECURITY, Domain.METRICS)
+    assert [settings.retry_delay(n) for n in (1, 2, 3)] == [1.0, 2.0, 2.0]
+
+
+def test_frames_are_not_an_event_domain_yet() -> None:
+    with pytest.raises(ValidationError, match="no handler"):
+        Settings(_env_file=None, domains=(Domain.FRAMES,))
+
+
+def test_unknown_settings_are_refused() -> None:
+    with pytest.raises(ValidationError, match="batch_sise"):
+        Settings(_env_file=None, batch_sise=5)  # type: ignore[call-arg]
+
+
+def test_eventsourcing_environment_is_complete() -> None:
+    env = Settings(_env_file=None, postgres_schema="s1").eventsourcing_env()
+    assert env["PERSISTENCE_MODULE"] == "eventsourcing.postgres"
+    assert env["POSTGRES_SCHEMA"] == "s1"
+    assert env["POSTGRES_PASSWORD"] == ""
