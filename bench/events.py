@@ -36,14 +36,14 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.app import apply_streams  # noqa: E402
-from pipeline.domain import event_id  # noqa: E402
-from pipeline.embedded import EmbeddedNats  # noqa: E402
-from pipeline.settings import EVENT_DOMAINS, Settings  # noqa: E402
-from pipeline.simulate import Outgoing, Traffic, publish  # noqa: E402
-from pipeline.store import EventStore  # noqa: E402
-from schemas import Domain  # noqa: E402
-from streams import Subjects  # noqa: E402
+from pipeline.app import apply_streams
+from pipeline.domain import event_id
+from pipeline.embedded import EmbeddedNats
+from pipeline.settings import EVENT_DOMAINS, Settings
+from pipeline.simulate import Outgoing, Traffic, publish
+from pipeline.store import EventStore
+from schemas import Domain
+from streams import Subjects
 
 
 class CommitWatcher:

@@ -68,9 +68,10 @@ async def apply_streams(nc: Client, settings: Settings) -> list[Applied]:
     consumers = [
         (subjects.stream(d), consumer_config(subjects, d, limits)) for d in settings.domains
     ]
-    return await apply(
-        nc.jsm(), stream_configs(subjects, replicas=settings.stream_replicas), consumers
+    streams = stream_configs(
+        subjects, replicas=settings.stream_replicas, frames_max_bytes=settings.frames_max_bytes
     )
+    return await apply(nc.jsm(), streams, consumers)
 
 
 class Worker:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import Domain
@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"
     namespace: str = Field("", description="prefix of every subject and stream; empty for none")
     stream_replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    frames_max_bytes: Annotated[int, Field(ge=1024**2)] = 2 * 1024**3
     domains: tuple[Domain, ...] = EVENT_DOMAINS
 
     # Consuming
@@ -56,8 +57,6 @@ class Settings(BaseSettings):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9108
     consumer_lag_interval_s: Annotated[float, Field(gt=0)] = 5.0
 
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-
     @field_validator("redis_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
@@ -72,6 +71,16 @@ class Settings(BaseSettings):
                 f"no handler for {unsupported}; choose from {[d.value for d in EVENT_DOMAINS]}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _cache_outlives_redelivery(self) -> Settings:
+        redelivery = self.ack_wait_s * self.max_deliver + sum(self.retry_backoff_s)
+        if self.dedup_ttl_s <= redelivery:
+            raise ValueError(
+                f"dedup_ttl_s ({self.dedup_ttl_s}) must exceed ack_wait_s x max_deliver plus "
+                f"the retry backoff ({redelivery:.0f} s)"
+            )
+        return self
 
     def retry_delay(self, delivered: int) -> float:
         """Seconds to wait before redelivery after the `delivered`-th failed attempt."""

@@ -17,7 +17,6 @@ from typing import Any
 
 from eventsourcing.application import Application
 from eventsourcing.persistence import PersistenceError, StoredEvent, Transcoder
-from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import get_topic
 from psycopg.sql import SQL, Identifier
 
@@ -79,7 +78,7 @@ class EventStore:
         except PersistenceError as exc:
             raise StoreUnavailable(f"cannot open the event store: {exc}") from exc
         recorder = self.journal.recorder
-        assert isinstance(recorder, PostgresApplicationRecorder)
+        assert isinstance(recorder, ColumnarRecorder)
         self._recorder = recorder
         self._mapper = self.journal.mapper
         self._topics: dict[Domain, str] = {

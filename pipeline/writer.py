@@ -9,6 +9,7 @@ Under load, batches merge; when idle, a batch is written at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,10 +49,8 @@ class GroupWriter:
         if self._task is None:
             return
         self._task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        except asyncio.CancelledError:
-            pass
         self._task = None
         while self._waiting:  # written on the way out, so no caller waits for ever
             await self._write_some()
@@ -89,9 +88,10 @@ class GroupWriter:
                 if not request.done.done():
                     request.done.set_exception(exc)
             return
+        claimed: set[uuid.UUID] = set()  # an id two callers sent is stored for the first
         for request in taken:
             ids = {a.event_id for a in request.batch}
+            mine = (ids & result.stored) - claimed
+            claimed |= mine
             if not request.done.done():
-                request.done.set_result(
-                    WriteResult(stored=ids & result.stored, duplicates=ids - result.stored)
-                )
+                request.done.set_result(WriteResult(stored=mine, duplicates=ids - mine))

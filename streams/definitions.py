@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nats.js.api import (
     AckPolicy,
@@ -45,7 +45,7 @@ class Retention:
 
 
 RETENTION: Mapping[Domain, Retention] = {
-    Domain.FRAMES: Retention(max_age_s=HOUR, max_bytes=10 * GIB),
+    Domain.FRAMES: Retention(max_age_s=HOUR, max_bytes=2 * GIB),
     Domain.SECURITY: Retention(
         max_age_s=90 * DAY, duplicate_window_s=600.0, deny_delete=True, deny_purge=True
     ),
@@ -69,12 +69,23 @@ class ConsumerLimits:
 
 
 def stream_configs(
-    subjects: Subjects, *, replicas: int = 1, storage: StorageType = StorageType.FILE
+    subjects: Subjects,
+    *,
+    replicas: int = 1,
+    storage: StorageType = StorageType.FILE,
+    frames_max_bytes: int | None = None,
 ) -> list[StreamConfig]:
-    """Configs of every domain stream plus the dead-letter stream."""
+    """Configs of every domain stream plus the dead-letter stream.
+
+    JetStream reserves a stream's `max_bytes` on disk up front, so the frames cap is
+    a setting: size it to the disk the server has.
+    """
+    retention = dict(RETENTION)
+    if frames_max_bytes is not None:
+        retention[Domain.FRAMES] = replace(retention[Domain.FRAMES], max_bytes=frames_max_bytes)
     configs = [
         _stream(subjects.stream(domain), subjects.wildcard(domain), policy, replicas, storage)
-        for domain, policy in RETENTION.items()
+        for domain, policy in retention.items()
     ]
     configs.append(
         _stream(

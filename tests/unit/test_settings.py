@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -34,3 +36,21 @@ def test_eventsourcing_environment_is_complete() -> None:
     assert env["PERSISTENCE_MODULE"] == "eventsourcing.postgres"
     assert env["POSTGRES_SCHEMA"] == "s1"
     assert env["POSTGRES_PASSWORD"] == ""
+
+
+EXAMPLE = Path(__file__).parents[2] / ".env.example"
+
+
+def test_env_example_documents_every_setting() -> None:
+    example = EXAMPLE.read_text()
+    names = {line.split("=", 1)[0] for line in example.splitlines() if line.startswith("PIPELINE_")}
+    assert names == {f"PIPELINE_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_the_example_file_holds_the_defaults() -> None:
+    assert Settings(_env_file=EXAMPLE) == Settings(_env_file=None)
+
+
+def test_cache_ttl_must_outlive_redelivery() -> None:
+    with pytest.raises(ValidationError, match="dedup_ttl_s"):
+        Settings(_env_file=None, dedup_ttl_s=60)
