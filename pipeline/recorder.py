@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Sequence
 from itertools import accumulate
 
+import psycopg
 from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.utils import retry
@@ -65,6 +66,20 @@ class ColumnarRecorder(PostgresApplicationRecorder):
         self._call_insert_new = SQL(
             "SELECT * FROM {}.{}(%s, %s, %s, %s, %s, %s) AS r(originator_id)"
         ).format(schema, function)
+
+    def create_table(self) -> None:
+        """Create the table, types and functions; workers starting together take turns."""
+        # "IF NOT EXISTS" alone races in PostgreSQL, so a session advisory lock, held on
+        # a connection of its own, makes concurrent creators wait for the first.
+        pool = self.datastore.pool
+        name = f"{self.datastore.schema}.{self.events_table_name}"
+        conninfo = pool.conninfo if isinstance(pool.conninfo, str) else pool.conninfo()
+        with psycopg.connect(conninfo, **pool.kwargs) as conn:
+            conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (name,))
+            try:
+                super().create_table()
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (name,))
 
     @retry((InterfaceError, OperationalError), max_attempts=3, wait=0.2)
     def insert_new(self, stored_events: Sequence[StoredEvent]) -> set[uuid.UUID]:

@@ -26,7 +26,10 @@ def stored_rows(schema: str) -> list[tuple[uuid.UUID, int, str, dict[str, Any]]]
 
 def stored_ids(schema: str) -> Counter[uuid.UUID]:
     """How many stored events each id has (1 everywhere when nothing is duplicated)."""
-    return Counter(row[0] for row in stored_rows(schema))
+    try:
+        return Counter(row[0] for row in stored_rows(schema))
+    except psycopg.errors.UndefinedTable:  # no worker has created it yet
+        return Counter()
 
 
 def ids_of(domain: Domain, message_ids: list[str]) -> set[uuid.UUID]:
