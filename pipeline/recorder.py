@@ -74,7 +74,8 @@ class ColumnarRecorder(PostgresApplicationRecorder):
         pool = self.datastore.pool
         name = f"{self.datastore.schema}.{self.events_table_name}"
         conninfo = pool.conninfo if isinstance(pool.conninfo, str) else pool.conninfo()
-        with psycopg.connect(conninfo, **pool.kwargs) as conn:
+        kwargs = pool.kwargs() if callable(pool.kwargs) else pool.kwargs or {}
+        with psycopg.connect(conninfo, **kwargs) as conn:
             conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (name,))
             try:
                 super().create_table()
