@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     # Consuming
     processes: Annotated[int, Field(ge=1, le=64)] = 1
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 256
-    batch_timeout_s: Annotated[float, Field(gt=0, le=30)] = 0.05
+    batch_timeout_s: Annotated[float, Field(gt=0, le=30)] = 0.01
     ack_wait_s: Annotated[float, Field(gt=0)] = 30.0
     max_ack_pending: Annotated[int, Field(ge=1)] = 4096
     max_deliver: Annotated[int, Field(ge=1)] = 5

@@ -1,0 +1,26 @@
+"""Pull `fetch` time-outs surface as `nats.errors.TimeoutError`, the type callers catch."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import nats.errors
+import pytest
+from nats.js.client import JetStreamContext
+
+from pipeline.natsfix import ensure_fetch_timeout_contract
+
+
+async def test_a_bare_asyncio_timeout_from_fetch_is_translated() -> None:
+    ensure_fetch_timeout_contract()
+    ensure_fetch_timeout_contract()  # idempotent
+    sub: Any = JetStreamContext.PullSubscription.__new__(JetStreamContext.PullSubscription)
+    sub._sub = object()
+
+    async def deadline_passed(*args: object, **kwargs: object) -> list[object]:
+        raise asyncio.TimeoutError
+
+    sub._fetch_n = deadline_passed
+    with pytest.raises(nats.errors.TimeoutError):
+        await sub.fetch(batch=10, timeout=0.01)
