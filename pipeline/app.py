@@ -132,12 +132,15 @@ class Worker:
         self._writer = GroupWriter(self.store)
         self._writer.start()
         ensure_fetch_timeout_contract()
-        self._broker = NatsBroker(s.nats_url, logger=None, graceful_timeout=30.0)
+        # FastStream logs each batch at INFO; only its warnings and errors are wanted.
+        broker_log = logging.getLogger("pipeline.broker")
+        broker_log.setLevel(logging.WARNING)
+        self._broker = NatsBroker(s.nats_url, logger=broker_log, graceful_timeout=30.0)
         for domain in s.domains:
             intake = Intake(
                 domain,
                 subjects=self.subjects,
-                store=self._writer,
+                writer=self._writer,
                 dead_letters=dead_letters,
                 metrics=self.metrics,
                 max_deliver=s.max_deliver,

@@ -63,7 +63,7 @@ class Intake:
         domain: Domain,
         *,
         subjects: Subjects,
-        store: Writer,
+        writer: Writer,
         dead_letters: DeadLetters,
         metrics: Metrics,
         max_deliver: int,
@@ -73,7 +73,7 @@ class Intake:
     ) -> None:
         self.domain = domain
         self._subjects = subjects
-        self._store = store
+        self._writer = writer
         self._dead_letters = dead_letters
         self._metrics = metrics
         self._max_deliver = max_deliver
@@ -185,11 +185,16 @@ class Intake:
         )
         started = time.perf_counter()
         try:
-            result = await self._store.write(list(accepted.values()), known)
-        except RetryLater as exc:
+            result = await self._writer.write(list(accepted.values()), known)
+        except Exception as exc:
             msgs = [m for ms in deliveries.values() for m in ms]
-            log.warning("%s: %s; %d messages will be retried", self._label, exc, len(msgs))
-            await self._retry(msgs, exc)
+            if isinstance(exc, RetryLater):
+                log.warning("%s: %s; %d messages will be retried", self._label, exc, len(msgs))
+                retry = exc
+            else:  # a bug, not bad input: retried, then dead-lettered with the error
+                log.exception("%s: storing a batch failed unexpectedly", self._label)
+                retry = RetryLater(f"unexpected error: {exc!r}")
+            await self._retry(msgs, retry)
             self._observe(batch_started)
             return
         self._metrics.commit_seconds.labels(self._label).observe(time.perf_counter() - started)

@@ -78,7 +78,7 @@ def _intake(store: FakeStore, dlq: FakeDeadLetters, max_deliver: int = 3) -> Int
     return Intake(
         Domain.SECURITY,
         subjects=Subjects(),
-        store=store,
+        writer=store,
         dead_letters=dlq,  # type: ignore[arg-type]
         metrics=Metrics(),
         max_deliver=max_deliver,
@@ -151,3 +151,21 @@ async def test_a_message_redelivered_past_the_limit_is_dead_lettered_unprocessed
     assert store.stored == {}
     assert [d.reason for d in dlq.letters] == [Reason.MAX_DELIVER_EXCEEDED]
     assert crashed_on.fate == [("ack", None)]
+
+
+async def test_an_unexpected_store_error_is_retried_not_dropped() -> None:
+    class Broken(FakeStore):
+        async def write(self, batch: Sequence[Accepted], known: set[uuid.UUID]) -> WriteResult:
+            raise RuntimeError("bug")
+
+    dlq = FakeDeadLetters()
+    msg = _msg(1)
+    intake = _intake(Broken(), dlq)
+    await intake.handle([msg])
+    await intake.flush()
+    assert msg.fate == [("nak", 1.0)]
+    last = _msg(1, delivered=3)
+    await intake.handle([last])
+    await intake.flush()
+    assert [d.reason for d in dlq.letters] == [Reason.RETRIES_EXHAUSTED]
+    assert "bug" in dlq.letters[0].detail

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import nats.errors
@@ -19,7 +18,7 @@ async def test_a_bare_asyncio_timeout_from_fetch_is_translated() -> None:
     sub._sub = object()
 
     async def deadline_passed(*args: object, **kwargs: object) -> list[object]:
-        raise asyncio.TimeoutError
+        raise TimeoutError  # the builtin, as asyncio raises it
 
     sub._fetch_n = deadline_passed
     with pytest.raises(nats.errors.TimeoutError):
