@@ -34,6 +34,7 @@ class Journal(Application[uuid.UUID]):
     """The application whose event store holds every accepted message."""
 
     name = "Journal"
+    env = {"APPLICATION_RECORDER_TOPIC": get_topic(ColumnarRecorder)}
 
     def construct_transcoder(self) -> Transcoder:
         """The orjson transcoder, with the application's transcodings."""
@@ -72,7 +73,6 @@ class EventStore:
     """Batch writes and look-ups on the Journal's event table."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        env = {**env, "APPLICATION_RECORDER_TOPIC": get_topic(ColumnarRecorder)}
         try:
             self.journal = Journal(env=env)
         except PersistenceError as exc:
