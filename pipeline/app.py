@@ -135,7 +135,9 @@ class Worker:
         # FastStream logs each batch at INFO; only its warnings and errors are wanted.
         broker_log = logging.getLogger("pipeline.broker")
         broker_log.setLevel(logging.WARNING)
-        self._broker = NatsBroker(s.nats_url, logger=broker_log, graceful_timeout=30.0)
+        self._broker = NatsBroker(
+            s.nats_url, logger=broker_log, graceful_timeout=30.0, max_reconnect_attempts=-1
+        )
         for domain in s.domains:
             intake = Intake(
                 domain,

@@ -15,9 +15,11 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
+
+import nats.errors
 
 from schemas import Domain
 from streams import Subjects
@@ -115,9 +117,14 @@ class Intake:
 
     async def flush(self) -> None:
         """Wait until the batch being committed is committed and acked (or nak'd)."""
-        task, self._committing = self._committing, None
-        if task is not None:
-            await task
+        task = self._committing
+        if task is None:
+            return
+        # Shielded: a cancelled pull (NATS reconnecting, shutdown) must not cut a commit
+        # off from its acks; the task stays in hand until it is done.
+        await asyncio.shield(task)
+        if self._committing is task:
+            self._committing = None
 
     def _observe(self, started: float) -> None:
         self._metrics.handler_seconds.labels(self._label).observe(time.perf_counter() - started)
@@ -166,7 +173,7 @@ class Intake:
                 await self._nak(msg, exc)
             return
         for msg, letter in rejected:
-            await msg.ack()
+            await self._settle(msg.ack())
             self._metrics.dead_lettered.labels(self._label, letter.reason.value).inc()
 
     async def _store_all(
@@ -198,10 +205,10 @@ class Intake:
             self._observe(batch_started)
             return
         self._metrics.commit_seconds.labels(self._label).observe(time.perf_counter() - started)
+        self._metrics.stored.labels(self._label).inc(len(result.stored))
         for ms in deliveries.values():
             for msg in ms:
-                await msg.ack()
-        self._metrics.stored.labels(self._label).inc(len(result.stored))
+                await self._settle(msg.ack())
         if known:
             self._metrics.duplicates.labels(self._label, "cache").inc(len(known))
         if len(result.duplicates) > len(known):
@@ -232,5 +239,16 @@ class Intake:
             await self._dead_letter_all(exhausted)
 
     async def _nak(self, msg: Delivery, exc: RetryLater) -> None:
-        await msg.nak(delay=self._retry_delay(msg.metadata.num_delivered))
+        await self._settle(msg.nak(delay=self._retry_delay(msg.metadata.num_delivered)))
         self._metrics.retried.labels(self._label, type(exc).__name__).inc()
+
+    async def _settle(self, ack_or_nak: Awaitable[None]) -> None:
+        """Send an ack or nak; if NATS is unreachable, JetStream redelivers after ack_wait."""
+        try:
+            await ack_or_nak
+        except nats.errors.Error as exc:
+            # Safe: a redelivered message that was stored is found in the store and acked.
+            self._metrics.settle_errors.labels(self._label).inc()
+            log.warning(
+                "%s: ack/nak not sent (%r); the message will be redelivered", self._label, exc
+            )

@@ -88,6 +88,12 @@ class Metrics:
             ["domain"],
             registry=r,
         )
+        self.settle_errors = Counter(
+            "pipeline_ack_errors_total",
+            "Acks or naks NATS did not take (the messages are redelivered).",
+            ["domain"],
+            registry=r,
+        )
         self.cache_errors = Counter(
             "pipeline_dedup_cache_errors_total", "Failed calls to the Redis id cache.", registry=r
         )

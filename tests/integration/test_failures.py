@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats
 import pytest
 from nats.aio.client import Client
 
@@ -14,8 +16,9 @@ from pipeline.deadletter import DeadLetters
 from pipeline.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from pipeline.errors import Reason
 from pipeline.settings import Settings
-from pipeline.simulate import Traffic
+from pipeline.simulate import Expect, Outgoing, Traffic, publish
 from schemas import Domain
+from streams import Subjects
 
 from ..conftest import REDIS_URL, make_settings, wait_until
 from .helpers import stored_ids, stored_rows
@@ -140,3 +143,28 @@ async def test_database_down_past_max_deliver_dead_letters_with_the_error(
 
         await wait_until(all_stored, timeout_s=60)
         assert await letters.list() == []
+
+
+async def test_nats_restarting_mid_stream_loses_and_doubles_nothing(
+    nats_server: EmbeddedNats, pg_schema: str
+) -> None:
+    settings = make_settings(nats_server.url, pg_schema)
+    traffic = Traffic(Subjects(), seed=13, bad_ratio=0.0)
+    ledger: list[Outgoing] = []
+    async with Worker(settings) as worker:
+        for _ in range(2):
+            nc = await nats.connect(nats_server.url)
+            await publish(nc.jetstream(), iter(traffic), count=3000, on_published=ledger.append)
+            await nc.close()
+            await wait_until(lambda: len(stored_rows(pg_schema)) > 1000, timeout_s=30)
+            nats_server.kill()  # SIGKILL while the worker is consuming
+            await asyncio.sleep(1.0)
+            nats_server.start()
+        unique = {(o.domain, o.message_id) for o in ledger if o.expect is Expect.STORE}
+        # The counter moves just after the commit: wait for it, then read the store.
+        await wait_until(
+            lambda: worker.metrics.total("pipeline_events_stored") == len(unique), timeout_s=90
+        )
+        assert len(stored_rows(pg_schema)) == len(unique)
+    counts = stored_ids(pg_schema)
+    assert set(counts.values()) == {1}
