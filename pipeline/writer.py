@@ -9,13 +9,13 @@ Under load, batches merge; when idle, a batch is written at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import anyio
 
+from .errors import StoreUnavailable
 from .store import Accepted, EventStore, WriteResult
 
 __all__ = ["GroupWriter"]
@@ -39,21 +39,20 @@ class GroupWriter:
         self._waiting: list[_Request] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         """Start the writer task."""
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        """Stop after writing what is waiting."""
+        """Stop after writing what is waiting (a commit is never cut off half-way)."""
         if self._task is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._stopping = True
+        self._wake.set()
+        await self._task
         self._task = None
-        while self._waiting:  # written on the way out, so no caller waits for ever
-            await self._write_some()
 
     async def write(self, batch: Sequence[Accepted], known: set[uuid.UUID]) -> WriteResult:
         """Store the batch (skipping `known` ids); returns what was stored and what was there.
@@ -71,6 +70,8 @@ class GroupWriter:
             self._wake.clear()
             while self._waiting:
                 await self._write_some()
+            if self._stopping:
+                return
 
     async def _write_some(self) -> None:
         taken: list[_Request] = []
@@ -83,10 +84,13 @@ class GroupWriter:
         known = set().union(*(r.known for r in taken))
         try:
             result = await anyio.to_thread.run_sync(self._store.write, merged, known)
-        except Exception as exc:  # every caller gets the failure of the shared transaction
+        except BaseException as exc:  # every caller gets the failure of the shared transaction
+            error = exc if isinstance(exc, Exception) else StoreUnavailable("writer cancelled")
             for request in taken:
                 if not request.done.done():
-                    request.done.set_exception(exc)
+                    request.done.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
             return
         claimed: set[uuid.UUID] = set()  # an id two callers sent is stored for the first
         for request in taken:
