@@ -170,6 +170,7 @@ class Worker:
                 await subscriber.stop()
             for intake in self._intakes:
                 await intake.flush()
+            self._intakes.clear()
             await self._broker.stop()
             self._broker = None
         if self._writer is not None:
