@@ -39,13 +39,12 @@ class RecordedMessage(Aggregate):
     domain: ClassVar[Domain]
 
     class Recorded(Aggregate.Created):
-        """The message was accepted and stored."""
+        """The message was accepted and stored; the event's timestamp is when it arrived."""
 
         message_id: str
         subject: str
         stream_seq: int
         schema_version: str
-        received_at: datetime
         payload: dict[str, Any]
 
     def __init__(
@@ -54,15 +53,18 @@ class RecordedMessage(Aggregate):
         subject: str,
         stream_seq: int,
         schema_version: str,
-        received_at: datetime,
         payload: dict[str, Any],
     ) -> None:
         self.message_id = message_id
         self.subject = subject
         self.stream_seq = stream_seq
         self.schema_version = schema_version
-        self.received_at = received_at
         self.payload = payload
+
+    @property
+    def received_at(self) -> datetime:
+        """When the pipeline received the message (the `Recorded` event's timestamp)."""
+        return self.created_on
 
 
 class SecurityEvent(RecordedMessage):

@@ -128,7 +128,6 @@ class EventStore:
             subject=accepted.subject,
             stream_seq=accepted.stream_seq,
             schema_version=accepted.schema_version,
-            received_at=accepted.received_at,
             payload=accepted.payload,
         )
         return self._mapper.to_stored_event(event)

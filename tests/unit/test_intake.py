@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.deadletter import DeadLetter
 from pipeline.errors import DeadLetterUnavailable, Reason, StoreUnavailable
-from pipeline.intake import Intake
+from pipeline.intake import Intake, delivery_info
 from pipeline.metrics import Metrics
 from pipeline.store import Accepted, WriteResult
 from schemas import Domain
@@ -27,6 +27,7 @@ class FakeMsg:
     seq: int
     delivered: int = 1
     headers: dict[str, str] | None = None
+    reply: str = ""  # not a JetStream ack subject: `metadata` is read instead
     fate: list[tuple[str, float | None]] = field(default_factory=list)
 
     @property
@@ -169,3 +170,14 @@ async def test_an_unexpected_store_error_is_retried_not_dropped() -> None:
     await intake.flush()
     assert [d.reason for d in dlq.letters] == [Reason.RETRIES_EXHAUSTED]
     assert "bug" in dlq.letters[0].detail
+
+
+def test_delivery_info_reads_both_ack_subject_formats() -> None:
+    v1 = SimpleNamespace(reply="$JS.ACK.SECURITY.pipeline-security.3.1234.56.1700000000000000000.9")
+    v2 = SimpleNamespace(
+        reply="$JS.ACK._.ACCHASH.SECURITY.pipeline-security.2.77.8.1700000000000000000.0.xyz"
+    )
+    assert delivery_info(v1) == ("SECURITY", 1234, 3)  # type: ignore[arg-type]
+    assert delivery_info(v2) == ("SECURITY", 77, 2)  # type: ignore[arg-type]
+    fallback = _msg(5, delivered=4)
+    assert delivery_info(fallback) == ("SECURITY", 5, 4)
