@@ -45,11 +45,6 @@ class DomainSchema:
             major += 1
         return model
 
-    @property
-    def model(self) -> type[BaseModel]:
-        """The current model of the domain."""
-        return self.versions[self.current]
-
 
 SCHEMAS: Mapping[Domain, DomainSchema] = {
     Domain.FRAMES: DomainSchema(Domain.FRAMES, {1: FrameMetaV1}, current=1),
