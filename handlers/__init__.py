@@ -10,7 +10,7 @@ from pipeline.settings import Settings
 from schemas import Domain
 from streams import Subjects
 
-from . import metrics, monitoring, security
+from . import frames, metrics, monitoring, security
 from .subscriber import BatchHandler
 
 __all__ = ["REGISTER", "BatchHandler"]
@@ -18,6 +18,7 @@ __all__ = ["REGISTER", "BatchHandler"]
 Register = Callable[[NatsBroker, BatchHandler, Settings, Subjects], None]
 
 REGISTER: dict[Domain, Register] = {
+    frames.DOMAIN: frames.register,
     security.DOMAIN: security.register,
     monitoring.DOMAIN: monitoring.register,
     metrics.DOMAIN: metrics.register,

@@ -31,7 +31,12 @@ async def _raw_batch(message: NatsMessage) -> Any:
 
 
 def subscribe_batches(
-    broker: NatsBroker, intake: BatchHandler, settings: Settings, subjects: Subjects
+    broker: NatsBroker,
+    intake: BatchHandler,
+    settings: Settings,
+    subjects: Subjects,
+    *,
+    batch_size: int | None = None,
 ) -> None:
     """Pull batches of the intake's domain from its durable consumer and hand them on.
 
@@ -44,7 +49,9 @@ def subscribe_batches(
         subjects.wildcard(domain),
         stream=JStream(subjects.stream(domain), declare=False),
         durable=subjects.durable(domain),
-        pull_sub=PullSub(settings.batch_size, timeout=settings.batch_timeout_s, batch=True),
+        pull_sub=PullSub(
+            batch_size or settings.batch_size, timeout=settings.batch_timeout_s, batch=True
+        ),
         ack_policy=AckPolicy.MANUAL,
         decoder=_raw_batch,
         title=f"{domain.value}.v<major>.<source>",

@@ -15,14 +15,17 @@ from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
 
 import handlers
+from schemas import Domain
 from streams import Applied, ConsumerLimits, Subjects, apply, consumer_config, stream_configs
 
 from .deadletter import DeadLetters
 from .dedup import CommittedIds
 from .errors import ConfigError, StoreUnavailable
+from .frames import FrameIntake
 from .intake import Intake
 from .metrics import Metrics
 from .natsfix import ensure_fetch_timeout_contract
+from .pool import DetectorPool, connect_ray
 from .settings import Settings
 from .store import EventStore
 from .writer import GroupWriter
@@ -65,8 +68,15 @@ async def apply_streams(nc: Client, settings: Settings) -> list[Applied]:
     limits = ConsumerLimits(
         ack_wait_s=settings.ack_wait_s, max_ack_pending=settings.max_ack_pending
     )
+    frame_limits = ConsumerLimits(
+        ack_wait_s=settings.ack_wait_s, max_ack_pending=settings.frames_max_ack_pending
+    )
     consumers = [
-        (subjects.stream(d), consumer_config(subjects, d, limits)) for d in settings.domains
+        (
+            subjects.stream(d),
+            consumer_config(subjects, d, frame_limits if d is Domain.FRAMES else limits),
+        )
+        for d in settings.domains
     ]
     streams = stream_configs(
         subjects, replicas=settings.stream_replicas, frames_max_bytes=settings.frames_max_bytes
@@ -92,6 +102,8 @@ class Worker:
         self._lag_task: asyncio.Task[None] | None = None
         self._intakes: list[Intake] = []
         self._writer: GroupWriter | None = None
+        self.pool: DetectorPool | None = None
+        self._ray_started = False
 
     async def __aenter__(self) -> Worker:
         try:
@@ -138,18 +150,36 @@ class Worker:
         self._broker = NatsBroker(
             s.nats_url, logger=broker_log, graceful_timeout=30.0, max_reconnect_attempts=-1
         )
+        if Domain.FRAMES in s.domains:
+            await self._start_pool()
         for domain in s.domains:
-            intake = Intake(
-                domain,
-                subjects=self.subjects,
-                writer=self._writer,
-                dead_letters=dead_letters,
-                metrics=self.metrics,
-                max_deliver=s.max_deliver,
-                max_message_bytes=s.max_message_bytes,
-                retry_delay=s.retry_delay,
-                cache=self._cache,
-            )
+            intake: Intake
+            if domain is Domain.FRAMES:
+                assert self.pool is not None
+                intake = FrameIntake(
+                    pool=self.pool,
+                    max_age_s=s.frames_max_age_s,
+                    subjects=self.subjects,
+                    writer=self._writer,
+                    dead_letters=dead_letters,
+                    metrics=self.metrics,
+                    max_deliver=s.max_deliver,
+                    max_message_bytes=s.max_frame_bytes,
+                    retry_delay=s.retry_delay,
+                    cache=self._cache,
+                )
+            else:
+                intake = Intake(
+                    domain,
+                    subjects=self.subjects,
+                    writer=self._writer,
+                    dead_letters=dead_letters,
+                    metrics=self.metrics,
+                    max_deliver=s.max_deliver,
+                    max_message_bytes=s.max_message_bytes,
+                    retry_delay=s.retry_delay,
+                    cache=self._cache,
+                )
             handlers.REGISTER[domain](self._broker, intake, s, self.subjects)
             self._intakes.append(intake)
         await self._broker.start()
@@ -173,6 +203,14 @@ class Worker:
             self._intakes.clear()
             await self._broker.stop()
             self._broker = None
+        if self.pool is not None:
+            await self.pool.stop()
+            self.pool = None
+        if self._ray_started:
+            import ray
+
+            await anyio.to_thread.run_sync(ray.shutdown)
+            self._ray_started = False
         if self._writer is not None:
             await self._writer.stop()
             self._writer = None
@@ -185,6 +223,18 @@ class Worker:
         if self.store is not None:
             await anyio.to_thread.run_sync(self.store.close)
             self.store = None
+
+    async def _start_pool(self) -> None:
+        """Connect to Ray (or start it locally) and load the model in every actor."""
+        s = self.settings
+        try:
+            self._ray_started = connect_ray(s.ray_address, num_cpus=s.ray_num_cpus)
+        except Exception as exc:
+            raise ConfigError(
+                "PIPELINE_RAY_ADDRESS", f"cannot connect to Ray ({s.ray_address!r}): {exc}"
+            ) from exc
+        self.pool = DetectorPool(s.detector_config(), s.pool_config(), self.metrics)
+        await self.pool.start()
 
     async def _watch_lag(self) -> None:
         assert self._admin is not None

@@ -9,12 +9,13 @@ from streams import SubjectError, Subjects
 
 from .errors import Reason, Rejected
 
-__all__ = ["decode"]
+__all__ = ["decode", "validation_summary"]
 
 _MAX_ERRORS = 5
 
 
-def _summary(exc: ValidationError) -> str:
+def validation_summary(exc: ValidationError) -> str:
+    """The first few validation errors, one line: `field: problem; ...`."""
     parts = []
     for error in exc.errors(include_url=False)[:_MAX_ERRORS]:
         where = ".".join(str(p) for p in error["loc"]) or "body"
@@ -51,6 +52,6 @@ def decode(
         message = model.model_validate_json(body)
     except ValidationError as exc:
         if any(e["type"] == "json_invalid" for e in exc.errors()):
-            raise Rejected(Reason.INVALID_JSON, _summary(exc)) from None
-        raise Rejected(Reason.SCHEMA_VIOLATION, _summary(exc)) from None
+            raise Rejected(Reason.INVALID_JSON, validation_summary(exc)) from None
+        raise Rejected(Reason.SCHEMA_VIOLATION, validation_summary(exc)) from None
     return schema.upcast(parsed.major, message)

@@ -16,6 +16,7 @@ from eventsourcing.domain import Aggregate
 from schemas import Domain
 
 __all__ = [
+    "CameraFrame",
     "HealthReport",
     "MetricsBatch",
     "RecordedMessage",
@@ -103,8 +104,26 @@ class MetricsBatch(RecordedMessage):
     __init__ = RecordedMessage.__init__
 
 
+class CameraFrame(RecordedMessage):
+    """A camera frame: analysed by the detector, or skipped because it arrived too late."""
+
+    domain = Domain.FRAMES
+
+    class Recorded(RecordedMessage.Recorded):
+        """The frame was accepted and stored (the generic event; frames use the two below)."""
+
+    class FrameAnalyzed(RecordedMessage.Recorded):
+        """The detector ran on the frame; the payload holds its detections and provenance."""
+
+    class FrameSkipped(RecordedMessage.Recorded):
+        """The frame was older than the age limit and recorded without analysis."""
+
+    # Restated: the aggregate metaclass builds each class's creation from its own __init__.
+    __init__ = RecordedMessage.__init__
+
+
 _BY_DOMAIN: dict[Domain, type[RecordedMessage]] = {
-    cls.domain: cls for cls in (SecurityEvent, HealthReport, MetricsBatch)
+    cls.domain: cls for cls in (SecurityEvent, HealthReport, MetricsBatch, CameraFrame)
 }
 
 

@@ -7,6 +7,7 @@ from enum import StrEnum
 __all__ = [
     "ConfigError",
     "DeadLetterUnavailable",
+    "DetectorUnavailable",
     "PipelineError",
     "Reason",
     "Rejected",
@@ -36,6 +37,8 @@ class Reason(StrEnum):
     UNSUPPORTED_VERSION = "unsupported_version"
     OVERSIZED = "oversized"
     BAD_SUBJECT = "bad_subject"
+    UNDECODABLE_IMAGE = "undecodable_image"
+    DIMENSION_MISMATCH = "dimension_mismatch"
     RETRIES_EXHAUSTED = "retries_exhausted"
     MAX_DELIVER_EXCEEDED = "max_deliver_exceeded"
 
@@ -55,6 +58,10 @@ class RetryLater(PipelineError):
 
 class StoreUnavailable(RetryLater):
     """The event store could not be reached or did not commit."""
+
+
+class DetectorUnavailable(RetryLater):
+    """A detector actor failed or died during a call; its frames are retried."""
 
 
 class DeadLetterUnavailable(RetryLater):

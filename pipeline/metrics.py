@@ -94,6 +94,49 @@ class Metrics:
             ["domain"],
             registry=r,
         )
+        self.frames = Counter(
+            "pipeline_frames_total",
+            "Camera frames by outcome: analysed, skipped (too old), failed (nak'd), rejected.",
+            ["outcome"],
+            registry=r,
+        )
+        self.detections = Counter(
+            "pipeline_detections_total", "Objects detected, per class.", ["label"], registry=r
+        )
+        self.detector_batch_size = Histogram(
+            "pipeline_detector_batch_size_frames",
+            "Frames per batch sent to a detector actor.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.detector_queue_seconds = Histogram(
+            "pipeline_detector_queue_seconds",
+            "Time a frame waited in the pool's queue before its batch was sent.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.detector_inference_seconds = Histogram(
+            "pipeline_detector_inference_seconds",
+            "Model time per batch (decode and transfer excluded).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.detector_frame_seconds = Histogram(
+            "pipeline_detector_frame_seconds",
+            "Model time per frame (batch time / frames in the batch).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.detector_failures = Counter(
+            "pipeline_detector_failures_total",
+            "Detector calls that failed (their frames are redelivered).",
+            registry=r,
+        )
+        self.detector_restarts = Counter(
+            "pipeline_detector_actor_restarts_total",
+            "Detector actors restarted or replaced after a failure.",
+            registry=r,
+        )
         self.cache_errors = Counter(
             "pipeline_dedup_cache_errors_total", "Failed calls to the Redis id cache.", registry=r
         )

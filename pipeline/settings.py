@@ -9,9 +9,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import Domain
 
-__all__ = ["Settings"]
+from .detector import DetectorConfig, model_format
+from .pool import PoolConfig
+
+__all__ = ["ALL_DOMAINS", "EVENT_DOMAINS", "Settings"]
 
 EVENT_DOMAINS = (Domain.SECURITY, Domain.MONITORING, Domain.METRICS)
+"""The domains of JSON messages; frames are the fourth."""
+ALL_DOMAINS = (Domain.FRAMES, *EVENT_DOMAINS)
 
 
 class Settings(BaseSettings):
@@ -26,7 +31,7 @@ class Settings(BaseSettings):
     namespace: str = Field("", description="prefix of every subject and stream; empty for none")
     stream_replicas: Annotated[int, Field(ge=1, le=5)] = 1
     frames_max_bytes: Annotated[int, Field(ge=1024**2)] = 2 * 1024**3
-    domains: tuple[Domain, ...] = EVENT_DOMAINS
+    domains: tuple[Domain, ...] = ALL_DOMAINS
 
     # Consuming
     processes: Annotated[int, Field(ge=1, le=64)] = 1
@@ -37,6 +42,33 @@ class Settings(BaseSettings):
     max_deliver: Annotated[int, Field(ge=1)] = 5
     retry_backoff_s: tuple[float, ...] = (1.0, 5.0, 15.0, 30.0)
     max_message_bytes: Annotated[int, Field(ge=256)] = 256 * 1024
+
+    # Camera frames
+    frames_batch_size: Annotated[int, Field(ge=1, le=1000)] = 16
+    frames_max_ack_pending: Annotated[int, Field(ge=1)] = 256
+    frames_max_age_s: Annotated[float, Field(ge=0)] = 0.0
+    max_frame_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024**2
+
+    # Detector (Ultralytics YOLO) and its Ray actor pool
+    detector_model: str = "yolov8n.yaml"
+    detector_device: str = ""
+    detector_imgsz: Annotated[int, Field(ge=32, le=4096)] = 640
+    detector_conf: Annotated[float, Field(ge=0, le=1)] = 0.25
+    detector_iou: Annotated[float, Field(gt=0, le=1)] = 0.45
+    detector_classes: tuple[int, ...] | None = None
+    detector_half: bool = False
+    detector_threads: Annotated[int, Field(ge=0)] = 0
+    detector_actors: Annotated[int, Field(ge=1, le=1024)] = 1
+    detector_num_cpus: Annotated[float, Field(ge=0)] = 1.0
+    detector_num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    detector_max_batch: Annotated[int, Field(ge=1, le=1024)] = 8
+    detector_max_wait_ms: Annotated[float, Field(ge=0)] = 50.0
+    detector_max_inflight: Annotated[int, Field(ge=1, le=64)] = 2
+    detector_max_restarts: Annotated[int, Field(ge=-1)] = 3
+    ray_address: str = Field(
+        "", description="ray://host:10001 or host:6379; empty: RAY_ADDRESS or a local Ray"
+    )
+    ray_num_cpus: Annotated[int, Field(ge=1)] | None = None
 
     # PostgreSQL event store
     postgres_host: str = "127.0.0.1"
@@ -62,15 +94,16 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("domains")
+    @field_validator("detector_model")
     @classmethod
-    def _event_domains_only(cls, value: tuple[Domain, ...]) -> tuple[Domain, ...]:
-        unsupported = [d.value for d in value if d not in EVENT_DOMAINS]
-        if unsupported:
-            raise ValueError(
-                f"no handler for {unsupported}; choose from {[d.value for d in EVENT_DOMAINS]}"
-            )
+    def _known_model_format(cls, value: str) -> str:
+        model_format(value)
         return value
+
+    @field_validator("ray_num_cpus", "detector_classes", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _cache_outlives_redelivery(self) -> Settings:
@@ -103,3 +136,28 @@ class Settings(BaseSettings):
             "POSTGRES_CONNECT_TIMEOUT": str(int(self.postgres_connect_timeout_s)),
             "CREATE_TABLE": "y",
         }
+
+    def detector_config(self) -> DetectorConfig:
+        """What each detector actor loads and how it runs the model."""
+        return DetectorConfig(
+            model=self.detector_model,
+            device=self.detector_device,
+            imgsz=self.detector_imgsz,
+            conf=self.detector_conf,
+            iou=self.detector_iou,
+            classes=self.detector_classes,
+            half=self.detector_half,
+            threads=self.detector_threads,
+        )
+
+    def pool_config(self) -> PoolConfig:
+        """Size and batching of the detector pool."""
+        return PoolConfig(
+            actors=self.detector_actors,
+            num_cpus=self.detector_num_cpus,
+            num_gpus=self.detector_num_gpus,
+            max_batch=self.detector_max_batch,
+            max_wait_s=self.detector_max_wait_ms / 1000,
+            max_inflight=self.detector_max_inflight,
+            max_restarts=self.detector_max_restarts,
+        )

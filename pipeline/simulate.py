@@ -1,4 +1,4 @@
-"""Simulated producers: realistic security, monitoring and metrics traffic.
+"""Simulated producers: security, monitoring and metrics traffic, and cameras.
 
 Mixes in duplicates (the same message published again) and bad messages of every kind
 the pipeline dead-letters, and says for each message what the pipeline should do
@@ -22,10 +22,10 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
-from schemas import Domain
+from schemas import Domain, FrameEncoding, FrameMetaV1
 from streams import Subjects
 
-__all__ = ["Expect", "Outgoing", "Traffic", "publish", "uuid7"]
+__all__ = ["Cameras", "Expect", "Outgoing", "Traffic", "publish", "uuid7"]
 
 
 def uuid7() -> str:
@@ -255,6 +255,130 @@ class Traffic:
         }
         reason = reason or self._rng.choice(sorted(makers))
         return makers[reason](uuid7())
+
+
+class Cameras:
+    """Cameras publishing real images: the sample photos shipped with Ultralytics,
+    cropped, resized and brightness-jittered per frame, JPEG- or PNG-encoded.
+
+    `bad()` makes the frames the pipeline must dead-letter, with the reason it should
+    give; `duplicate()` re-sends a frame already published.
+    """
+
+    def __init__(
+        self,
+        subjects: Subjects,
+        *,
+        cameras: int = 2,
+        width: int = 640,
+        height: int = 480,
+        encoding: FrameEncoding = FrameEncoding.JPEG,
+        variants: int = 16,
+        seed: int | None = None,
+    ) -> None:
+        import cv2
+
+        self.subjects = subjects
+        self.names = [f"cam-{i + 1:02d}" for i in range(cameras)]
+        self.width = width
+        self.height = height
+        self.encoding = FrameEncoding(encoding)
+        self._rng = random.Random(seed)
+        self._sequence: Counter[str] = Counter()
+        self._recent: list[Outgoing] = []
+        sources = [cv2.imread(str(p)) for p in sample_images()]
+        # Encoding costs milliseconds: a fixed set of jittered variants is made up front.
+        self._bodies = [self._render(sources[i % len(sources)]) for i in range(variants)]
+
+    def _render(self, image: Any) -> bytes:
+        import cv2
+
+        h, w = image.shape[:2]
+        crop = self._rng.uniform(0.7, 1.0)
+        ch, cw = int(h * crop), int(w * crop)
+        y, x = self._rng.randint(0, h - ch), self._rng.randint(0, w - cw)
+        frame = cv2.resize(image[y : y + ch, x : x + cw], (self.width, self.height))
+        frame = cv2.convertScaleAbs(frame, alpha=self._rng.uniform(0.8, 1.2))
+        ext = ".jpg" if self.encoding is FrameEncoding.JPEG else ".png"
+        ok, encoded = cv2.imencode(ext, frame)
+        assert ok
+        return bytes(encoded.tobytes())
+
+    def __iter__(self) -> Iterator[Outgoing]:
+        while True:
+            yield self.frame()
+
+    def frame(self, camera: str | None = None, *, body: bytes | None = None) -> Outgoing:
+        """The next frame of a camera (round robin when not given)."""
+        total = sum(self._sequence.values())
+        camera = camera or self.names[total % len(self.names)]
+        meta = FrameMetaV1(
+            id=uuid7(),
+            camera=camera,
+            sequence=self._sequence[camera],
+            captured_at=datetime.now(UTC),
+            width=self.width,
+            height=self.height,
+            encoding=self.encoding,
+        )
+        self._sequence[camera] += 1
+        out = Outgoing(
+            subject=self.subjects.subject(Domain.FRAMES, 1, camera),
+            body=body if body is not None else self._rng.choice(self._bodies),
+            headers=meta.to_headers(),
+            domain=Domain.FRAMES,
+            message_id=meta.id,
+            expect=Expect.STORE,
+        )
+        self._recent.append(out)
+        del self._recent[:-100]
+        return out
+
+    def duplicate(self) -> Outgoing:
+        """A frame published before, again, with a fresh transport id (past the window)."""
+        original = self._rng.choice(self._recent)
+        headers = {**original.headers, "Nats-Msg-Id": f"{original.message_id}-retry-{uuid7()}"}
+        return Outgoing(
+            original.subject,
+            original.body,
+            headers,
+            Domain.FRAMES,
+            original.message_id,
+            Expect.DUPLICATE,
+        )
+
+    def bad(self, reason: str) -> Outgoing:
+        """A frame the pipeline must dead-letter for `reason`: undecodable_image,
+        dimension_mismatch or schema_violation."""
+        good = self.frame()
+        self._recent.pop()
+        headers = dict(good.headers)
+        body = good.body
+        if reason == "undecodable_image":  # the right magic bytes, then garbage
+            body = body[:16] + bytes(self._rng.getrandbits(8) for _ in range(64))
+        elif reason == "dimension_mismatch":
+            headers["Frame-Width"] = str(self.width // 2)
+        elif reason == "schema_violation":
+            del headers["Frame-Captured-At"]
+        else:
+            raise ValueError(f"no bad frame for {reason!r}")
+        return Outgoing(
+            good.subject, body, headers, Domain.FRAMES, good.message_id, Expect.DEAD_LETTER, reason
+        )
+
+
+def sample_images() -> list[Any]:
+    """The sample photos shipped with the ultralytics package."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("ultralytics")  # found without importing torch
+    assert spec is not None and spec.origin is not None, "ultralytics is not installed"
+    folder = Path(spec.origin).parent / "assets"
+    images = sorted(folder.glob("*.jpg"))
+    if not images:
+        raise FileNotFoundError(f"no sample images in {folder}")
+    return images
 
 
 async def publish(

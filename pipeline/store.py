@@ -54,6 +54,8 @@ class Accepted:
     schema_version: str
     received_at: datetime
     payload: dict[str, Any]
+    event: str = "Recorded"
+    """Name of the event class on the domain's aggregate (frames: FrameAnalyzed, FrameSkipped)."""
 
     @cached_property
     def event_id(self) -> uuid.UUID:
@@ -81,9 +83,7 @@ class EventStore:
         assert isinstance(recorder, ColumnarRecorder)
         self._recorder = recorder
         self._mapper = self.journal.mapper
-        self._topics: dict[Domain, str] = {
-            d: get_topic(aggregate_class(d)) for d in Domain if d != Domain.FRAMES
-        }
+        self._topics: dict[Domain, str] = {d: get_topic(aggregate_class(d)) for d in Domain}
         table = SQL("{}.{}").format(
             Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name)
         )
@@ -118,7 +118,8 @@ class EventStore:
         return result
 
     def _to_stored(self, accepted: Accepted) -> StoredEvent:
-        event_class: Any = aggregate_class(accepted.domain).Recorded  # fields set by eventsourcing
+        # Fields are set by eventsourcing's event dataclasses.
+        event_class: Any = getattr(aggregate_class(accepted.domain), accepted.event)
         event = event_class(
             originator_id=accepted.event_id,
             originator_version=1,

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from .common import Message
-from .frames import FrameEncoding, FrameMetaV1
+from .frames import (
+    Detection,
+    FrameAnalyzedV1,
+    FrameEncoding,
+    FrameMetaV1,
+    FrameSkippedV1,
+    ModelProvenance,
+)
 from .metrics import MetricSample, MetricsBatchV1
 from .monitoring import CheckResult, HealthReportV1, HealthReportV2, HealthStatus, upcast_v1_to_v2
 from .registry import SCHEMAS, Domain, DomainSchema
@@ -12,16 +19,20 @@ from .security import SecurityEventV1, Severity
 __all__ = [
     "SCHEMAS",
     "CheckResult",
+    "Detection",
     "Domain",
     "DomainSchema",
+    "FrameAnalyzedV1",
     "FrameEncoding",
     "FrameMetaV1",
+    "FrameSkippedV1",
     "HealthReportV1",
     "HealthReportV2",
     "HealthStatus",
     "Message",
     "MetricSample",
     "MetricsBatchV1",
+    "ModelProvenance",
     "SecurityEventV1",
     "Severity",
     "upcast_v1_to_v2",

@@ -10,7 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from .common import MessageId, Name, UtcDatetime
 
-__all__ = ["FRAME_HEADERS", "FrameEncoding", "FrameMetaV1"]
+__all__ = [
+    "FRAME_HEADERS",
+    "Detection",
+    "FrameAnalyzedV1",
+    "FrameEncoding",
+    "FrameMetaV1",
+    "FrameSkippedV1",
+    "ModelProvenance",
+]
 
 
 class FrameEncoding(StrEnum):
@@ -61,3 +69,56 @@ class FrameMetaV1(BaseModel):
         headers = {name: str(values[field]) for field, name in FRAME_HEADERS.items()}
         headers["Nats-Msg-Id"] = self.id
         return headers
+
+
+# Stored-event payloads: what the pipeline records for each frame.
+
+
+class Detection(BaseModel):
+    """One detected object, its box in pixels of the original frame (x1, y1, x2, y2)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    class_id: Annotated[int, Field(ge=0)]
+    label: str
+    confidence: Annotated[float, Field(ge=0, le=1)]
+    box: tuple[float, float, float, float]
+
+
+class ModelProvenance(BaseModel):
+    """Which model produced detections, and with which settings."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    format: str
+    sha256: str
+    imgsz: int
+    conf: float
+    iou: float
+    classes: tuple[int, ...] | None
+    half: bool
+    device: str
+
+
+class FrameAnalyzedV1(BaseModel):
+    """Payload of a `FrameAnalyzed` event: the frame's metadata and its detections."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    frame: FrameMetaV1
+    detections: tuple[Detection, ...]
+    inference_ms: float
+    batch_size: Annotated[int, Field(ge=1)]
+    queue_ms: float
+    model: ModelProvenance
+
+
+class FrameSkippedV1(BaseModel):
+    """Payload of a `FrameSkipped` event: a frame too old to analyse, recorded as such."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    frame: FrameMetaV1
+    reason: str
+    age_s: float

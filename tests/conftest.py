@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -14,7 +16,14 @@ import pytest
 from nats.aio.client import Client
 
 from pipeline.embedded import EmbeddedNats
-from pipeline.settings import Settings
+from pipeline.settings import EVENT_DOMAINS, Settings
+
+# Ultralytics offline, its settings in a folder of the test run; inherited by Ray actors.
+os.environ["YOLO_OFFLINE"] = "1"
+os.environ["YOLO_AUTOINSTALL"] = "0"
+os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="yolo-config-"))
+os.environ["YOLO_VERBOSE"] = "False"
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 PG_HOST = "127.0.0.1"
 PG_DB = "test"
@@ -83,6 +92,31 @@ def make_settings(nats_url: str, schema: str, **overrides: object) -> Settings:
         "retry_backoff_s": (0.2, 0.5),
         "metrics_port": 0,
         "consumer_lag_interval_s": 0.5,
+        "domains": EVENT_DOMAINS,  # frame tests opt in: they need Ray and a model
         **overrides,
     }
     return Settings(_env_file=None, **values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One local Ray for the whole run (starting one takes seconds)."""
+    import ray
+
+    from pipeline.pool import connect_ray
+
+    # Short path: Ray's socket names must fit in 107 bytes.
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    connect_ray(num_cpus=2, temp_dir=temp)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """yolov8n built from its YAML (seeded), saved as .pt and exported to ONNX."""
+    from pipeline.detector import export_model
+
+    folder = tmp_path_factory.mktemp("models")
+    export_model("yolov8n.yaml", "onnx", imgsz=320, out_dir=folder)
+    return folder

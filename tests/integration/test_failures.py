@@ -113,7 +113,9 @@ async def test_database_down_naks_then_stores_everything_once_it_is_back(
 async def test_database_down_past_max_deliver_dead_letters_with_the_error(
     nats_server: EmbeddedNats, embedded_pg: EmbeddedPostgres, nc: Client
 ) -> None:
-    settings = _pg_settings(nats_server.url, embedded_pg, max_deliver=2)
+    # A long ack wait: only the naks after failed commits count deliveries here, never a
+    # redelivery because a slow machine held a batch past the ack wait.
+    settings = _pg_settings(nats_server.url, embedded_pg, max_deliver=2, ack_wait_s=60.0)
     async with Worker(settings) as worker:
         js = nc.jetstream()
         traffic = Traffic(worker.subjects, seed=7)

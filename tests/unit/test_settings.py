@@ -21,9 +21,15 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
     assert [settings.retry_delay(n) for n in (1, 2, 3)] == [1.0, 2.0, 2.0]
 
 
-def test_frames_are_not_an_event_domain_yet() -> None:
-    with pytest.raises(ValidationError, match="no handler"):
-        Settings(_env_file=None, domains=(Domain.FRAMES,))
+def test_detector_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError, match=r"detector_model[\s\S]*a model is a \.pt"):
+        Settings(_env_file=None, detector_model="weights.bin")
+    monkeypatch.setenv("PIPELINE_DETECTOR_CLASSES", "[0, 2]")
+    monkeypatch.setenv("PIPELINE_DETECTOR_MAX_WAIT_MS", "20")
+    settings = Settings(_env_file=None)
+    assert settings.detector_config().classes == (0, 2)
+    assert settings.pool_config().max_wait_s == 0.02
+    assert settings.domains[0] is Domain.FRAMES
 
 
 def test_unknown_settings_are_refused() -> None:

@@ -1,0 +1,222 @@
+"""Object detection: one interface, one implementation on Ultralytics YOLO.
+
+The detector loads whichever file the configuration names: PyTorch `.pt`, ONNX
+`.onnx` (through ONNX Runtime, about twice PyTorch's speed on CPU), TensorRT `.engine`,
+or a model YAML such as `yolov8n.yaml` for a randomly initialised model (tests and
+offline demos; seeded, so every actor builds the same weights). It never downloads
+anything unless the file named is an official Ultralytics model that is not on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas import Detection, ModelProvenance
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = [
+    "FORMATS",
+    "Detector",
+    "DetectorConfig",
+    "UltralyticsDetector",
+    "export_model",
+    "model_format",
+]
+
+FORMATS = {".pt": "pytorch", ".onnx": "onnx", ".engine": "engine", ".yaml": "yaml"}
+"""File suffix -> model format."""
+
+# Ultralytics must never pip-install packages from inside the pipeline.
+os.environ.setdefault("YOLO_AUTOINSTALL", "0")
+
+
+class DetectorConfig(BaseModel):
+    """What to load and how to run it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = "yolov8n.yaml"
+    device: str = Field(
+        "", description="'cpu', 'cuda:0', ...; empty picks cuda:0 if a GPU is given"
+    )
+    imgsz: Annotated[int, Field(ge=32, le=4096)] = 640
+    conf: Annotated[float, Field(ge=0, le=1)] = 0.25
+    iou: Annotated[float, Field(gt=0, le=1)] = 0.45
+    classes: tuple[int, ...] | None = None
+    half: bool = False
+    threads: Annotated[int, Field(ge=0)] = 0
+    max_det: Annotated[int, Field(ge=1)] = 300
+
+
+def model_format(model: str) -> str:
+    """The format of a model file from its suffix, or a `ValueError` naming the choices."""
+    suffix = Path(model).suffix.lower()
+    if suffix == ".yml":
+        suffix = ".yaml"
+    if suffix not in FORMATS:
+        raise ValueError(
+            f"cannot load {model!r}: a model is a {', '.join(FORMATS)} file "
+            "(export other formats with `pipeline model export`)"
+        )
+    return FORMATS[suffix]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class BatchDetections:
+    """Detections of each image of a batch, and the model's time for the batch."""
+
+    detections: list[list[Detection]]
+    inference_s: float
+
+
+class Detector(Protocol):
+    """Finds objects in decoded BGR images (height x width x 3, uint8)."""
+
+    @property
+    def provenance(self) -> ModelProvenance: ...
+
+    def detect(self, images: list[np.ndarray[Any, Any]]) -> BatchDetections: ...
+
+
+class UltralyticsDetector:
+    """A `Detector` on an Ultralytics YOLO model, loaded once."""
+
+    def __init__(self, config: DetectorConfig, *, gpu: bool = False) -> None:
+        fmt = model_format(config.model)
+        import torch
+        from ultralytics import YOLO
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.config = config
+        self.device = config.device or ("cuda:0" if gpu else "cpu")
+        if fmt == "yaml":
+            from ultralytics.nn.tasks import yaml_model_load
+
+            path = Path(config.model)
+            # The architecture (with its scale, `n` in yolov8n.yaml) is what identifies it.
+            spec = json.dumps(yaml_model_load(config.model), sort_keys=True, default=str)
+            sha256 = hashlib.sha256(spec.encode()).hexdigest()
+            torch.manual_seed(0)  # the same random weights in every actor
+        else:
+            path = Path(config.model)
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"model file {config.model!r} not found; set PIPELINE_DETECTOR_MODEL to a "
+                    f"{', '.join(FORMATS)} file"
+                )
+            sha256 = _sha256(path)
+        self._model = YOLO(str(path), task="detect")
+        if fmt in ("yaml", "pytorch"):
+            self._model.to(self.device)
+        self.names: dict[int, str] = dict(self._model.names)
+        self._provenance = ModelProvenance(
+            name=path.stem,
+            format=fmt,
+            sha256=sha256,
+            imgsz=config.imgsz,
+            conf=config.conf,
+            iou=config.iou,
+            classes=config.classes,
+            half=config.half,
+            device=self.device,
+        )
+
+    @property
+    def provenance(self) -> ModelProvenance:
+        """Model name, format, weights hash and thresholds, recorded with every frame."""
+        return self._provenance
+
+    def detect(self, images: list[np.ndarray[Any, Any]]) -> BatchDetections:
+        """Detect objects in a batch of images, in one call to the model."""
+        c = self.config
+        started = time.perf_counter()
+        results = self._model.predict(
+            images,
+            imgsz=c.imgsz,
+            conf=c.conf,
+            iou=c.iou,
+            classes=list(c.classes) if c.classes is not None else None,
+            device=self.device,
+            max_det=c.max_det,
+            batch=max(1, len(images)),
+            verbose=False,
+            **({"half": True} if c.half else {}),
+        )
+        elapsed = time.perf_counter() - started
+        found = []
+        for result in results:
+            boxes = result.boxes
+            data: Any = boxes.data if boxes is not None else []
+            if hasattr(data, "cpu"):
+                data = data.cpu().numpy()
+            found.append(
+                [
+                    Detection(
+                        class_id=int(row[5]),
+                        label=self.names.get(int(row[5]), str(int(row[5]))),
+                        confidence=round(float(row[4]), 6),
+                        box=(
+                            round(float(row[0]), 1),
+                            round(float(row[1]), 1),
+                            round(float(row[2]), 1),
+                            round(float(row[3]), 1),
+                        ),
+                    )
+                    for row in data
+                ]
+            )
+        return BatchDetections(found, elapsed)
+
+
+def export_model(
+    model: str,
+    fmt: str = "onnx",
+    *,
+    imgsz: int = 640,
+    half: bool = False,
+    device: str = "cpu",
+    out_dir: Path | None = None,
+) -> Path:
+    """Export a `.pt` (or a model YAML) to ONNX or TensorRT; returns the new file.
+
+    The export lands next to the `.pt`; a YAML model is first saved as `<name>.pt` in
+    `out_dir` (default: the current folder). ONNX gets a dynamic batch axis so the pool
+    can send batches of any size.
+    """
+    from ultralytics import YOLO
+
+    source = model_format(model)
+    if source not in ("pytorch", "yaml"):
+        raise ValueError(f"export starts from a .pt file or a model YAML, not {model!r}")
+    if fmt not in ("onnx", "engine"):
+        raise ValueError(f"cannot export to {fmt!r}: choose onnx or engine")
+    if source == "yaml":
+        import torch
+
+        torch.manual_seed(0)  # the same weights as the detector builds from this YAML
+        weights = (out_dir or Path.cwd()) / f"{Path(model).stem}.pt"
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        YOLO(model, task="detect").save(str(weights))
+        model = str(weights)
+    yolo = YOLO(model, task="detect")
+    out = yolo.export(format=fmt, imgsz=imgsz, dynamic=True, half=half, device=device)
+    return Path(out)

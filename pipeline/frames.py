@@ -1,0 +1,220 @@
+"""Frame intake: pulled frames through the detector pool into `FrameAnalyzed` events.
+
+For each pulled batch:
+1. read each frame's metadata from its headers; bad metadata, an unknown major, an
+   oversized body or a body that is not the announced JPEG/PNG is dead-lettered;
+2. frames older than `max_age_s` are recorded as `FrameSkipped` without analysis;
+3. the rest are submitted to the pool, which waits when it is full (backpressure: the
+   handler pulls nothing more until there is room);
+4. in the background, once the pool has answered: undecodable frames and frames whose
+   size does not match their metadata are dead-lettered, failed calls nak'd for
+   redelivery, and the batch's events are written in one transaction, then acked.
+Several pulled batches can be in the pool at once, so the actors never wait for the
+store or for NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from schemas import (
+    SCHEMAS,
+    Domain,
+    FrameAnalyzedV1,
+    FrameEncoding,
+    FrameMetaV1,
+    FrameSkippedV1,
+)
+from streams import SubjectError
+
+from .codec import validation_summary
+from .deadletter import DeadLetter
+from .errors import DetectorUnavailable, Reason, Rejected, RetryLater
+from .intake import Delivery, Intake, delivery_info
+from .pool import Analysis, DetectorPool, Frame, Outcome, Unreadable
+from .store import Accepted
+
+__all__ = ["FrameIntake"]
+
+log = logging.getLogger(__name__)
+
+_MAGIC = {
+    FrameEncoding.JPEG: (b"\xff\xd8\xff",),
+    FrameEncoding.PNG: (b"\x89PNG\r\n\x1a\n",),
+}
+
+
+class FrameIntake(Intake):
+    """Handles batches of camera frames; see the module docstring."""
+
+    def __init__(self, *, pool: DetectorPool, max_age_s: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(Domain.FRAMES, **kwargs)
+        self._pool = pool
+        self._max_age_s = max_age_s
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(self, batch: Sequence[Delivery]) -> None:
+        """Check a batch, record stale frames, hand the rest to the pool; returns once queued."""
+        started = time.perf_counter()
+        received_at = datetime.now(UTC)
+        self._metrics.consumed.labels(self._label).inc(len(batch))
+        self._metrics.batch_size.labels(self._label).observe(len(batch))
+
+        rejected: list[tuple[Delivery, DeadLetter]] = []
+        stale: list[tuple[Delivery, Accepted]] = []
+        fresh: list[tuple[Delivery, FrameMetaV1]] = []
+        for msg in batch:
+            try:
+                meta = self._meta(msg)
+            except Rejected as exc:
+                rejected.append((msg, self._dead_letter(msg, exc.reason, exc.detail)))
+                continue
+            age = (received_at - meta.captured_at).total_seconds()
+            if self._max_age_s and age > self._max_age_s:
+                payload = FrameSkippedV1(frame=meta, reason="too_old", age_s=round(age, 3))
+                stale.append((msg, self._accepted(msg, meta, received_at, payload)))
+            else:
+                fresh.append((msg, meta))
+
+        if rejected:
+            self._metrics.frames.labels("rejected").inc(len(rejected))
+            await self._dead_letter_all(rejected)
+        if stale:
+            self._metrics.frames.labels("skipped").inc(len(stale))
+
+        futures: list[asyncio.Future[Outcome]] = []
+        for i, (msg, meta) in enumerate(fresh):
+            try:
+                futures.append(await self._pool.submit(Frame(msg.data, meta.width, meta.height)))
+            except RetryLater as exc:  # the pool is stopping: the rest are redelivered
+                self._metrics.frames.labels("failed").inc(len(fresh) - i)
+                await self._retry([m for m, _ in fresh[i:]], exc)
+                fresh = fresh[:i]
+                break
+        if not fresh and not stale:
+            self._observe(started)
+            return
+        task = asyncio.create_task(self._finish(fresh, futures, stale, received_at, started))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def flush(self) -> None:
+        """Wait until every batch in the pool is stored and acked (or nak'd)."""
+        while self._tasks:
+            # Shielded: a cancelled caller must not cut a commit off from its acks.
+            await asyncio.shield(asyncio.gather(*self._tasks, return_exceptions=True))
+
+    async def _finish(
+        self,
+        fresh: list[tuple[Delivery, FrameMetaV1]],
+        futures: list[asyncio.Future[Outcome]],
+        stale: list[tuple[Delivery, Accepted]],
+        received_at: datetime,
+        started: float,
+    ) -> None:
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        provenance = self._pool.provenance
+        assert provenance is not None
+        accepted: dict[str, Accepted] = {}
+        deliveries: dict[str, list[Delivery]] = {}
+        unreadable: list[tuple[Delivery, DeadLetter]] = []
+        failed: list[Delivery] = []
+        error: RetryLater | None = None
+        for (msg, meta), outcome in zip(fresh, outcomes, strict=True):
+            if isinstance(outcome, Unreadable):
+                unreadable.append((msg, self._dead_letter(msg, outcome.reason, outcome.detail)))
+            elif isinstance(outcome, Analysis):
+                payload = FrameAnalyzedV1(
+                    frame=meta,
+                    detections=tuple(outcome.detections),
+                    inference_ms=round(1000 * outcome.batch_inference_s / outcome.batch_size, 3),
+                    batch_size=outcome.batch_size,
+                    queue_ms=round(1000 * outcome.queue_s, 3),
+                    model=provenance,
+                )
+                item = self._accepted(msg, meta, received_at, payload)
+                accepted.setdefault(item.message_id, item)
+                deliveries.setdefault(item.message_id, []).append(msg)
+            else:
+                failed.append(msg)
+                error = (
+                    outcome
+                    if isinstance(outcome, RetryLater)
+                    else DetectorUnavailable(f"unexpected error: {outcome!r}")
+                )
+        for msg, item in stale:
+            accepted.setdefault(item.message_id, item)
+            deliveries.setdefault(item.message_id, []).append(msg)
+
+        m = self._metrics.frames
+        if unreadable:
+            m.labels("rejected").inc(len(unreadable))
+            await self._dead_letter_all(unreadable)
+        if failed:
+            assert error is not None
+            m.labels("failed").inc(len(failed))
+            log.warning("frames: %s; %d frames will be retried", error, len(failed))
+            await self._retry(failed, error)
+        analysed = sum(1 for o in outcomes if isinstance(o, Analysis))
+        if analysed:
+            m.labels("analysed").inc(analysed)
+        if accepted:
+            await self._store_all(accepted, deliveries, started)
+        else:
+            self._observe(started)
+
+    def _meta(self, msg: Delivery) -> FrameMetaV1:
+        """The frame's metadata, or `Rejected` with the reason to dead-letter it."""
+        _, _, delivered = delivery_info(msg)
+        if delivered > self._max_deliver:
+            raise Rejected(
+                Reason.MAX_DELIVER_EXCEEDED,
+                f"delivered {delivered} times without being acked (limit {self._max_deliver})",
+            )
+        try:
+            parsed = self._subjects.parse(msg.subject)
+        except SubjectError as exc:
+            raise Rejected(Reason.BAD_SUBJECT, str(exc)) from None
+        versions = SCHEMAS[Domain.FRAMES].versions
+        if parsed.major not in versions:
+            supported = ", ".join(f"v{m}" for m in sorted(versions))
+            raise Rejected(
+                Reason.UNSUPPORTED_VERSION, f"frames v{parsed.major} is not supported ({supported})"
+            )
+        body = msg.data or b""
+        if len(body) > self._max_bytes:
+            raise Rejected(
+                Reason.OVERSIZED, f"frame is {len(body)} bytes, the limit is {self._max_bytes}"
+            )
+        try:
+            meta = FrameMetaV1.from_headers(msg.headers or {})
+        except ValidationError as exc:
+            raise Rejected(Reason.SCHEMA_VIOLATION, validation_summary(exc)) from None
+        if not body.startswith(_MAGIC[meta.encoding]):
+            raise Rejected(Reason.UNDECODABLE_IMAGE, f"body is not a {meta.encoding.value} image")
+        return meta
+
+    def _accepted(
+        self,
+        msg: Delivery,
+        meta: FrameMetaV1,
+        received_at: datetime,
+        payload: FrameAnalyzedV1 | FrameSkippedV1,
+    ) -> Accepted:
+        return Accepted(
+            domain=Domain.FRAMES,
+            message_id=meta.id,
+            subject=msg.subject,
+            stream_seq=delivery_info(msg)[1],
+            schema_version=meta.schema_version,
+            received_at=received_at,
+            payload=payload.model_dump(mode="json"),
+            event="FrameAnalyzed" if isinstance(payload, FrameAnalyzedV1) else "FrameSkipped",
+        )

@@ -1,0 +1,366 @@
+"""The detector pool: YOLO on Ray actors, fed by a dynamic batcher.
+
+Frames are submitted one by one and wait in a bounded queue. The batcher takes up to
+`max_batch` of them, or fewer once the oldest has waited `max_wait_s`, and sends the
+batch to the least-loaded actor. Each actor has at most `max_inflight` batches in hand;
+when every actor is full the queue fills, `submit` waits, and the frames handler stops
+pulling: backpressure all the way to JetStream. A failed call fails its frames with
+`DetectorUnavailable` (the handler naks them for redelivery); Ray restarts a crashed
+actor (`max_restarts`) and the pool replaces one that is gone for good.
+
+Actors decode the JPEG/PNG bodies themselves, so decoding runs in parallel and only the
+compressed frame crosses process boundaries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from schemas import Detection, ModelProvenance
+
+from .detector import DetectorConfig, UltralyticsDetector
+from .errors import ConfigError, DetectorUnavailable, Reason
+from .metrics import Metrics
+
+__all__ = [
+    "Analysis",
+    "DetectorActor",
+    "DetectorPool",
+    "Frame",
+    "PoolConfig",
+    "Unreadable",
+    "connect_ray",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """An encoded frame and the size its metadata claims."""
+
+    body: bytes
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What the model found in one frame."""
+
+    detections: list[Detection]
+    batch_size: int
+    batch_inference_s: float
+    queue_s: float
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A frame whose body could not be decoded or does not match its metadata."""
+
+    reason: Reason
+    detail: str
+
+
+Outcome = Analysis | Unreadable
+
+
+class DetectorActor:
+    """Runs in a Ray actor process: loads the model once, decodes and detects batches."""
+
+    def __init__(self, config: DetectorConfig, gpu: bool) -> None:
+        self.detector = UltralyticsDetector(config, gpu=gpu)
+
+    def ready(self) -> ModelProvenance:
+        """The loaded model's provenance (also a liveness check)."""
+        return self.detector.provenance
+
+    def pid(self) -> int:
+        """The actor's process id."""
+        return os.getpid()
+
+    def detect(self, frames: list[Frame]) -> tuple[list[list[Detection] | tuple[str, str]], float]:
+        """Decode and detect; per frame the detections or (reason, detail); model seconds."""
+        import cv2
+
+        images = []
+        verdicts: list[list[Detection] | tuple[str, str] | None] = []
+        for frame in frames:
+            image = cv2.imdecode(np.frombuffer(frame.body, np.uint8), cv2.IMREAD_COLOR)
+            if image is None:
+                verdicts.append((Reason.UNDECODABLE_IMAGE.value, "body is not a decodable image"))
+            elif image.shape[:2] != (frame.height, frame.width):
+                h, w = image.shape[:2]
+                verdicts.append(
+                    (
+                        Reason.DIMENSION_MISMATCH.value,
+                        f"image is {w}x{h}, metadata says {frame.width}x{frame.height}",
+                    )
+                )
+            else:
+                images.append(image)
+                verdicts.append(None)
+        found = self.detector.detect(images) if images else None
+        results: list[list[Detection] | tuple[str, str]] = []
+        found_iter = iter(found.detections if found else [])
+        for verdict in verdicts:
+            results.append(next(found_iter) if verdict is None else verdict)
+        return results, found.inference_s if found else 0.0
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Size and batching of the pool."""
+
+    actors: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_batch: int = 8
+    max_wait_s: float = 0.05
+    max_inflight: int = 2
+    max_restarts: int = 3
+
+    @property
+    def max_queued(self) -> int:
+        """Frames waiting for a batch: enough to fill every actor's next batches."""
+        return self.max_batch * self.actors * self.max_inflight
+
+
+@dataclass
+class _Pending:
+    frame: Frame
+    future: asyncio.Future[Outcome]
+    enqueued: float
+
+
+@dataclass
+class _Actor:
+    handle: Any
+    load: int = 0
+    calls: int = field(default=0)
+
+
+def connect_ray(address: str = "", *, num_cpus: int | None = None, temp_dir: str = "") -> bool:
+    """Connect to the Ray cluster at `address` (or `RAY_ADDRESS`), else start a local one.
+
+    Returns True if this call started Ray (and so should shut it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        return True
+    extra: dict[str, Any] = {"_temp_dir": temp_dir} if temp_dir else {}
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        **extra,
+    )
+    return True
+
+
+class DetectorPool:
+    """N detector actors behind one dynamic batcher. Start with `await pool.start()`."""
+
+    def __init__(
+        self, detector: DetectorConfig, config: PoolConfig, metrics: Metrics | None = None
+    ) -> None:
+        self.detector = detector
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.provenance: ModelProvenance | None = None
+        self._actors: list[_Actor] = []
+        self._queue: deque[_Pending] = deque()
+        self._added = asyncio.Event()
+        self._room = asyncio.Semaphore(config.max_queued)
+        self._slots = asyncio.Semaphore(config.actors * config.max_inflight)
+        self._batcher: asyncio.Task[None] | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+        self.max_inflight_seen = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the actors and wait until each has loaded the model."""
+        self._actors = [_Actor(self._new_actor()) for _ in range(self.config.actors)]
+        try:
+            provenances = await asyncio.gather(*(a.handle.ready.remote() for a in self._actors))
+        except Exception as exc:
+            await self.stop()
+            raise ConfigError(
+                "PIPELINE_DETECTOR_MODEL",
+                f"the detector actors could not load {self.detector.model!r}: {_cause(exc)}",
+            ) from exc
+        self.provenance = provenances[0]
+        self._batcher = asyncio.create_task(self._run())
+        log.info(
+            "detector pool: %d actor(s), %s (%s, sha256 %s...)",
+            len(self._actors),
+            self.provenance.name,
+            self.provenance.format,
+            self.provenance.sha256[:12],
+        )
+
+    async def stop(self) -> None:
+        """Finish the batches in hand, then remove the actors (frames still queued fail)."""
+        if self._batcher is not None:
+            self._batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batcher
+            self._batcher = None
+        if self._calls:
+            await asyncio.gather(*self._calls, return_exceptions=True)
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(DetectorUnavailable("the detector pool stopped"))
+        import ray
+
+        for actor in self._actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor.handle)
+        self._actors.clear()
+
+    def _new_actor(self) -> Any:
+        import ray
+
+        c = self.config
+        remote = ray.remote(DetectorActor).options(
+            num_cpus=c.num_cpus,
+            num_gpus=c.num_gpus,
+            max_restarts=c.max_restarts,
+            max_task_retries=0,  # a failed call fails its frames: they are nak'd, not lost
+            runtime_env={"env_vars": _yolo_env()},
+        )
+        return remote.remote(self.detector, c.num_gpus > 0)
+
+    async def actor_pids(self) -> list[int]:
+        """Process ids of the actors (for tests and operators)."""
+        return list(await asyncio.gather(*(a.handle.pid.remote() for a in self._actors)))
+
+    # -- submitting ------------------------------------------------------------------
+
+    async def submit(self, frame: Frame) -> asyncio.Future[Outcome]:
+        """Queue a frame; waits while the queue is full. Await the returned future."""
+        if self._batcher is None:
+            raise DetectorUnavailable("the detector pool is not running")
+        await self._room.acquire()
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(frame, future, time.perf_counter()))
+        self._added.set()
+        return future
+
+    async def detect(self, frames: Sequence[Frame]) -> list[Outcome]:
+        """Submit frames and wait for all their outcomes (exceptions are raised)."""
+        futures = [await self.submit(f) for f in frames]
+        return list(await asyncio.gather(*futures))
+
+    # -- batching --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            await self._slots.acquire()
+            batch = await self._collect()
+            actor = min(self._actors, key=lambda a: a.load)
+            actor.load += 1
+            self.max_inflight_seen = max(self.max_inflight_seen, actor.load)
+            task = asyncio.create_task(self._call(actor, batch))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    async def _collect(self) -> list[_Pending]:
+        """Up to `max_batch` frames, or fewer once the oldest has waited `max_wait_s`."""
+        while not self._queue:
+            self._added.clear()
+            await self._added.wait()
+        deadline = self._queue[0].enqueued + self.config.max_wait_s
+        while len(self._queue) < self.config.max_batch:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._added.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._added.wait(), remaining)
+        batch = [self._queue.popleft() for _ in range(min(self.config.max_batch, len(self._queue)))]
+        for _ in batch:
+            self._room.release()
+        return batch
+
+    async def _call(self, actor: _Actor, batch: list[_Pending]) -> None:
+        m = self.metrics
+        sent = time.perf_counter()
+        for pending in batch:
+            m.detector_queue_seconds.observe(sent - pending.enqueued)
+        m.detector_batch_size.observe(len(batch))
+        try:
+            results, inference_s = await actor.handle.detect.remote([p.frame for p in batch])
+        except Exception as exc:
+            m.detector_failures.inc()
+            error = DetectorUnavailable(f"detector call failed: {_cause(exc)}")
+            log.warning("%s; %d frames will be retried", error, len(batch))
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            await self._replace_if_dead(actor)
+            return
+        finally:
+            actor.load -= 1
+            actor.calls += 1
+            self._slots.release()
+        m.detector_inference_seconds.observe(inference_s)
+        analysed = sum(1 for r in results if isinstance(r, list))
+        if analysed:
+            m.detector_frame_seconds.observe(inference_s / analysed)
+        for pending, result in zip(batch, results, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(result, list):
+                for detection in result:
+                    m.detections.labels(detection.label).inc()
+                pending.future.set_result(
+                    Analysis(result, len(batch), inference_s, sent - pending.enqueued)
+                )
+            else:
+                pending.future.set_result(Unreadable(Reason(result[0]), result[1]))
+
+    async def _replace_if_dead(self, actor: _Actor) -> None:
+        """Ray restarts a crashed actor up to `max_restarts`; past that, start a new one."""
+        import ray.exceptions
+
+        try:
+            await actor.handle.ready.remote()
+        except ray.exceptions.ActorDiedError:
+            log.warning("a detector actor is gone for good; starting a new one")
+            actor.handle = self._new_actor()
+        except Exception:  # restarting, or busy failing: the next call will tell
+            return
+        self.metrics.detector_restarts.inc()
+
+
+def _cause(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+def _yolo_env() -> dict[str, str]:
+    """Ultralytics settings of this process, passed on to the actors."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("YOLO_")}
+    env.setdefault("YOLO_AUTOINSTALL", "0")
+    return env

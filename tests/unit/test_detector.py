@@ -1,0 +1,90 @@
+"""The detector loads every supported format offline and applies its settings."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.detector import DetectorConfig, UltralyticsDetector, model_format
+from pipeline.simulate import sample_images
+
+# Random weights score every box near 1e-4: thresholds this low let boxes through.
+LOW_CONF = 1e-5
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return cv2.imread(str(sample_images()[0]))
+
+
+@pytest.mark.parametrize("name", ["yolov8n.yaml", "yolov8n.pt", "yolov8n.onnx"])
+def test_each_format_loads_offline_and_detects(
+    name: str, model_dir: Path, image: np.ndarray
+) -> None:
+    model = name if name.endswith(".yaml") else str(model_dir / name)
+    detector = UltralyticsDetector(DetectorConfig(model=model, imgsz=320, conf=LOW_CONF))
+    found = detector.detect([image, image[:240, :320]])
+    assert len(found.detections) == 2
+    assert found.detections[0], "a threshold this low keeps boxes even with random weights"
+    assert found.inference_s > 0
+    h, w = image.shape[:2]
+    for d in found.detections[0]:
+        x1, y1, x2, y2 = d.box
+        assert 0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h  # boxes in original pixels
+        assert d.confidence >= LOW_CONF
+
+
+def test_the_same_random_weights_in_every_detector(model_dir: Path, image: np.ndarray) -> None:
+    """A YAML model is seeded, so the .pt saved from it and a new build agree."""
+    config = DetectorConfig(model="yolov8n.yaml", imgsz=320, conf=LOW_CONF)
+    a = UltralyticsDetector(config).detect([image]).detections
+    b = UltralyticsDetector(config).detect([image]).detections
+    c = UltralyticsDetector(config.model_copy(update={"model": str(model_dir / "yolov8n.pt")}))
+    assert a == b == c.detect([image]).detections
+
+
+def test_thresholds_and_class_filters_are_applied(model_dir: Path, image: np.ndarray) -> None:
+    model = str(model_dir / "yolov8n.onnx")
+    low = UltralyticsDetector(DetectorConfig(model=model, imgsz=320, conf=LOW_CONF))
+    higher = UltralyticsDetector(DetectorConfig(model=model, imgsz=320, conf=1e-4))
+    strict = UltralyticsDetector(DetectorConfig(model=model, imgsz=320, conf=0.5))
+    many = low.detect([image]).detections[0]
+    fewer = higher.detect([image]).detections[0]
+    assert len(fewer) < len(many)
+    assert all(d.confidence >= 1e-4 for d in fewer)
+    assert strict.detect([image]).detections[0] == []
+
+    classes = sorted({d.class_id for d in many})
+    kept = classes[:1]
+    only = UltralyticsDetector(
+        DetectorConfig(model=model, imgsz=320, conf=LOW_CONF, classes=(*kept,))
+    )
+    assert {d.class_id for d in only.detect([image]).detections[0]} == set(kept)
+    other = next(c for c in range(80) if c not in classes)
+    none = UltralyticsDetector(
+        DetectorConfig(model=model, imgsz=320, conf=LOW_CONF, classes=(other,))
+    )
+    assert none.detect([image]).detections[0] == []
+
+
+def test_provenance_names_model_format_hash_and_thresholds(model_dir: Path) -> None:
+    path = model_dir / "yolov8n.onnx"
+    config = DetectorConfig(model=str(path), imgsz=320, conf=0.3, iou=0.6, classes=(0, 2))
+    p = UltralyticsDetector(config).provenance
+    assert (p.name, p.format, p.device) == ("yolov8n", "onnx", "cpu")
+    assert p.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (p.imgsz, p.conf, p.iou, p.classes, p.half) == (320, 0.3, 0.6, (0, 2), False)
+    pt = UltralyticsDetector(DetectorConfig(model=str(model_dir / "yolov8n.pt"))).provenance
+    assert pt.format == "pytorch" and pt.sha256 != p.sha256
+
+
+def test_formats_and_missing_files_give_clear_errors(tmp_path: Path) -> None:
+    assert model_format("models/yolo11n.engine") == "engine"  # TensorRT: needs a GPU to load
+    with pytest.raises(ValueError, match=r"a model is a \.pt, \.onnx, \.engine, \.yaml file"):
+        model_format("model.tflite")
+    with pytest.raises(FileNotFoundError, match="PIPELINE_DETECTOR_MODEL"):
+        UltralyticsDetector(DetectorConfig(model=str(tmp_path / "missing.engine")))
