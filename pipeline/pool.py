@@ -147,7 +147,11 @@ class _Pending:
 class _Actor:
     handle: Any
     load: int = 0
-    calls: int = field(default=0)
+    calls: int = 0
+    up: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.up.set()
 
 
 def connect_ray(address: str = "", *, num_cpus: int | None = None, temp_dir: str = "") -> bool:
@@ -310,6 +314,7 @@ class DetectorPool:
             m.detector_queue_seconds.observe(sent - pending.enqueued)
         m.detector_batch_size.observe(len(batch))
         try:
+            await actor.up.wait()  # a restarting actor gets its batches once it is back
             results, inference_s = await actor.handle.detect.remote([p.frame for p in batch])
         except Exception as exc:
             m.detector_failures.inc()
@@ -318,7 +323,8 @@ class DetectorPool:
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(error)
-            await self._replace_if_dead(actor)
+            if actor.up.is_set():
+                await self._recover(actor)
             return
         finally:
             actor.load -= 1
@@ -340,18 +346,28 @@ class DetectorPool:
             else:
                 pending.future.set_result(Unreadable(Reason(result[0]), result[1]))
 
-    async def _replace_if_dead(self, actor: _Actor) -> None:
-        """Ray restarts a crashed actor up to `max_restarts`; past that, start a new one."""
+    async def _recover(self, actor: _Actor, timeout_s: float = 300.0) -> None:
+        """Wait for Ray to restart a failed actor (`max_restarts`); start a new one past that."""
         import ray.exceptions
 
+        actor.up.clear()
+        deadline = time.monotonic() + timeout_s
         try:
-            await actor.handle.ready.remote()
-        except ray.exceptions.ActorDiedError:
-            log.warning("a detector actor is gone for good; starting a new one")
-            actor.handle = self._new_actor()
-        except Exception:  # restarting, or busy failing: the next call will tell
-            return
-        self.metrics.detector_restarts.inc()
+            while time.monotonic() < deadline:
+                try:
+                    await actor.handle.ready.remote()
+                except ray.exceptions.ActorDiedError:
+                    log.warning("a detector actor is gone for good; starting a new one")
+                    actor.handle = self._new_actor()
+                except Exception as exc:  # restarting: ask again shortly
+                    log.debug("detector actor not back yet: %s", _cause(exc))
+                    await asyncio.sleep(0.5)
+                else:
+                    self.metrics.detector_restarts.inc()
+                    return
+            log.error("a detector actor did not come back within %.0f s", timeout_s)
+        finally:
+            actor.up.set()
 
 
 def _cause(exc: BaseException) -> str:

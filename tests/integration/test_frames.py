@@ -1,0 +1,170 @@
+"""Camera frames end to end: NATS -> frames handler -> Ray detector pool -> PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+
+from pipeline.app import Worker
+from pipeline.deadletter import DeadLetters
+from pipeline.embedded import EmbeddedNats
+from pipeline.settings import Settings
+from pipeline.simulate import Cameras, Outgoing
+from schemas import Domain, FrameMetaV1
+
+from ..conftest import make_settings, wait_until
+from .helpers import ids_of, stored_ids, stored_rows
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _settings(nats_url: str, schema: str, model_dir: Path, **overrides: object) -> Settings:
+    return make_settings(
+        nats_url,
+        schema,
+        domains=(Domain.FRAMES,),
+        detector_model=str(model_dir / "yolov8n.onnx"),
+        detector_imgsz=320,
+        detector_conf=1e-5,  # random weights: keep their faint boxes
+        detector_num_cpus=0.5,
+        detector_max_wait_ms=20,
+        **overrides,
+    )
+
+
+async def _publish(nc: Client, messages: list[Outgoing]) -> None:
+    js = nc.jetstream()
+    for out in messages:
+        await js.publish(out.subject, out.body, headers=out.headers)
+
+
+async def test_frames_are_stored_once_with_detections_and_bad_ones_dead_lettered(
+    nats_server: EmbeddedNats, pg_schema: str, nc: Client, model_dir: Path
+) -> None:
+    settings = _settings(nats_server.url, pg_schema, model_dir)
+    async with Worker(settings) as worker:
+        cameras = Cameras(worker.subjects, width=320, height=240, variants=4, seed=1)
+        good = [cameras.frame() for _ in range(20)]
+        bad = [
+            cameras.bad(r) for r in ("undecodable_image", "dimension_mismatch", "schema_violation")
+        ]
+        png_header = cameras.frame()
+        cameras._recent.pop()
+        bad.append(
+            Outgoing(
+                png_header.subject,
+                png_header.body,
+                {**png_header.headers, "Frame-Encoding": "png"},
+                Domain.FRAMES,
+                png_header.message_id,
+                png_header.expect,
+                "undecodable_image",
+            )
+        )
+        duplicates = [cameras.duplicate() for _ in range(5)]
+        await _publish(nc, good + bad + duplicates)
+
+        expected = ids_of(Domain.FRAMES, [o.message_id for o in good])
+        await wait_until(lambda: set(stored_ids(pg_schema)) == expected, timeout_s=60)
+        letters = DeadLetters(nc.jetstream(), worker.subjects)
+
+        async def all_dead_lettered() -> bool:
+            return len(await letters.list()) == len(bad)
+
+        await wait_until(all_dead_lettered, timeout_s=30)
+        await wait_until(lambda: worker.metrics.total("pipeline_duplicates") == 5, timeout_s=30)
+        found = await letters.list()
+        assert Counter(letter.reason.value for letter in found) == Counter(o.reason for o in bad)
+        assert {letter.body for letter in found} == {o.body for o in bad}
+        assert (
+            worker.metrics.registry.get_sample_value(
+                "pipeline_frames_total", {"outcome": "analysed"}
+            )
+            >= 20
+        )
+
+    rows = stored_rows(pg_schema)
+    assert Counter(stored_ids(pg_schema).values()) == Counter({1: 20})
+    onnx_sha = hashlib.sha256((model_dir / "yolov8n.onnx").read_bytes()).hexdigest()
+    by_id = {o.message_id: o for o in good}
+    for _, version, topic, state in rows:
+        assert version == 1
+        assert topic.endswith("CameraFrame.FrameAnalyzed")
+        payload = state["payload"]
+        frame = payload["frame"]
+        sent = FrameMetaV1.from_headers(by_id[frame["id"]].headers)
+        assert FrameMetaV1.model_validate(frame) == sent
+        assert payload["detections"], "the low threshold keeps boxes"
+        assert payload["model"]["sha256"] == onnx_sha
+        assert payload["model"]["format"] == "onnx"
+        assert payload["inference_ms"] > 0
+        assert 1 <= payload["batch_size"] <= settings.detector_max_batch
+
+
+async def test_frames_older_than_the_limit_are_recorded_as_skipped(
+    nats_server: EmbeddedNats, pg_schema: str, nc: Client, model_dir: Path
+) -> None:
+    settings = _settings(nats_server.url, pg_schema, model_dir, frames_max_age_s=30)
+    async with Worker(settings) as worker:
+        cameras = Cameras(worker.subjects, width=320, height=240, variants=2, seed=2)
+        live = cameras.frame()
+        old = cameras.frame()
+        hour_ago = datetime.now(UTC) - timedelta(hours=1)
+        headers = {**old.headers, "Frame-Captured-At": hour_ago.isoformat()}
+        await _publish(
+            nc,
+            [
+                live,
+                Outgoing(old.subject, old.body, headers, Domain.FRAMES, old.message_id, old.expect),
+            ],
+        )
+        await wait_until(lambda: len(stored_ids(pg_schema)) == 2, timeout_s=60)
+        assert (
+            worker.metrics.registry.get_sample_value(
+                "pipeline_frames_total", {"outcome": "skipped"}
+            )
+            == 1
+        )
+
+    topics = {
+        state["payload"]["frame"]["id"]: (topic, state)
+        for _, _, topic, state in stored_rows(pg_schema)
+    }
+    topic, state = topics[old.message_id]
+    assert topic.endswith("CameraFrame.FrameSkipped")
+    assert state["payload"]["reason"] == "too_old"
+    assert state["payload"]["age_s"] >= 3600
+    assert topics[live.message_id][0].endswith("CameraFrame.FrameAnalyzed")
+
+
+async def test_killing_the_detector_actor_loses_no_frame_and_stores_none_twice(
+    nats_server: EmbeddedNats, pg_schema: str, nc: Client, model_dir: Path
+) -> None:
+    settings = _settings(
+        nats_server.url, pg_schema, model_dir, detector_max_batch=4, max_deliver=20
+    )
+    async with Worker(settings) as worker:
+        assert worker.pool is not None
+        cameras = Cameras(worker.subjects, width=320, height=240, variants=4, seed=3)
+        sent = [cameras.frame() for _ in range(80)]
+        publishing = asyncio.create_task(_publish(nc, sent))
+        for kill in range(2):
+            await wait_until(
+                lambda k=kill: len(stored_ids(pg_schema)) >= 15 * (k + 1), timeout_s=60
+            )
+            [pid] = await worker.pool.actor_pids()
+            os.kill(pid, signal.SIGKILL)
+        await publishing
+        expected = ids_of(Domain.FRAMES, [o.message_id for o in sent])
+        await wait_until(lambda: set(stored_ids(pg_schema)) == expected, timeout_s=120)
+        assert worker.metrics.total("pipeline_detector_failures") >= 2
+        assert worker.metrics.total("pipeline_dead_lettered") == 0
+    assert set(stored_ids(pg_schema).values()) == {1}

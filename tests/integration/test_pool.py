@@ -1,0 +1,116 @@
+"""The detector pool on a real local Ray: batching, backpressure, failures, scaling."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.detector import DetectorConfig
+from pipeline.errors import DetectorUnavailable, Reason
+from pipeline.pool import Analysis, DetectorPool, Frame, PoolConfig, Unreadable
+from pipeline.simulate import Cameras
+from streams import Subjects
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[Frame]:
+    cameras = Cameras(Subjects(""), width=320, height=240, variants=4, seed=3)
+    return [Frame(cameras.frame().body, 320, 240) for _ in range(12)]
+
+
+def _config(model_dir: Path) -> DetectorConfig:
+    return DetectorConfig(model=str(model_dir / "yolov8n.onnx"), imgsz=320, conf=1e-5)
+
+
+@pytest.fixture
+async def make_pool(model_dir: Path) -> AsyncIterator[type[DetectorPool]]:
+    pools: list[DetectorPool] = []
+
+    async def make(**changes: object) -> DetectorPool:
+        pool = DetectorPool(_config(model_dir), PoolConfig(**{"num_cpus": 0.5, **changes}))
+        await pool.start()
+        pools.append(pool)
+        return pool
+
+    yield make  # type: ignore[misc]
+    for pool in pools:
+        await pool.stop()
+
+
+async def test_batches_hold_at_most_max_batch(make_pool, frames: list[Frame]) -> None:
+    pool = await make_pool(max_batch=4, max_wait_s=1.0)
+    outcomes = await pool.detect(frames)
+    assert all(isinstance(o, Analysis) for o in outcomes)
+    sizes = [o.batch_size for o in outcomes if isinstance(o, Analysis)]
+    assert max(sizes) == 4
+    assert sizes == [4] * 12
+    registry = pool.metrics.registry
+    assert registry.get_sample_value("pipeline_detector_batch_size_frames_count") == 3
+
+
+async def test_a_lone_frame_waits_max_wait_then_goes_alone(make_pool, frames: list[Frame]) -> None:
+    pool = await make_pool(max_batch=8, max_wait_s=0.3)
+    [outcome] = await pool.detect(frames[:1])
+    assert isinstance(outcome, Analysis)
+    assert outcome.batch_size == 1
+    assert 0.3 <= outcome.queue_s < 1.0
+
+
+async def test_backpressure_bounds_work_in_hand(make_pool, frames: list[Frame]) -> None:
+    pool = await make_pool(max_batch=2, max_wait_s=0.0, max_inflight=1)
+    assert pool.config.max_queued == 2
+    futures = [await pool.submit(f) for f in frames[:3]]  # 2 in the actor's batch, 1 queued
+    await asyncio.sleep(0.05)
+    blocked = [asyncio.create_task(pool.submit(f)) for f in frames[3:8]]
+    await asyncio.sleep(0.05)
+    assert sum(t.done() for t in blocked) <= 1, "submit must wait while the queue is full"
+    futures += await asyncio.gather(*blocked)
+    outcomes = await asyncio.gather(*futures)
+    assert all(isinstance(o, Analysis) for o in outcomes)
+    assert pool.max_inflight_seen == 1
+
+
+async def test_bad_images_get_a_reason(make_pool, frames: list[Frame]) -> None:
+    pool = await make_pool()
+    junk = Frame(frames[0].body[:20] + b"\x00" * 100, 320, 240)
+    wrong = Frame(frames[0].body, 640, 480)
+    good, bad, mismatched = await pool.detect([frames[0], junk, wrong])
+    assert isinstance(good, Analysis)
+    assert bad == Unreadable(Reason.UNDECODABLE_IMAGE, "body is not a decodable image")
+    assert isinstance(mismatched, Unreadable)
+    assert mismatched.reason is Reason.DIMENSION_MISMATCH
+    assert "320x240" in mismatched.detail
+
+
+async def test_a_killed_actor_fails_its_frames_and_is_restarted(
+    make_pool, frames: list[Frame]
+) -> None:
+    pool = await make_pool(max_batch=12, max_wait_s=0.2, max_restarts=1)
+    [pid] = await pool.actor_pids()
+    futures = [await pool.submit(f) for f in frames]
+    await asyncio.sleep(0.1)  # the batch is on its way to the actor
+    os.kill(pid, signal.SIGKILL)
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(o, DetectorUnavailable) for o in outcomes), outcomes
+    # Ray restarts the actor; the same frames then go through.
+    again = await pool.detect(frames)
+    assert all(isinstance(o, Analysis) for o in again)
+    assert await pool.actor_pids() != [pid]
+    assert pool.metrics.detector_restarts._value.get() == 1  # type: ignore[attr-defined]
+
+
+async def test_two_actors_give_the_same_results_as_one(make_pool, frames: list[Frame]) -> None:
+    one = await make_pool(actors=1, max_batch=2, max_wait_s=0.0)
+    two = await make_pool(actors=2, max_batch=2, max_wait_s=0.0)
+    a = await one.detect(frames)
+    b = await two.detect(frames)
+    assert [o.detections for o in a] == [o.detections for o in b]  # type: ignore[union-attr]
+    assert len(set(await two.actor_pids())) == 2
+    assert two.max_inflight_seen <= 2
