@@ -1,4 +1,4 @@
-"""The `pipeline` command: run a worker, the demo, the simulator; manage streams and DLQ."""
+"""The `pipeline` command: run a worker, the demo, the simulator; streams, DLQ, models."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import json
 import logging
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 import nats
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
@@ -73,32 +75,75 @@ async def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     await run_demo(
-        Path(args.data_dir).resolve(), rate=args.rate, duration_s=args.duration, stop=_stop_event()
+        Path(args.data_dir).resolve(),
+        rate=args.rate,
+        duration_s=args.duration,
+        stop=_stop_event(),
+        cameras=args.cameras,
+        fps=args.fps,
+        model=args.model,
     )
 
 
 async def _simulate(args: argparse.Namespace) -> None:
-    from .simulate import Traffic, publish
+    from .simulate import Cameras, Traffic, publish
 
     settings = _settings()
+    subjects = Subjects(settings.namespace)
     nc = await connect_nats(settings)
     try:
-        traffic = Traffic(
-            Subjects(settings.namespace),
-            bad_ratio=args.bad_ratio,
-            duplicate_ratio=args.duplicate_ratio,
-            seed=args.seed,
-        )
-        counts = await publish(
-            nc.jetstream(),
-            iter(traffic),
-            rate=args.rate,
-            count=args.count,
-            duration_s=args.duration,
-        )
+        producers = []
+        if not args.frames_only:
+            traffic = Traffic(
+                subjects,
+                bad_ratio=args.bad_ratio,
+                duplicate_ratio=args.duplicate_ratio,
+                seed=args.seed,
+            )
+            producers.append(
+                publish(
+                    nc.jetstream(),
+                    iter(traffic),
+                    rate=args.rate,
+                    count=args.count,
+                    duration_s=args.duration,
+                )
+            )
+        if args.cameras:
+            cameras = Cameras(
+                subjects, cameras=args.cameras, width=args.width, height=args.height, seed=args.seed
+            )
+            producers.append(
+                publish(
+                    nc.jetstream(),
+                    iter(cameras),
+                    rate=args.fps * args.cameras,
+                    count=args.count,
+                    duration_s=args.duration,
+                )
+            )
+        counts: Counter[str] = Counter()
+        for result in await asyncio.gather(*producers):
+            counts.update(result)
         print(json.dumps(dict(counts)))
     finally:
         await nc.drain()
+
+
+async def _model(args: argparse.Namespace) -> None:
+    from .detector import export_model
+
+    out = await anyio.to_thread.run_sync(
+        lambda: export_model(
+            args.model,
+            args.format,
+            imgsz=args.imgsz,
+            half=args.half,
+            device=args.device,
+            out_dir=Path(args.out_dir) if args.out_dir else None,
+        )
+    )
+    print(f"exported {out}; use it with PIPELINE_DETECTOR_MODEL={out}")
 
 
 async def _streams(args: argparse.Namespace) -> None:
@@ -187,6 +232,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--duration", type=float, default=None, help="seconds (default: until Ctrl-C)"
     )
+    demo.add_argument("--cameras", type=int, default=2, help="simulated cameras (0: none)")
+    demo.add_argument("--fps", type=float, default=1.0, help="frames per second per camera")
+    demo.add_argument(
+        "--model", default=None, help="detection model (default: PIPELINE_DETECTOR_MODEL)"
+    )
     demo.set_defaults(func=_demo)
 
     sim = sub.add_parser("simulate", help="publish realistic traffic to PIPELINE_NATS_URL")
@@ -198,7 +248,25 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--bad-ratio", type=float, default=0.01)
     sim.add_argument("--duplicate-ratio", type=float, default=0.02)
     sim.add_argument("--seed", type=int, default=None)
+    sim.add_argument("--cameras", type=int, default=0, help="simulated cameras publishing frames")
+    sim.add_argument("--fps", type=float, default=2.0, help="frames per second per camera")
+    sim.add_argument("--width", type=int, default=640)
+    sim.add_argument("--height", type=int, default=480)
+    sim.add_argument("--frames-only", action="store_true", help="cameras only, no other traffic")
     sim.set_defaults(func=_simulate)
+
+    model = sub.add_parser("model", help="export a detection model")
+    model_sub = model.add_subparsers(dest="action", required=True)
+    export = model_sub.add_parser(
+        "export", help="export a .pt (or model YAML) to ONNX (faster on CPU) or TensorRT"
+    )
+    export.add_argument("model", nargs="?", default="yolov8n.yaml")
+    export.add_argument("--format", choices=["onnx", "engine"], default="onnx")
+    export.add_argument("--imgsz", type=int, default=640)
+    export.add_argument("--half", action="store_true", help="FP16 (GPU only)")
+    export.add_argument("--device", default="cpu", help="cpu, or 0 for the first GPU (TensorRT)")
+    export.add_argument("--out-dir", default=None, help="where a YAML model's .pt is saved first")
+    model.set_defaults(func=_model)
 
     streams = sub.add_parser("streams", help="apply or show the JetStream streams")
     streams.add_argument("action", choices=["apply", "status"])

@@ -1,4 +1,5 @@
-"""`pipeline demo`: embedded NATS and PostgreSQL, a worker and simulated producers."""
+"""`pipeline demo`: embedded NATS and PostgreSQL, a worker with its detector pool on a
+local Ray, and simulated producers and cameras."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import nats
 from .app import Worker
 from .embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from .metrics import serve_metrics
-from .settings import Settings
-from .simulate import Outgoing, Traffic, publish
+from .settings import ALL_DOMAINS, EVENT_DOMAINS, Settings
+from .simulate import Cameras, Outgoing, Traffic, publish
 
 __all__ = ["run_demo"]
 
@@ -28,8 +29,15 @@ def _line(published: Counter[str], worker: Worker) -> str:
         f"(dup {published['duplicate']}, bad {published['dead_letter']}) | "
         f"stored {m.total('pipeline_events_stored'):>7.0f} | "
         f"duplicates dropped {m.total('pipeline_duplicates'):>5.0f} | "
-        f"dead-lettered {m.total('pipeline_dead_lettered'):>5.0f}"
+        f"dead-lettered {m.total('pipeline_dead_lettered'):>5.0f} | "
+        f"frames analysed {_frames(worker, 'analysed'):>5.0f}, "
+        f"detections {m.total('pipeline_detections'):>5.0f}"
     )
+
+
+def _frames(worker: Worker, outcome: str) -> float:
+    value = worker.metrics.registry.get_sample_value("pipeline_frames_total", {"outcome": outcome})
+    return value or 0.0
 
 
 async def run_demo(
@@ -38,9 +46,16 @@ async def run_demo(
     rate: float,
     duration_s: float | None,
     stop: asyncio.Event,
+    cameras: int = 2,
+    fps: float = 1.0,
+    model: str | None = None,
     say: Callable[[str], None] = print,
 ) -> None:
-    """Run everything on embedded servers until `stop` is set or `duration_s` passes."""
+    """Run everything on embedded servers until `stop` is set or `duration_s` passes.
+
+    The detector is `model`, else PIPELINE_DETECTOR_MODEL, else a randomly initialised
+    yolov8n (no download; it finds next to nothing: name a trained `.pt` to see objects).
+    """
     nats_server = EmbeddedNats(data_dir / "nats")
     postgres = EmbeddedPostgres(data_dir)
     url = await anyio.to_thread.run_sync(nats_server.start)
@@ -48,8 +63,10 @@ async def run_demo(
         address = await anyio.to_thread.run_sync(postgres.start)
         say(f"NATS {url}, PostgreSQL {address.host} (data in {data_dir})")
         metrics_port = free_port()
+        detector = {"detector_model": model} if model else {}
         settings = Settings(
             _env_file=None,
+            **detector,  # type: ignore[arg-type]
             nats_url=url,
             postgres_host=address.host,
             postgres_port=address.port,
@@ -57,13 +74,23 @@ async def run_demo(
             postgres_dbname=address.dbname,
             metrics_port=metrics_port,
             consumer_lag_interval_s=1.0,
+            domains=ALL_DOMAINS if cameras else EVENT_DOMAINS,
         )
+        if cameras:
+            say(f"detector {settings.detector_model} on a local Ray: loading the model")
         async with Worker(settings) as worker:
             server = serve_metrics(worker.metrics, settings.metrics_host, metrics_port)
             say(f"metrics on http://127.0.0.1:{metrics_port}/metrics; Ctrl-C stops")
             try:
                 await _simulate(
-                    settings, worker, rate=rate, duration_s=duration_s, stop=stop, say=say
+                    settings,
+                    worker,
+                    rate=rate,
+                    cameras=cameras,
+                    fps=fps,
+                    duration_s=duration_s,
+                    stop=stop,
+                    say=say,
                 )
             finally:
                 server.shutdown()
@@ -78,6 +105,8 @@ async def _simulate(
     worker: Worker,
     *,
     rate: float,
+    cameras: int,
+    fps: float,
     duration_s: float | None,
     stop: asyncio.Event,
     say: Callable[[str], None],
@@ -89,9 +118,21 @@ async def _simulate(
         published[out.expect.value] += 1
 
     traffic = Traffic(worker.subjects)
-    producer = asyncio.create_task(
+    producers = [
         publish(nc.jetstream(), iter(traffic), rate=rate, duration_s=duration_s, on_published=count)
-    )
+    ]
+    if cameras:
+        frames = Cameras(worker.subjects, cameras=cameras)
+        producers.append(
+            publish(
+                nc.jetstream(),
+                iter(frames),
+                rate=fps * cameras,
+                duration_s=duration_s,
+                on_published=count,
+            )
+        )
+    producer = asyncio.gather(*producers)
     try:
         while not producer.done() and not stop.is_set():
             with contextlib.suppress(TimeoutError):

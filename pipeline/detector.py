@@ -118,13 +118,17 @@ class UltralyticsDetector:
             torch.manual_seed(0)  # the same random weights in every actor
         else:
             path = Path(config.model)
-            if not path.exists():
+            official = fmt == "pytorch" and path.parent == Path(".")
+            if not path.exists() and not official:
                 raise FileNotFoundError(
                     f"model file {config.model!r} not found; set PIPELINE_DETECTOR_MODEL to a "
                     f"{', '.join(FORMATS)} file"
                 )
-            sha256 = _sha256(path)
+        # A bare official name (yolo11n.pt) not on disk is downloaded by Ultralytics.
         self._model = YOLO(str(path), task="detect")
+        if fmt != "yaml":
+            path = Path(getattr(self._model, "ckpt_path", None) or path)
+            sha256 = _sha256(path)
         if fmt in ("yaml", "pytorch"):
             self._model.to(self.device)
         self.names: dict[int, str] = dict(self._model.names)

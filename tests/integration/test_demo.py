@@ -21,6 +21,8 @@ def test_demo_processes_traffic_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             str(tmp_path / "demo"),
             "--rate",
             "400",
+            "--fps",
+            "2",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -32,8 +34,10 @@ def test_demo_processes_traffic_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     try:
         for line in proc.stdout:
             lines.append(line)
-            match = re.search(r"stored\s+(\d+).*dead-lettered\s+(\d+)", line)
-            if match and int(match.group(1)) > 500 and int(match.group(2)) > 0:
+            match = re.search(
+                r"stored\s+(\d+).*dead-lettered\s+(\d+).*frames analysed\s+(\d+)", line
+            )
+            if match and int(match.group(1)) > 500 and min(map(int, match.groups()[1:])) > 0:
                 break
             assert time.monotonic() < deadline, "".join(lines[-20:])
         proc.send_signal(signal.SIGINT)
@@ -46,6 +50,8 @@ def test_demo_processes_traffic_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     final = re.search(r"final: published\s+(\d+).*stored\s+(\d+)", output)
     assert final, output[-3000:]
     assert int(final.group(2)) > 500
+    analysed = re.search(r"final: .*frames analysed\s+(\d+)", output)
+    assert analysed and int(analysed.group(1)) > 0, output[-3000:]
     assert "stopped" in output
     # The embedded servers are gone with the demo.
     assert not (tmp_path / "demo" / "postgres" / "postmaster.pid").exists()

