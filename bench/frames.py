@@ -83,6 +83,7 @@ def start_worker(settings: Settings, model: Path, args: argparse.Namespace, log:
         "PIPELINE_DETECTOR_IMGSZ": str(args.imgsz),
         "PIPELINE_DETECTOR_MAX_BATCH": str(args.batch),
         "PIPELINE_DETECTOR_MAX_WAIT_MS": str(args.max_wait_ms),
+        "PIPELINE_DETECTOR_MAX_INFLIGHT": str(args.max_inflight),
         "PIPELINE_FRAMES_BATCH_SIZE": str(args.batch),
     }
     with log.open("ab") as out:
@@ -103,9 +104,10 @@ def pipeline(
 ) -> tuple[float, list[float], float]:
     """Frames/s on a backlog, then publish-to-commit latencies at 80 % of that rate."""
     settings_base = base.model_copy(update={"domains": (Domain.FRAMES,)})
-    with workspace(settings_base) as settings, CommitWatcher(
-        settings, settings.postgres_schema
-    ) as clock:
+    with (
+        workspace(settings_base) as settings,
+        CommitWatcher(settings, settings.postgres_schema) as clock,
+    ):
         cameras = Cameras(Subjects(settings.namespace), cameras=4, seed=1)
         backlog = [cameras.frame() for _ in range(args.frames)]
         asyncio.run(_publish(settings, backlog))
@@ -167,6 +169,7 @@ def measure(fmt: str, base: Settings, args: argparse.Namespace, log: Path) -> di
         "latency_rate_frames_per_s": round(live_rate, 2),
         "imgsz": args.imgsz,
         "batch_size": args.batch,
+        "max_inflight": args.max_inflight,
         "frames": args.frames,
     }
 
@@ -200,6 +203,7 @@ if __name__ == "__main__":
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=50.0)
+    parser.add_argument("--max-inflight", type=int, default=1, help="batches per actor")
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     parser.add_argument("--nats", choices=["settings", "embedded"], default="settings")
     print(json.dumps(main(parser.parse_args())))

@@ -104,8 +104,9 @@ class UltralyticsDetector:
         import torch
         from ultralytics import YOLO
 
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        # Ray limits an actor's OpenMP threads to its CPU reservation; pre- and
+        # post-processing run in torch, so give it the threads configured (0: every core).
+        torch.set_num_threads(config.threads or os.cpu_count() or 1)
         self.config = config
         self.device = config.device or ("cuda:0" if gpu else "cpu")
         if fmt == "yaml":

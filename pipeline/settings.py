@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     detector_num_gpus: Annotated[float, Field(ge=0)] = 0.0
     detector_max_batch: Annotated[int, Field(ge=1, le=1024)] = 8
     detector_max_wait_ms: Annotated[float, Field(ge=0)] = 50.0
-    detector_max_inflight: Annotated[int, Field(ge=1, le=64)] = 2
+    detector_max_inflight: Annotated[int, Field(ge=1, le=64)] = 1
     detector_max_restarts: Annotated[int, Field(ge=-1)] = 3
     ray_address: str = Field(
         "", description="ray://host:10001 or host:6379; empty: RAY_ADDRESS or a local Ray"
