@@ -17,7 +17,7 @@ from schemas import Domain
 
 from ..conftest import wait_until
 
-UNIT_SUFFIXES = ("_total", "_seconds", "_messages", "_bytes")
+UNIT_SUFFIXES = ("_total", "_seconds", "_messages", "_frames", "_bytes")
 
 
 async def test_metrics_are_served_and_well_named(settings: Settings, nc: Client) -> None:
