@@ -4,7 +4,8 @@
 
 For each format, on one model file (yolov8n built from its YAML, seeded, exported by
 the script; random weights cost the same time as trained ones), image size and batch:
-  (a) the raw model: `predict` on in-memory decoded frames, batch after batch, no pipeline;
+  (a) the raw model: `predict` on in-memory decoded frames, batch after batch, no pipeline
+      (measured before and after (b), as the shared host's speed drifts; the mean counts);
   (b) the pipeline end to end: a `pipeline run worker` process (frames handler, local
       Ray, one detector actor) on a backlog of published JPEG frames, from the first
       commit to the last (start-up excluded);
@@ -138,13 +139,21 @@ def measure(fmt: str, base: Settings, args: argparse.Namespace, log: Path) -> di
     model = onnx if fmt == "onnx" else folder / "yolov8n.pt"
     sample = Cameras(Subjects(""), cameras=4, seed=2)
     frames = [sample.frame() for _ in range(args.batch * args.raw_batches)]
-    model_rate, batch_ms = raw_model(model, frames, args.imgsz, args.batch)
+    before, before_ms = raw_model(model, frames, args.imgsz, args.batch)
     print(
-        f"[{fmt}] (a) raw model, batch {args.batch}:     {model_rate:6.1f} frames/s "
-        f"({batch_ms:.0f} ms per batch)",
+        f"[{fmt}] (a) raw model, batch {args.batch}:     {before:6.1f} frames/s "
+        f"({before_ms:.0f} ms per batch)",
         flush=True,
     )
     rate, latencies, live_rate = pipeline(base, model, args, log)
+    # Measured again after the pipeline: the host is shared, its speed drifts.
+    after, after_ms = raw_model(model, frames, args.imgsz, args.batch)
+    model_rate, batch_ms = (before + after) / 2, (before_ms + after_ms) / 2
+    print(
+        f"[{fmt}] (a) raw model again:        {after:6.1f} frames/s ({after_ms:.0f} ms per "
+        f"batch); mean {model_rate:.1f} frames/s, {batch_ms:.0f} ms per batch",
+        flush=True,
+    )
     p50 = latencies[len(latencies) // 2]
     p99 = latencies[max(0, int(len(latencies) * 0.99) - 1)]
     print(
@@ -165,6 +174,7 @@ def measure(fmt: str, base: Settings, args: argparse.Namespace, log: Path) -> di
         "p50_ms": round(p50, 1),
         "p99_ms": round(p99, 1),
         "model_batch_ms": round(batch_ms, 1),
+        "model_frames_per_s_before_after": [round(before, 2), round(after, 2)],
         "p99_over_batch": round(p99 / batch_ms, 2),
         "latency_rate_frames_per_s": round(live_rate, 2),
         "imgsz": args.imgsz,

@@ -104,9 +104,11 @@ class UltralyticsDetector:
         import torch
         from ultralytics import YOLO
 
-        # Ray limits an actor's OpenMP threads to its CPU reservation; pre- and
-        # post-processing run in torch, so give it the threads configured (0: every core).
-        torch.set_num_threads(config.threads or os.cpu_count() or 1)
+        # PyTorch threads (0: every core). Ray limits an actor's OpenMP threads to its CPU
+        # reservation, and Ultralytics resets them to cores - 1 when it sets up a device,
+        # so they are set again before every batch.
+        self._threads = config.threads or os.cpu_count() or 1
+        self._torch = torch
         self.config = config
         self.device = config.device or ("cuda:0" if gpu else "cpu")
         if fmt == "yaml":
@@ -154,6 +156,7 @@ class UltralyticsDetector:
         """Detect objects in a batch of images, in one call to the model."""
         c = self.config
         started = time.perf_counter()
+        self._torch.set_num_threads(self._threads)
         results = self._model.predict(
             images,
             imgsz=c.imgsz,
