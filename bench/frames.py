@@ -1,6 +1,6 @@
 """Benchmark: camera frames through the pipeline against the raw model, same model and batch.
 
-    python bench/frames.py [--format onnx|pytorch|both] [--frames 320] [--nats embedded]
+    python bench/frames.py [--format onnx|pytorch|both] [--frames 480] [--nats embedded]
 
 For each format, on one model file (yolov8n built from its YAML, seeded, exported by
 the script; random weights cost the same time as trained ones), image size and batch:
@@ -208,7 +208,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--format", choices=["onnx", "pytorch", "both"], default="both")
-    parser.add_argument("--frames", type=int, default=320, help="backlog frames for (b)")
+    parser.add_argument("--frames", type=int, default=480, help="backlog frames for (b)")
     parser.add_argument("--raw-batches", type=int, default=12, help="batches for (a)")
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--batch", type=int, default=8)

@@ -4,6 +4,7 @@
 # about a minute or two; needs an NVIDIA GPU and the project installed in .venv (or PYTHON).
 #
 #   bash bench/gpu_check.sh [frames]
+#   GPU_CHECK_CPU=1 bash bench/gpu_check.sh 32    # dry run of the script on CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -19,10 +20,16 @@ from pipeline.pool import Analysis, DetectorPool, Frame, PoolConfig, connect_ray
 from pipeline.simulate import Cameras
 from streams import Subjects
 
+import os
+
 count = int(sys.argv[1])
-if not torch.cuda.is_available():
+on_cpu = os.environ.get("GPU_CHECK_CPU") == "1"
+if on_cpu:
+    print("dry run on CPU (GPU_CHECK_CPU=1)", flush=True)
+elif not torch.cuda.is_available():
     sys.exit("no CUDA device visible to torch: nothing to check")
-print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__, flush=True)
+else:
+    print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__, flush=True)
 folder = Path(tempfile.mkdtemp(prefix="gpu-check-"))
 onnx = export_model("yolov8n.yaml", "onnx", imgsz=640, out_dir=folder)
 cameras = Cameras(Subjects(""), cameras=4, seed=1)
@@ -31,7 +38,7 @@ frames = [Frame(cameras.frame().body, 640, 480) for _ in range(count)]
 import onnxruntime
 
 models = [folder / "yolov8n.pt"]
-if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+if on_cpu or "CUDAExecutionProvider" in onnxruntime.get_available_providers():
     models.append(onnx)
 else:
     print("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu): ONNX skipped")
@@ -39,7 +46,10 @@ else:
 
 async def run(model: Path, half: bool) -> dict:
     config = DetectorConfig(model=str(model), imgsz=640, half=half)
-    pool = DetectorPool(config, PoolConfig(num_gpus=1, max_batch=16, max_wait_s=0.01, max_inflight=2))
+    gpus = 0 if on_cpu else 1
+    pool = DetectorPool(
+        config, PoolConfig(num_gpus=gpus, max_batch=16, max_wait_s=0.01, max_inflight=2)
+    )
     await pool.start()
     try:
         await pool.detect(frames[:32])  # warm-up
@@ -61,7 +71,7 @@ async def run(model: Path, half: bool) -> dict:
 async def main() -> None:
     connect_ray()
     for model in models:
-        for half in (False, True) if model.suffix == ".pt" else (False,):
+        for half in (False, True) if model.suffix == ".pt" and not on_cpu else (False,):
             print(json.dumps(await run(model, half)), flush=True)
 
 

@@ -159,6 +159,7 @@ class Worker:
                 intake = FrameIntake(
                     pool=self.pool,
                     max_age_s=s.frames_max_age_s,
+                    ack_wait_s=s.ack_wait_s,
                     subjects=self.subjects,
                     writer=self._writer,
                     dead_letters=dead_letters,

@@ -257,9 +257,7 @@ def _parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="export a detection model")
     model_sub = model.add_subparsers(dest="action", required=True)
-    export = model_sub.add_parser(
-        "export", help="export a .pt (or model YAML) to ONNX (faster on CPU) or TensorRT"
-    )
+    export = model_sub.add_parser("export", help="export a .pt (or model YAML) to ONNX or TensorRT")
     export.add_argument("model", nargs="?", default="yolov8n.yaml")
     export.add_argument("--format", choices=["onnx", "engine"], default="onnx")
     export.add_argument("--imgsz", type=int, default=640)

@@ -1,7 +1,7 @@
 """Object detection: one interface, one implementation on Ultralytics YOLO.
 
 The detector loads whichever file the configuration names: PyTorch `.pt`, ONNX
-`.onnx` (through ONNX Runtime, about twice PyTorch's speed on CPU), TensorRT `.engine`,
+`.onnx` (through ONNX Runtime), TensorRT `.engine`,
 or a model YAML such as `yolov8n.yaml` for a randomly initialised model (tests and
 offline demos; seeded, so every actor builds the same weights). It never downloads
 anything unless the file named is an official Ultralytics model that is not on disk.

@@ -54,11 +54,23 @@ _MAGIC = {
 class FrameIntake(Intake):
     """Handles batches of camera frames; see the module docstring."""
 
-    def __init__(self, *, pool: DetectorPool, max_age_s: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        pool: DetectorPool,
+        max_age_s: float = 0.0,
+        ack_wait_s: float = 30.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(Domain.FRAMES, **kwargs)
         self._pool = pool
         self._max_age_s = max_age_s
         self._tasks: set[asyncio.Task[None]] = set()
+        # Frames waiting for a slow detector must not be redelivered meanwhile: they are
+        # marked in progress (resetting JetStream's ack wait) every third of the wait.
+        self._in_hand: dict[int, Delivery] = {}
+        self._progress_every = ack_wait_s / 3
+        self._keep_alive: asyncio.Task[None] | None = None
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
         """Check a batch, record stale frames, hand the rest to the pool; returns once queued."""
@@ -89,6 +101,10 @@ class FrameIntake(Intake):
         if stale:
             self._metrics.frames.labels("skipped").inc(len(stale))
 
+        if self._keep_alive is None:
+            self._keep_alive = asyncio.create_task(self._mark_in_progress())
+        for msg, _ in fresh:
+            self._in_hand[id(msg)] = msg
         futures: list[asyncio.Future[Outcome]] = []
         for i, (msg, meta) in enumerate(fresh):
             try:
@@ -96,6 +112,8 @@ class FrameIntake(Intake):
             except RetryLater as exc:  # the pool is stopping: the rest are redelivered
                 self._metrics.frames.labels("failed").inc(len(fresh) - i)
                 await self._retry([m for m, _ in fresh[i:]], exc)
+                for m, _ in fresh[i:]:
+                    self._in_hand.pop(id(m), None)
                 fresh = fresh[:i]
                 break
         if not fresh and not stale:
@@ -110,6 +128,17 @@ class FrameIntake(Intake):
         while self._tasks:
             # Shielded: a cancelled caller must not cut a commit off from its acks.
             await asyncio.shield(asyncio.gather(*self._tasks, return_exceptions=True))
+        if self._keep_alive is not None:
+            self._keep_alive.cancel()
+            self._keep_alive = None
+
+    async def _mark_in_progress(self) -> None:
+        while True:
+            await asyncio.sleep(self._progress_every)
+            for msg in list(self._in_hand.values()):
+                in_progress = getattr(msg, "in_progress", None)
+                if in_progress is not None:
+                    await self._settle(in_progress())
 
     async def _finish(
         self,
@@ -119,7 +148,21 @@ class FrameIntake(Intake):
         received_at: datetime,
         started: float,
     ) -> None:
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        try:
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            await self._settle_frames(fresh, outcomes, stale, received_at, started)
+        finally:
+            for msg, _ in fresh:
+                self._in_hand.pop(id(msg), None)
+
+    async def _settle_frames(
+        self,
+        fresh: list[tuple[Delivery, FrameMetaV1]],
+        outcomes: list[Outcome | BaseException],
+        stale: list[tuple[Delivery, Accepted]],
+        received_at: datetime,
+        started: float,
+    ) -> None:
         provenance = self._pool.provenance
         assert provenance is not None
         accepted: dict[str, Accepted] = {}

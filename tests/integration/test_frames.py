@@ -27,17 +27,16 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def _settings(nats_url: str, schema: str, model_dir: Path, **overrides: object) -> Settings:
-    return make_settings(
-        nats_url,
-        schema,
-        domains=(Domain.FRAMES,),
-        detector_model=str(model_dir / "yolov8n.onnx"),
-        detector_imgsz=320,
-        detector_conf=1e-5,  # random weights: keep their faint boxes
-        detector_num_cpus=0.5,
-        detector_max_wait_ms=20,
+    values: dict[str, object] = {
+        "domains": (Domain.FRAMES,),
+        "detector_model": str(model_dir / "yolov8n.onnx"),
+        "detector_imgsz": 320,
+        "detector_conf": 1e-5,  # random weights: keep their faint boxes
+        "detector_num_cpus": 0.5,
+        "detector_max_wait_ms": 20,
         **overrides,
-    )
+    }
+    return make_settings(nats_url, schema, **values)
 
 
 async def _publish(nc: Client, messages: list[Outgoing]) -> None:
@@ -168,3 +167,30 @@ async def test_killing_the_detector_actor_loses_no_frame_and_stores_none_twice(
         assert worker.metrics.total("pipeline_detector_failures") >= 2
         assert worker.metrics.total("pipeline_dead_lettered") == 0
     assert set(stored_ids(pg_schema).values()) == {1}
+
+
+async def test_frames_waiting_for_a_slow_detector_are_not_redelivered(
+    nats_server: EmbeddedNats, pg_schema: str, nc: Client, model_dir: Path
+) -> None:
+    """Frames in hand longer than the ack wait are marked in progress, not redelivered."""
+    settings = _settings(
+        nats_server.url,
+        pg_schema,
+        model_dir,
+        ack_wait_s=1.0,
+        detector_model=str(model_dir / "yolov8n.pt"),
+        detector_imgsz=640,
+        detector_max_batch=2,
+    )
+    async with Worker(settings) as worker:
+        cameras = Cameras(worker.subjects, width=320, height=240, variants=2, seed=4)
+        sent = [cameras.frame() for _ in range(60)]
+        started = asyncio.get_running_loop().time()
+        await _publish(nc, sent)
+        await wait_until(lambda: len(stored_ids(pg_schema)) == 60, timeout_s=120)
+        assert asyncio.get_running_loop().time() - started > 2.0, "slower than the ack wait"
+        info = await nc.jsm().consumer_info(
+            worker.subjects.stream(Domain.FRAMES), worker.subjects.durable(Domain.FRAMES)
+        )
+        assert info.num_redelivered == 0
+        assert worker.metrics.total("pipeline_duplicates") == 0
