@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from types import TracebackType
 
 import anyio
@@ -160,6 +161,7 @@ class Worker:
                     pool=self.pool,
                     max_age_s=s.frames_max_age_s,
                     ack_wait_s=s.ack_wait_s,
+                    stored=self._stored_ids,
                     subjects=self.subjects,
                     writer=self._writer,
                     dead_letters=dead_letters,
@@ -224,6 +226,10 @@ class Worker:
         if self.store is not None:
             await anyio.to_thread.run_sync(self.store.close)
             self.store = None
+
+    async def _stored_ids(self, ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        assert self.store is not None
+        return await anyio.to_thread.run_sync(self.store.stored, ids)
 
     async def _start_pool(self) -> None:
         """Connect to Ray (or start it locally) and load the model in every actor."""

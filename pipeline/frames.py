@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,6 +37,7 @@ from streams import SubjectError
 
 from .codec import validation_summary
 from .deadletter import DeadLetter
+from .domain import event_id
 from .errors import DetectorUnavailable, Reason, Rejected, RetryLater
 from .intake import Delivery, Intake, delivery_info
 from .pool import Analysis, DetectorPool, Frame, Outcome, Unreadable
@@ -60,10 +62,12 @@ class FrameIntake(Intake):
         pool: DetectorPool,
         max_age_s: float = 0.0,
         ack_wait_s: float = 30.0,
+        stored: Callable[[list[uuid.UUID]], Awaitable[set[uuid.UUID]]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(Domain.FRAMES, **kwargs)
         self._pool = pool
+        self._stored = stored
         self._max_age_s = max_age_s
         self._tasks: set[asyncio.Task[None]] = set()
         # Frames waiting for a slow detector must not be redelivered meanwhile: they are
@@ -101,6 +105,8 @@ class FrameIntake(Intake):
         if stale:
             self._metrics.frames.labels("skipped").inc(len(stale))
 
+        if fresh:
+            fresh = await self._drop_known(fresh)
         if self._keep_alive is None:
             self._keep_alive = asyncio.create_task(self._mark_in_progress())
         for msg, _ in fresh:
@@ -131,6 +137,43 @@ class FrameIntake(Intake):
         if self._keep_alive is not None:
             self._keep_alive.cancel()
             self._keep_alive = None
+
+    async def _drop_known(
+        self, fresh: list[tuple[Delivery, FrameMetaV1]]
+    ) -> list[tuple[Delivery, FrameMetaV1]]:
+        """Ack frames already stored, without running the model on them again.
+
+        Every frame is looked up in the Redis cache when there is one; redelivered
+        frames (a worker died after the commit, before the ack) also in the store.
+        Anything not found here is still caught by the store when it is written.
+        """
+        ids = {meta.id: event_id(Domain.FRAMES, meta.id) for _, meta in fresh}
+        known: set[uuid.UUID] = set()
+        if self._cache:
+            known = await self._cache.known(list(ids.values()))
+        redelivered = [
+            ids[meta.id]
+            for msg, meta in fresh
+            if ids[meta.id] not in known and delivery_info(msg)[2] > 1
+        ]
+        found_in_store: set[uuid.UUID] = set()
+        if redelivered and self._stored is not None:
+            try:
+                found_in_store = await self._stored(redelivered)
+            except RetryLater as exc:
+                log.warning("frames: cannot look up redelivered frames (%s)", exc)
+        if not known and not found_in_store:
+            return fresh
+        rest = []
+        for msg, meta in fresh:
+            i = ids[meta.id]
+            if i in known or i in found_in_store:
+                await self._settle(msg.ack())
+                where = "cache" if i in known else "store"
+                self._metrics.duplicates.labels(self._label, where).inc()
+            else:
+                rest.append((msg, meta))
+        return rest
 
     async def _mark_in_progress(self) -> None:
         while True:

@@ -88,6 +88,9 @@ class EventStore:
             Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name)
         )
         self._count = SQL("SELECT count(*) AS n FROM {}").format(table)
+        self._select_ids = SQL(
+            "SELECT originator_id FROM {} WHERE originator_id = ANY(%s) AND originator_version = 1"
+        ).format(table)
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -100,6 +103,17 @@ class EventStore:
             row = curs.fetchone()
             assert row is not None
             return int(row["n"])
+
+    def stored(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of `ids` are stored already. Raises `StoreUnavailable`."""
+        if not ids:
+            return set()
+        try:
+            with self._recorder.datastore.transaction(commit=False) as curs:
+                curs.execute(self._select_ids, (list(ids),))
+                return {row["originator_id"] for row in curs.fetchall()}
+        except PersistenceError as exc:
+            raise StoreUnavailable(str(exc)) from exc
 
     def write(self, batch: Sequence[Accepted], known: set[uuid.UUID] | None = None) -> WriteResult:
         """Store each message of the batch that is not stored yet, in one transaction.

@@ -19,8 +19,9 @@ from pipeline.embedded import EmbeddedNats
 from pipeline.settings import Settings
 from pipeline.simulate import Cameras, Outgoing
 from schemas import Domain, FrameMetaV1
+from streams import Subjects
 
-from ..conftest import make_settings, wait_until
+from ..conftest import REDIS_URL, make_settings, wait_until
 from .helpers import ids_of, stored_ids, stored_rows
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -194,3 +195,48 @@ async def test_frames_waiting_for_a_slow_detector_are_not_redelivered(
         )
         assert info.num_redelivered == 0
         assert worker.metrics.total("pipeline_duplicates") == 0
+
+
+async def test_frames_already_stored_are_acked_without_running_the_model(
+    nats_server: EmbeddedNats, pg_schema: str, nc: Client, model_dir: Path
+) -> None:
+    """Known via Redis, or (for a redelivery) via the store: acked, counted, not analysed."""
+    settings = _settings(
+        nats_server.url, pg_schema, model_dir, redis_url=REDIS_URL, namespace="known"
+    )
+    js = nc.jetstream()
+    async with Worker(settings) as worker:
+        cameras = Cameras(worker.subjects, width=320, height=240, variants=2, seed=5)
+        first = [cameras.frame() for _ in range(10)]
+        await _publish(nc, first)
+        await wait_until(lambda: len(stored_ids(pg_schema)) == 10, timeout_s=60)
+        again = [cameras.duplicate() for _ in range(10)]
+        await _publish(nc, again)
+        await wait_until(lambda: _duplicates(worker, "cache") == 10, timeout_s=30)
+        assert _frames(worker, "analysed") == 10
+
+    # A copy redelivered after a worker took it and died: looked up in the store.
+    retry = cameras.duplicate()
+    await _publish(nc, [retry])
+    subjects = Subjects("known")
+    taken = await js.pull_subscribe_bind(
+        subjects.durable(Domain.FRAMES), stream=subjects.stream(Domain.FRAMES)
+    )
+    [msg] = await taken.fetch(1, timeout=5)
+    assert msg.headers["Frame-Id"] == retry.message_id  # held, never acked
+    async with Worker(settings.model_copy(update={"redis_url": None})) as worker:
+        await wait_until(lambda: _duplicates(worker, "store") == 1, timeout_s=30)
+        assert _frames(worker, "analysed") == 0
+    assert Counter(stored_ids(pg_schema).values()) == Counter({1: 10})
+
+
+def _duplicates(worker: Worker, found_in: str) -> float:
+    value = worker.metrics.registry.get_sample_value(
+        "pipeline_duplicates_total", {"domain": "frames", "found_in": found_in}
+    )
+    return value or 0.0
+
+
+def _frames(worker: Worker, outcome: str) -> float:
+    value = worker.metrics.registry.get_sample_value("pipeline_frames_total", {"outcome": outcome})
+    return value or 0.0
