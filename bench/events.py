@@ -175,8 +175,9 @@ async def ceiling(settings: Settings, total: int, batch: int) -> float:
     return total / elapsed
 
 
-def start_workers(settings: Settings, processes: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The environment of a `pipeline run worker` process on the benchmark's servers."""
+    return {
         **os.environ,
         "PIPELINE_NATS_URL": settings.nats_url,
         "PIPELINE_NAMESPACE": settings.namespace,
@@ -188,8 +189,12 @@ def start_workers(settings: Settings, processes: int, log: Path) -> subprocess.P
         "PIPELINE_POSTGRES_SCHEMA": settings.postgres_schema,
         "PIPELINE_BATCH_SIZE": str(settings.batch_size),
         "PIPELINE_METRICS_PORT": "0",
-        "PIPELINE_PROCESSES": str(processes),
+        "PIPELINE_DOMAINS": '["security", "monitoring", "metrics"]',
     }
+
+
+def start_workers(settings: Settings, processes: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {**worker_env(settings), "PIPELINE_PROCESSES": str(processes)}
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "pipeline", "run", "worker"], env=env, stdout=out, stderr=out

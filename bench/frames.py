@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "0")
 
-from events import CommitWatcher, stop, workspace  # noqa: E402
+from events import CommitWatcher, stop, worker_env, workspace  # noqa: E402
 
 from pipeline.app import apply_streams  # noqa: E402
 from pipeline.detector import DetectorConfig, UltralyticsDetector, export_model  # noqa: E402
@@ -69,16 +69,7 @@ def raw_model(model: Path, frames: list[Outgoing], imgsz: int, batch: int) -> tu
 
 def start_worker(settings: Settings, model: Path, args: argparse.Namespace, log: Path) -> Any:
     env = {
-        **os.environ,
-        "PIPELINE_NATS_URL": settings.nats_url,
-        "PIPELINE_NAMESPACE": settings.namespace,
-        "PIPELINE_POSTGRES_HOST": settings.postgres_host,
-        "PIPELINE_POSTGRES_PORT": str(settings.postgres_port),
-        "PIPELINE_POSTGRES_DBNAME": settings.postgres_dbname,
-        "PIPELINE_POSTGRES_USER": settings.postgres_user,
-        "PIPELINE_POSTGRES_PASSWORD": settings.postgres_password,
-        "PIPELINE_POSTGRES_SCHEMA": settings.postgres_schema,
-        "PIPELINE_METRICS_PORT": "0",
+        **worker_env(settings),
         "PIPELINE_DOMAINS": '["frames"]',
         "PIPELINE_DETECTOR_MODEL": str(model),
         "PIPELINE_DETECTOR_IMGSZ": str(args.imgsz),

@@ -37,6 +37,7 @@ def _start_worker(nats_url: str, schema: str, log: Path) -> subprocess.Popen[byt
         "PIPELINE_BATCH_TIMEOUT_S": "0.02",
         "PIPELINE_ACK_WAIT_S": "2",
         "PIPELINE_METRICS_PORT": "0",
+        "PIPELINE_DOMAINS": '["security", "monitoring", "metrics"]',
     }
     with log.open("ab") as out:
         return subprocess.Popen(

@@ -60,6 +60,7 @@ async def test_two_processes_share_the_work_and_stop_on_sigterm(
         "PIPELINE_POSTGRES_SCHEMA": pg_schema,
         "PIPELINE_BATCH_SIZE": "32",
         "PIPELINE_PROCESSES": "2",
+        "PIPELINE_DOMAINS": '["security", "monitoring", "metrics"]',
         "PIPELINE_METRICS_PORT": str(port),
     }
     log = tmp_path / "workers.log"
