@@ -67,6 +67,12 @@ def raw_model(model: Path, frames: list[Outgoing], imgsz: int, batch: int) -> tu
     return done / elapsed, 1000 * elapsed / len(batches)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_worker(settings: Settings, model: Path, args: argparse.Namespace, log: Path) -> Any:
     env = {
         **worker_env(settings),
@@ -105,7 +111,15 @@ def pipeline(
         asyncio.run(_publish(settings, backlog))
         worker = start_worker(settings, model, args, log)
         try:
+            clock.wait_for(args.batch, timeout_s=600)  # started: imports and Ray are done
+            cpu_started, committed = cpu_seconds(worker.pid), len(clock.committed)
             clock.wait_for(len(backlog), timeout_s=1800)
+            cpu_per_frame = (cpu_seconds(worker.pid) - cpu_started) / (len(backlog) - committed)
+            print(
+                f"    worker process (handler, batcher, store; the actor apart): "
+                f"{1000 * cpu_per_frame:.1f} ms CPU per frame",
+                flush=True,
+            )
             times = sorted(clock.committed.values())
             skip = args.batch  # the first batch includes the model's warm-up
             rate = (len(times) - skip - 1) / (times[-1] - times[skip])
@@ -118,7 +132,18 @@ def pipeline(
 
             asyncio.run(_publish(settings, live, rate=live_rate, on_published=stamp))
             clock.wait_for(len(backlog) + len(live), timeout_s=600)
-            latencies = sorted((clock.committed[i] - t) * 1000 for i, t in sent_at.items())
+            in_order = [(clock.committed[i] - t) * 1000 for i, t in sent_at.items()]
+            latencies = sorted(in_order)
+            # A queue that grows over the phase means the rate was above capacity.
+            quarters = [
+                sorted(in_order[q * len(in_order) // 4 : (q + 1) * len(in_order) // 4])
+                for q in range(4)
+            ]
+            print(
+                "    p99 by quarter of (c): "
+                + ", ".join(f"{q[max(0, int(len(q) * 0.99) - 1)]:.0f} ms" for q in quarters if q),
+                flush=True,
+            )
         finally:
             stop(worker)
     return rate, latencies, live_rate
