@@ -175,6 +175,9 @@ def connect_ray(address: str = "", *, num_cpus: int | None = None, temp_dir: str
         include_dashboard=False,
         log_to_driver=False,
         logging_level=logging.WARNING,
+        # Ray nices its workers to 15; the detector actors are the work this machine is
+        # for, and a preempted inference thread stalls the model's other threads.
+        _system_config={"worker_niceness": 0},
         **extra,
     )
     return True
