@@ -112,16 +112,23 @@ class FrameIntake(Intake):
         for msg, _ in fresh:
             self._in_hand[id(msg)] = msg
         futures: list[asyncio.Future[Outcome]] = []
-        for i, (msg, meta) in enumerate(fresh):
-            try:
-                futures.append(await self._pool.submit(Frame(msg.data, meta.width, meta.height)))
-            except RetryLater as exc:  # the pool is stopping: the rest are redelivered
-                self._metrics.frames.labels("failed").inc(len(fresh) - i)
-                await self._retry([m for m, _ in fresh[i:]], exc)
-                for m, _ in fresh[i:]:
-                    self._in_hand.pop(id(m), None)
-                fresh = fresh[:i]
-                break
+        try:
+            for i, (msg, meta) in enumerate(fresh):
+                try:
+                    frame = Frame(msg.data, meta.width, meta.height)
+                    futures.append(await self._pool.submit(frame))
+                except RetryLater as exc:  # the pool is stopping: the rest are redelivered
+                    self._metrics.frames.labels("failed").inc(len(fresh) - i)
+                    await self._retry([m for m, _ in fresh[i:]], exc)
+                    for m, _ in fresh[i:]:
+                        self._in_hand.pop(id(m), None)
+                    fresh = fresh[:i]
+                    break
+        except asyncio.CancelledError:
+            # Stopping while the pool is full: unacked, these are redelivered later.
+            for msg, _ in fresh:
+                self._in_hand.pop(id(msg), None)
+            raise
         if not fresh and not stale:
             self._observe(started)
             return
