@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -214,17 +215,44 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
     try:
-        results = [measure(fmt, base, args, log) for fmt in formats]
+        # Formats alternate within each round, so drift of the host hits both alike.
+        rounds = [[measure(fmt, base, args, log) for fmt in formats] for _ in range(args.repeat)]
     finally:
         if server is not None:
             server.stop()
+    results = [median_of([r[i] for r in rounds]) for i in range(len(formats))]
+    if args.repeat > 1:
+        for result in results:
+            print(
+                f"[{result['format']}] median of {args.repeat}: ratio {result['ratio']:.2f}, "
+                f"p99 {result['p99_over_batch']:.2f} x the model's batch time",
+                flush=True,
+            )
     return {**results[0], "others": results[1:]}
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per figure, the median over repeated runs (the runs themselves under "runs")."""
+    if len(runs) == 1:
+        return runs[0]
+    out: dict[str, Any] = {}
+    for key, value in runs[0].items():
+        values = [r[key] for r in runs]
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        varies = numbers and len(set(values)) > 1
+        out[key] = round(statistics.median(values), 3) if varies else value
+    out["runs"] = [
+        {k: r[k] for k in ("model_frames_per_s", "pipeline_frames_per_s", "ratio", "p99_ms")}
+        for r in runs
+    ]
+    return out
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--format", choices=["onnx", "pytorch", "both"], default="both")
     parser.add_argument("--frames", type=int, default=480, help="backlog frames for (b)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds; medians are reported")
     parser.add_argument("--raw-batches", type=int, default=12, help="batches for (a)")
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--batch", type=int, default=8)
