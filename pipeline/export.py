@@ -10,11 +10,11 @@ from faststream.nats import NatsBroker
 from faststream.specification import AsyncAPI
 
 import handlers
-from schemas import SCHEMAS, Domain
+from schemas import SCHEMAS, Domain, FrameAnalyzedV1, FrameSkippedV1
 from streams import Subjects
 
 from .intake import Delivery
-from .settings import EVENT_DOMAINS, Settings
+from .settings import ALL_DOMAINS, Settings
 
 __all__ = ["export_schemas"]
 
@@ -30,7 +30,8 @@ class _Described:
 
 
 def export_schemas(directory: Path, settings: Settings) -> list[Path]:
-    """Write `<domain>.v<major>.json` for every model and `asyncapi.json`; returns the paths."""
+    """Write `<domain>.v<major>.json` for every inbound model, `event.<Name>.v1.json` for the
+    frame events' payloads and `asyncapi.json`; returns the paths."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for domain, schema in SCHEMAS.items():
@@ -38,9 +39,14 @@ def export_schemas(directory: Path, settings: Settings) -> list[Path]:
             path = directory / f"{domain.value}.v{major}.json"
             path.write_text(json.dumps(model.model_json_schema(), indent=2) + "\n")
             written.append(path)
+    # Payloads of the stored frame events, for readers of the event store.
+    for name, payload in (("FrameAnalyzed", FrameAnalyzedV1), ("FrameSkipped", FrameSkippedV1)):
+        path = directory / f"event.{name}.v1.json"
+        path.write_text(json.dumps(payload.model_json_schema(), indent=2) + "\n")
+        written.append(path)
     subjects = Subjects(settings.namespace)
     broker = NatsBroker(settings.nats_url, logger=None)
-    for domain in EVENT_DOMAINS:
+    for domain in ALL_DOMAINS:
         handlers.REGISTER[domain](broker, _Described(domain), settings, subjects)
     spec = AsyncAPI(
         broker,

@@ -110,6 +110,8 @@ def test_schemas_export_writes_json_schema_and_asyncapi(
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
         "asyncapi.json",
+        "event.FrameAnalyzed.v1.json",
+        "event.FrameSkipped.v1.json",
         "frames.v1.json",
         "metrics.v1.json",
         "monitoring.v1.json",
@@ -118,9 +120,11 @@ def test_schemas_export_writes_json_schema_and_asyncapi(
     ]
     spec = json.loads((tmp_path / "asyncapi.json").read_text())
     addresses = {c["address"] for c in spec["channels"].values()}
-    assert addresses == {"security.>", "monitoring.>", "metrics.>"}
+    assert addresses == {"frames.>", "security.>", "monitoring.>", "metrics.>"}
     security = json.loads((tmp_path / "security.v1.json").read_text())
     assert "occurred_at" in security["required"]
+    analyzed = json.loads((tmp_path / "event.FrameAnalyzed.v1.json").read_text())
+    assert {"frame", "detections", "model"} <= set(analyzed["required"])
 
 
 def test_bad_settings_name_the_variable(
