@@ -114,3 +114,17 @@ async def test_two_actors_give_the_same_results_as_one(make_pool, frames: list[F
     assert [o.detections for o in a] == [o.detections for o in b]  # type: ignore[union-attr]
     assert len(set(await two.actor_pids())) == 2
     assert two.max_inflight_seen <= 2
+
+
+async def test_large_jpegs_are_decoded_reduced_and_boxes_scaled_back(make_pool) -> None:
+    cameras = Cameras(Subjects(""), width=1280, height=960, variants=2, seed=4)
+    body = cameras.frame().body
+    pool = await make_pool()  # imgsz 320: a 1280 px frame is decoded at 1/4
+    big, wrong = await pool.detect([Frame(body, 1280, 960), Frame(body, 1280, 720)])
+    assert isinstance(big, Analysis) and big.detections
+    boxes = [d.box for d in big.detections]
+    assert all(0 <= x1 <= x2 <= 1280 and 0 <= y1 <= y2 <= 960 for x1, y1, x2, y2 in boxes)
+    assert max(x2 for _, _, x2, _ in boxes) > 320, "boxes are in the frame's own pixels"
+    assert wrong == Unreadable(
+        Reason.DIMENSION_MISMATCH, "image is 1280x960, metadata says 1280x720"
+    )
