@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from pipeline.app import apply_streams
 from pipeline.deadletter import DeadLetters
 from pipeline.embedded import EmbeddedNats
-from pipeline.simulate import Expect, Outgoing, Traffic, publish
+from pipeline.simulate import Cameras, Expect, Outgoing, Traffic, publish
 from schemas import Domain
 from streams import Subjects
 
@@ -26,7 +26,9 @@ MESSAGES = 20_000
 KILLS = 3
 
 
-def _start_worker(nats_url: str, schema: str, log: Path) -> subprocess.Popen[bytes]:
+def _start_worker(
+    nats_url: str, schema: str, log: Path, extra: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "PIPELINE_NATS_URL": nats_url,
@@ -38,6 +40,7 @@ def _start_worker(nats_url: str, schema: str, log: Path) -> subprocess.Popen[byt
         "PIPELINE_ACK_WAIT_S": "2",
         "PIPELINE_METRICS_PORT": "0",
         "PIPELINE_DOMAINS": '["security", "monitoring", "metrics"]',
+        **(extra or {}),
     }
     with log.open("ab") as out:
         return subprocess.Popen(
@@ -109,4 +112,46 @@ async def test_kill_9_during_consumption_loses_and_duplicates_nothing(
     assert set(counts.values()) == {1}, "an event was stored twice"
     assert len(found) == len(bad), "a dead letter was lost or doubled"
     assert sorted(letter.body for letter in found) == sorted(o.body for o in bad)
+    assert worker.returncode == 0, log.read_text()[-3000:]
+
+
+async def test_kill_9_of_a_frames_worker_loses_and_duplicates_no_frame(
+    nats_server: EmbeddedNats, pg_schema: str, nc: Client, tmp_path: Path, model_dir: Path
+) -> None:
+    """The worker process (and the local Ray it started) killed mid-run, twice."""
+    settings = make_settings(nats_server.url, pg_schema, domains=(Domain.FRAMES,))
+    await apply_streams(nc, settings)
+    cameras = Cameras(Subjects(), width=320, height=240, variants=4, seed=12)
+    sent = [cameras.frame() for _ in range(150)]
+    await publish(nc.jetstream(), iter(sent), count=len(sent))
+    expected = ids_of(Domain.FRAMES, [o.message_id for o in sent])
+    env = {
+        "PIPELINE_DOMAINS": '["frames"]',
+        "PIPELINE_DETECTOR_MODEL": str(model_dir / "yolov8n.onnx"),
+        "PIPELINE_DETECTOR_IMGSZ": "320",
+        "PIPELINE_DETECTOR_MAX_BATCH": "4",
+        "PIPELINE_FRAMES_BATCH_SIZE": "8",
+    }
+    log = tmp_path / "worker.log"
+    worker = _start_worker(nats_server.url, pg_schema, log, env)
+    try:
+        for kill in range(2):
+            threshold = 30 * (kill + 1)
+            await wait_until(lambda t=threshold: _count(pg_schema) >= t, timeout_s=120)
+            assert worker.poll() is None, log.read_text()[-3000:]
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+            assert _count(pg_schema) < len(expected), "the kill came after consumption ended"
+            worker = _start_worker(nats_server.url, pg_schema, log, env)
+        await wait_until(lambda: _count(pg_schema) >= len(expected), timeout_s=180)
+        await asyncio.sleep(3)  # redeliveries of anything still unacked (ack_wait 2 s)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    counts = stored_ids(pg_schema)
+    assert set(counts) == expected, "lost or unexpected frames"
+    assert set(counts.values()) == {1}, "a frame was stored twice"
     assert worker.returncode == 0, log.read_text()[-3000:]
