@@ -23,7 +23,7 @@ from .deadletter import DeadLetters
 from .dedup import CommittedIds
 from .errors import ConfigError, StoreUnavailable
 from .frames import FrameIntake
-from .intake import Intake
+from .intake import Intake, IntakeServices
 from .metrics import Metrics
 from .natsfix import ensure_fetch_timeout_contract
 from .pool import DetectorPool, connect_ray
@@ -153,6 +153,15 @@ class Worker:
         )
         if Domain.FRAMES in s.domains:
             await self._start_pool()
+        services: IntakeServices = {
+            "subjects": self.subjects,
+            "writer": self._writer,
+            "dead_letters": dead_letters,
+            "metrics": self.metrics,
+            "max_deliver": s.max_deliver,
+            "retry_delay": s.retry_delay,
+            "cache": self._cache,
+        }
         for domain in s.domains:
             intake: Intake
             if domain is Domain.FRAMES:
@@ -162,27 +171,11 @@ class Worker:
                     max_age_s=s.frames_max_age_s,
                     ack_wait_s=s.ack_wait_s,
                     stored=self._stored_ids,
-                    subjects=self.subjects,
-                    writer=self._writer,
-                    dead_letters=dead_letters,
-                    metrics=self.metrics,
-                    max_deliver=s.max_deliver,
                     max_message_bytes=s.max_frame_bytes,
-                    retry_delay=s.retry_delay,
-                    cache=self._cache,
+                    **services,
                 )
             else:
-                intake = Intake(
-                    domain,
-                    subjects=self.subjects,
-                    writer=self._writer,
-                    dead_letters=dead_letters,
-                    metrics=self.metrics,
-                    max_deliver=s.max_deliver,
-                    max_message_bytes=s.max_message_bytes,
-                    retry_delay=s.retry_delay,
-                    cache=self._cache,
-                )
+                intake = Intake(domain, max_message_bytes=s.max_message_bytes, **services)
             handlers.REGISTER[domain](self._broker, intake, s, self.subjects)
             self._intakes.append(intake)
         await self._broker.start()

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 import nats.errors
 
@@ -31,7 +31,7 @@ from .errors import Reason, Rejected, RetryLater
 from .metrics import Metrics
 from .store import Accepted, WriteResult
 
-__all__ = ["Delivery", "Intake", "Writer"]
+__all__ = ["Delivery", "Intake", "IntakeServices", "Writer"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,18 @@ class Writer(Protocol):
     """Stores batches of accepted messages (`pipeline.writer.GroupWriter`)."""
 
     async def write(self, batch: Sequence[Accepted], known: set[uuid.UUID]) -> WriteResult: ...
+
+
+class IntakeServices(TypedDict):
+    """What every domain's intake is built with, besides its own limits."""
+
+    subjects: Subjects
+    writer: Writer
+    dead_letters: DeadLetters
+    metrics: Metrics
+    max_deliver: int
+    retry_delay: Callable[[int], float]
+    cache: CommittedIds | None
 
 
 class Intake:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -58,6 +59,38 @@ def _count(schema: str) -> int:
     return int(row[0])
 
 
+async def _kill_while_consuming(
+    start: Callable[[], subprocess.Popen[bytes]],
+    schema: str,
+    thresholds: list[int],
+    total: int,
+    log: Path,
+) -> subprocess.Popen[bytes]:
+    """Start a worker; kill -9 it once each threshold of stored events is reached, and
+    start it again; returns the last worker."""
+    worker = start()
+    try:
+        for threshold in thresholds:
+            await wait_until(lambda t=threshold: _count(schema) >= t, timeout_s=120)
+            assert worker.poll() is None, log.read_text()[-3000:]
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+            assert _count(schema) < total, "the kill came after consumption ended"
+            worker = start()
+    except BaseException:
+        _stop(worker)
+        raise
+    return worker
+
+
+def _stop(worker: subprocess.Popen[bytes]) -> None:
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(30)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+
+
 async def test_kill_9_during_consumption_loses_and_duplicates_nothing(
     nats_server: EmbeddedNats, pg_schema: str, nc: Client, tmp_path: Path
 ) -> None:
@@ -79,17 +112,15 @@ async def test_kill_9_during_consumption_loses_and_duplicates_nothing(
     assert len(expected) > 18_000 and len(bad) > 100
 
     log = tmp_path / "worker.log"
-    worker = _start_worker(nats_server.url, pg_schema, log)
+    thresholds = [len(expected) * (k + 1) // (KILLS + 2) for k in range(KILLS)]
+    worker = await _kill_while_consuming(
+        lambda: _start_worker(nats_server.url, pg_schema, log),
+        pg_schema,
+        thresholds,
+        len(expected),
+        log,
+    )
     try:
-        for kill in range(KILLS):
-            threshold = len(expected) * (kill + 1) // (KILLS + 2)
-            await wait_until(lambda t=threshold: _count(pg_schema) >= t, timeout_s=120)
-            assert worker.poll() is None, log.read_text()[-3000:]
-            worker.send_signal(signal.SIGKILL)
-            worker.wait()
-            assert _count(pg_schema) < len(expected), "the kill came after consumption ended"
-            worker = _start_worker(nats_server.url, pg_schema, log)
-
         await wait_until(lambda: _count(pg_schema) >= len(expected), timeout_s=180)
         letters = DeadLetters(nc.jetstream(), subjects)
 
@@ -101,11 +132,7 @@ async def test_kill_9_during_consumption_loses_and_duplicates_nothing(
         await asyncio.sleep(5)
         found = await letters.list(limit=len(bad) + 100)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        _stop(worker)
 
     counts = stored_ids(pg_schema)
     assert set(counts) == expected, "lost or unexpected events"
@@ -133,24 +160,18 @@ async def test_kill_9_of_a_frames_worker_loses_and_duplicates_no_frame(
         "PIPELINE_FRAMES_BATCH_SIZE": "8",
     }
     log = tmp_path / "worker.log"
-    worker = _start_worker(nats_server.url, pg_schema, log, env)
+    worker = await _kill_while_consuming(
+        lambda: _start_worker(nats_server.url, pg_schema, log, env),
+        pg_schema,
+        [30, 60],
+        len(expected),
+        log,
+    )
     try:
-        for kill in range(2):
-            threshold = 30 * (kill + 1)
-            await wait_until(lambda t=threshold: _count(pg_schema) >= t, timeout_s=120)
-            assert worker.poll() is None, log.read_text()[-3000:]
-            worker.send_signal(signal.SIGKILL)
-            worker.wait()
-            assert _count(pg_schema) < len(expected), "the kill came after consumption ended"
-            worker = _start_worker(nats_server.url, pg_schema, log, env)
         await wait_until(lambda: _count(pg_schema) >= len(expected), timeout_s=180)
         await asyncio.sleep(3)  # redeliveries of anything still unacked (ack_wait 2 s)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        _stop(worker)
     counts = stored_ids(pg_schema)
     assert set(counts) == expected, "lost or unexpected frames"
     assert set(counts.values()) == {1}, "a frame was stored twice"
