@@ -250,12 +250,17 @@ def pipeline_rate(
     return rate, latencies, live_rate
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def bench_settings(nats_choice: str) -> tuple[Settings, EmbeddedNats | None]:
+    """The usual settings, on a nats-server of the wheel when `nats_choice` is embedded."""
     base = Settings()
-    server = None
-    if args.nats == "embedded":
-        server = EmbeddedNats(Path(tempfile.mkdtemp(prefix="bench-nats-")))
-        base = base.model_copy(update={"nats_url": server.start()})
+    if nats_choice != "embedded":
+        return base, None
+    server = EmbeddedNats(Path(tempfile.mkdtemp(prefix="bench-nats-")))
+    return base.model_copy(update={"nats_url": server.start()}), server
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    base, server = bench_settings(args.nats)
     log = Path(tempfile.mkdtemp(prefix="bench-")) / "workers.log"
     try:
         print(

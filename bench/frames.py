@@ -39,12 +39,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "0")
 
-from events import CommitWatcher, stop, worker_env, workspace  # noqa: E402
+from events import CommitWatcher, bench_settings, stop, worker_env, workspace  # noqa: E402
 
 from pipeline.app import apply_streams  # noqa: E402
 from pipeline.detector import DetectorConfig, UltralyticsDetector, export_model  # noqa: E402
 from pipeline.domain import event_id  # noqa: E402
-from pipeline.embedded import EmbeddedNats  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from pipeline.simulate import Cameras, Outgoing, publish  # noqa: E402
 from schemas import Domain  # noqa: E402
@@ -202,11 +201,7 @@ def measure(fmt: str, base: Settings, args: argparse.Namespace, log: Path) -> di
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    base = Settings()
-    server = None
-    if args.nats == "embedded":
-        server = EmbeddedNats(Path(tempfile.mkdtemp(prefix="bench-nats-")))
-        base = base.model_copy(update={"nats_url": server.start()})
+    base, server = bench_settings(args.nats)
     log = Path(tempfile.mkdtemp(prefix="bench-")) / "worker.log"
     formats = ["onnx", "pytorch"] if args.format == "both" else [args.format]
     print(

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -78,10 +77,7 @@ class FrameIntake(Intake):
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
         """Check a batch, record stale frames, hand the rest to the pool; returns once queued."""
-        started = time.perf_counter()
-        received_at = datetime.now(UTC)
-        self._metrics.consumed.labels(self._label).inc(len(batch))
-        self._metrics.batch_size.labels(self._label).observe(len(batch))
+        started, received_at = self._received(batch)
 
         rejected: list[tuple[Delivery, DeadLetter]] = []
         stale: list[tuple[Delivery, Accepted]] = []

@@ -116,12 +116,15 @@ class Intake:
         self._label = domain.value
         self._committing: asyncio.Task[None] | None = None
 
-    async def handle(self, batch: Sequence[Delivery]) -> None:
-        """Process one batch; every message ends acked, nak'd or dead-lettered."""
-        started = time.perf_counter()
-        received_at = datetime.now(UTC)
+    def _received(self, batch: Sequence[Delivery]) -> tuple[float, datetime]:
+        """Count a pulled batch; (start of its handling, when it arrived)."""
         self._metrics.consumed.labels(self._label).inc(len(batch))
         self._metrics.batch_size.labels(self._label).observe(len(batch))
+        return time.perf_counter(), datetime.now(UTC)
+
+    async def handle(self, batch: Sequence[Delivery]) -> None:
+        """Process one batch; every message ends acked, nak'd or dead-lettered."""
+        started, received_at = self._received(batch)
 
         rejected: list[tuple[Delivery, DeadLetter]] = []
         # Keyed by message id: copies of one message in a batch are stored once.

@@ -201,7 +201,6 @@ class _Pending:
 class _Actor:
     handle: Any
     load: int = 0
-    calls: int = 0
     up: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -385,7 +384,6 @@ class DetectorPool:
             return
         finally:
             actor.load -= 1
-            actor.calls += 1
             self._slots.release()
         m.detector_inference_seconds.observe(inference_s)
         analysed = sum(1 for r in results if isinstance(r, list))
