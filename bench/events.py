@@ -37,11 +37,11 @@ from nats.js.api import AckPolicy, ConsumerConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.app import apply_streams
-from pipeline.domain import event_id
-from pipeline.embedded import EmbeddedNats
+from pipeline.ops.embedded import EmbeddedNats
+from pipeline.ops.simulate import Outgoing, Traffic, publish
 from pipeline.settings import EVENT_DOMAINS, Settings
-from pipeline.simulate import Outgoing, Traffic, publish
-from pipeline.store import EventStore
+from pipeline.store.domain import event_id
+from pipeline.store.eventstore import EventStore
 from schemas import Domain
 from streams import Subjects
 

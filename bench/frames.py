@@ -42,10 +42,10 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "0")
 from events import CommitWatcher, bench_settings, stop, worker_env, workspace  # noqa: E402
 
 from pipeline.app import apply_streams  # noqa: E402
-from pipeline.detector import DetectorConfig, UltralyticsDetector, export_model  # noqa: E402
-from pipeline.domain import event_id  # noqa: E402
+from pipeline.detection.detector import DetectorConfig, UltralyticsDetector, export_model  # noqa: E402
+from pipeline.ops.simulate import Cameras, Outgoing, publish  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from pipeline.simulate import Cameras, Outgoing, publish  # noqa: E402
+from pipeline.store.domain import event_id  # noqa: E402
 from schemas import Domain  # noqa: E402
 from streams import Subjects  # noqa: E402
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.detector import DetectorConfig, export_model
-from pipeline.pool import Analysis, DetectorPool, Frame, PoolConfig, connect_ray
-from pipeline.simulate import Cameras
+from pipeline.detection.detector import DetectorConfig, export_model
+from pipeline.detection.pool import Analysis, DetectorPool, Frame, PoolConfig, connect_ray
+from pipeline.ops.simulate import Cameras
 from streams import Subjects
 
 import os

@@ -1,8 +1,6 @@
-"""FastStream subscribers, one module per domain."""
+"""FastStream subscribers: one generic batch subscriber for the JSON domains, one for frames."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 from faststream.nats import NatsBroker
 
@@ -10,17 +8,17 @@ from pipeline.settings import Settings
 from schemas import Domain
 from streams import Subjects
 
-from . import frames, metrics, monitoring, security
+from . import events, frames
 from .subscriber import BatchHandler
 
-__all__ = ["REGISTER", "BatchHandler"]
+__all__ = ["BatchHandler", "register"]
 
-Register = Callable[[NatsBroker, BatchHandler, Settings, Subjects], None]
 
-REGISTER: dict[Domain, Register] = {
-    frames.DOMAIN: frames.register,
-    security.DOMAIN: security.register,
-    monitoring.DOMAIN: monitoring.register,
-    metrics.DOMAIN: metrics.register,
-}
-"""How to register the subscriber of each domain."""
+def register(
+    broker: NatsBroker, intake: BatchHandler, settings: Settings, subjects: Subjects
+) -> None:
+    """Register the subscriber of the intake's domain on the broker."""
+    if intake.domain is Domain.FRAMES:
+        frames.register(broker, intake, settings, subjects)
+    else:
+        events.register(broker, intake, settings, subjects)

@@ -1,18 +1,15 @@
-"""Subscriber for camera frames (`frames.v<major>.<camera>`): image body, metadata headers."""
+"""The subscriber of camera frames (`frames.v<major>.<camera>`): image body, metadata headers."""
 
 from __future__ import annotations
 
 from faststream.nats import NatsBroker
 
 from pipeline.settings import Settings
-from schemas import Domain
 from streams import Subjects
 
 from .subscriber import BatchHandler, subscribe_batches
 
 __all__ = ["register"]
-
-DOMAIN = Domain.FRAMES
 
 
 def register(

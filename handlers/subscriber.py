@@ -8,7 +8,7 @@ from typing import Any, Protocol, cast
 from faststream import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 
-from pipeline.intake import Delivery
+from pipeline.ingest.intake import Delivery
 from pipeline.settings import Settings
 from schemas import Domain
 from streams import Subjects
@@ -36,7 +36,7 @@ def subscribe_batches(
     settings: Settings,
     subjects: Subjects,
     *,
-    batch_size: int | None = None,
+    batch_size: int,
 ) -> None:
     """Pull batches of the intake's domain from its durable consumer and hand them on.
 
@@ -49,9 +49,7 @@ def subscribe_batches(
         subjects.wildcard(domain),
         stream=JStream(subjects.stream(domain), declare=False),
         durable=subjects.durable(domain),
-        pull_sub=PullSub(
-            batch_size or settings.batch_size, timeout=settings.batch_timeout_s, batch=True
-        ),
+        pull_sub=PullSub(batch_size, timeout=settings.batch_timeout_s, batch=True),
         ack_policy=AckPolicy.MANUAL,
         decoder=_raw_batch,
         title=f"{domain.value}.v<major>.<source>",

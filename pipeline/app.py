@@ -19,17 +19,18 @@ import handlers
 from schemas import Domain
 from streams import Applied, ConsumerLimits, Subjects, apply, consumer_config, stream_configs
 
-from .deadletter import DeadLetters
-from .dedup import CommittedIds
+from .detection.detector import DetectorConfig
+from .detection.frames import FrameIntake
+from .detection.pool import DetectorPool, PoolConfig, connect_ray
 from .errors import ConfigError, StoreUnavailable
-from .frames import FrameIntake
-from .intake import Intake, IntakeServices
+from .ingest.deadletter import DeadLetters
+from .ingest.dedup import CommittedIds
+from .ingest.intake import Intake, IntakeServices
+from .ingest.natsfix import ensure_fetch_timeout_contract
+from .ingest.writer import GroupWriter
 from .metrics import Metrics
-from .natsfix import ensure_fetch_timeout_contract
-from .pool import DetectorPool, connect_ray
 from .settings import Settings
-from .store import EventStore
-from .writer import GroupWriter
+from .store.eventstore import EventStore
 
 __all__ = ["Worker", "apply_streams", "connect_nats"]
 
@@ -176,7 +177,7 @@ class Worker:
                 )
             else:
                 intake = Intake(domain, max_message_bytes=s.max_message_bytes, **services)
-            handlers.REGISTER[domain](self._broker, intake, s, self.subjects)
+            handlers.register(self._broker, intake, s, self.subjects)
             self._intakes.append(intake)
         await self._broker.start()
         self._lag_task = asyncio.create_task(self._watch_lag())
@@ -233,7 +234,9 @@ class Worker:
             raise ConfigError(
                 "PIPELINE_RAY_ADDRESS", f"cannot connect to Ray ({s.ray_address!r}): {exc}"
             ) from exc
-        self.pool = DetectorPool(s.detector_config(), s.pool_config(), self.metrics)
+        self.pool = DetectorPool(
+            DetectorConfig.from_settings(s), PoolConfig.from_settings(s), self.metrics
+        )
         await self.pool.start()
 
     async def _watch_lag(self) -> None:

@@ -9,9 +9,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import Domain
 
-from .detector import DetectorConfig, model_format
-from .pool import PoolConfig
-
 __all__ = ["ALL_DOMAINS", "EVENT_DOMAINS", "Settings"]
 
 EVENT_DOMAINS = (Domain.SECURITY, Domain.MONITORING, Domain.METRICS)
@@ -94,12 +91,6 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("detector_model")
-    @classmethod
-    def _known_model_format(cls, value: str) -> str:
-        model_format(value)
-        return value
-
     @field_validator("ray_num_cpus", "detector_classes", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -136,28 +127,3 @@ class Settings(BaseSettings):
             "POSTGRES_CONNECT_TIMEOUT": str(int(self.postgres_connect_timeout_s)),
             "CREATE_TABLE": "y",
         }
-
-    def detector_config(self) -> DetectorConfig:
-        """What each detector actor loads and how it runs the model."""
-        return DetectorConfig(
-            model=self.detector_model,
-            device=self.detector_device,
-            imgsz=self.detector_imgsz,
-            conf=self.detector_conf,
-            iou=self.detector_iou,
-            classes=self.detector_classes,
-            half=self.detector_half,
-            threads=self.detector_threads,
-        )
-
-    def pool_config(self) -> PoolConfig:
-        """Size and batching of the detector pool."""
-        return PoolConfig(
-            actors=self.detector_actors,
-            num_cpus=self.detector_num_cpus,
-            num_gpus=self.detector_num_gpus,
-            max_batch=self.detector_max_batch,
-            max_wait_s=self.detector_max_wait_ms / 1000,
-            max_inflight=self.detector_max_inflight,
-            max_restarts=self.detector_max_restarts,
-        )

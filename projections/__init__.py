@@ -1,7 +1,7 @@
 """Read models built from the Journal's events (dashboards, incidents, audit log).
 
 None exist yet: events are stored with topics such as
-`pipeline.domain:SecurityEvent.Recorded`, ready for `eventsourcing.projection` views.
+`pipeline.store.domain:SecurityEvent.Recorded`, ready for `eventsourcing.projection` views.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from nats.aio.client import Client
 
-from pipeline.embedded import EmbeddedNats
+from pipeline.ops.embedded import EmbeddedNats
 from pipeline.settings import EVENT_DOMAINS, Settings
 
 # Ultralytics offline, its settings in a folder of the test run; inherited by Ray actors.
@@ -103,7 +103,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """One local Ray for the whole run (starting one takes seconds)."""
     import ray
 
-    from pipeline.pool import connect_ray
+    from pipeline.detection.pool import connect_ray
 
     # Short path: Ray's socket names must fit in 107 bytes.
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
@@ -115,7 +115,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """yolov8n built from its YAML (seeded), saved as .pt and exported to ONNX."""
-    from pipeline.detector import export_model
+    from pipeline.detection.detector import export_model
 
     folder = tmp_path_factory.mktemp("models")
     export_model("yolov8n.yaml", "onnx", imgsz=320, out_dir=folder)

@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from pipeline.domain import event_id
+from pipeline.store.domain import event_id
 from schemas import Domain
 
 from ..conftest import PG_DB, PG_HOST

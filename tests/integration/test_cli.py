@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from pipeline import cli
 from pipeline.app import Worker
-from pipeline.cli import main
-from pipeline.deadletter import DeadLetters
-from pipeline.embedded import EmbeddedNats
+from pipeline.ingest.deadletter import DeadLetters
+from pipeline.ops import cli
+from pipeline.ops.cli import main
+from pipeline.ops.embedded import EmbeddedNats
+from pipeline.ops.simulate import Traffic
 from pipeline.settings import Settings
-from pipeline.simulate import Traffic
 from schemas import Domain
 
 from ..conftest import wait_until

@@ -14,9 +14,9 @@ import psycopg
 from nats.aio.client import Client
 
 from pipeline.app import apply_streams
-from pipeline.deadletter import DeadLetters
-from pipeline.embedded import EmbeddedNats
-from pipeline.simulate import Cameras, Expect, Outgoing, Traffic, publish
+from pipeline.ingest.deadletter import DeadLetters
+from pipeline.ops.embedded import EmbeddedNats
+from pipeline.ops.simulate import Cameras, Expect, Outgoing, Traffic, publish
 from schemas import Domain
 from streams import Subjects
 

@@ -8,9 +8,9 @@ import uuid
 from nats.aio.client import Client
 
 from pipeline.app import Worker
-from pipeline.deadletter import DeadLetters
+from pipeline.ingest.deadletter import DeadLetters
+from pipeline.ops.simulate import Expect, Traffic
 from pipeline.settings import Settings
-from pipeline.simulate import Expect, Traffic
 from schemas import Domain
 
 from ..conftest import wait_until
@@ -36,14 +36,14 @@ async def test_each_domain_is_stored_once_with_its_payload(
     for out in sent:
         _, version, topic, state = rows[ids_of(out.domain, [out.message_id]).pop()]
         assert version == 1
-        assert topic.startswith("pipeline.domain:")
+        assert topic.startswith("pipeline.store.domain:")
         assert state["subject"] == out.subject
         assert state["payload"]["id"] == out.message_id
     topics = {row[2] for row in rows.values()}
     assert topics == {
-        "pipeline.domain:SecurityEvent.Recorded",
-        "pipeline.domain:HealthReport.Recorded",
-        "pipeline.domain:MetricsBatch.Recorded",
+        "pipeline.store.domain:SecurityEvent.Recorded",
+        "pipeline.store.domain:HealthReport.Recorded",
+        "pipeline.store.domain:MetricsBatch.Recorded",
     }
 
 

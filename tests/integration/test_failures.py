@@ -12,11 +12,11 @@ import pytest
 from nats.aio.client import Client
 
 from pipeline.app import Worker
-from pipeline.deadletter import DeadLetters
-from pipeline.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from pipeline.errors import Reason
+from pipeline.ingest.deadletter import DeadLetters
+from pipeline.ops.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from pipeline.ops.simulate import Expect, Outgoing, Traffic, publish
 from pipeline.settings import Settings
-from pipeline.simulate import Expect, Outgoing, Traffic, publish
 from schemas import Domain
 from streams import Subjects
 

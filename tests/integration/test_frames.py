@@ -14,10 +14,10 @@ import pytest
 from nats.aio.client import Client
 
 from pipeline.app import Worker
-from pipeline.deadletter import DeadLetters
-from pipeline.embedded import EmbeddedNats
+from pipeline.ingest.deadletter import DeadLetters
+from pipeline.ops.embedded import EmbeddedNats
+from pipeline.ops.simulate import Cameras, Outgoing
 from pipeline.settings import Settings
-from pipeline.simulate import Cameras, Outgoing
 from schemas import Domain, FrameMetaV1
 from streams import Subjects
 

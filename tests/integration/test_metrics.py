@@ -9,10 +9,10 @@ from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.app import Worker
-from pipeline.embedded import free_port
 from pipeline.metrics import serve_metrics
+from pipeline.ops.embedded import free_port
+from pipeline.ops.simulate import Traffic
 from pipeline.settings import Settings
-from pipeline.simulate import Traffic
 from schemas import Domain
 
 from ..conftest import wait_until

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.detector import DetectorConfig
+from pipeline.detection.detector import DetectorConfig
+from pipeline.detection.pool import Analysis, DetectorPool, Frame, PoolConfig, Unreadable
 from pipeline.errors import DetectorUnavailable, Reason
-from pipeline.pool import Analysis, DetectorPool, Frame, PoolConfig, Unreadable
-from pipeline.simulate import Cameras
+from pipeline.ops.simulate import Cameras
 from streams import Subjects
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

@@ -13,9 +13,9 @@ from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.app import apply_streams
-from pipeline.embedded import free_port
+from pipeline.ops.embedded import free_port
+from pipeline.ops.simulate import Expect, Outgoing, Traffic, publish
 from pipeline.settings import Settings
-from pipeline.simulate import Expect, Outgoing, Traffic, publish
 from streams import Subjects
 
 from ..conftest import PG_DB, PG_HOST, wait_until

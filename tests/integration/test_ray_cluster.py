@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.embedded import free_port
+from pipeline.ops.embedded import free_port
 
 RAY = Path(sys.executable).parent / "ray"
 
 SCRIPT = """
 import asyncio, json, sys
-from pipeline.detector import DetectorConfig
-from pipeline.pool import DetectorPool, Frame, PoolConfig, connect_ray
-from pipeline.simulate import Cameras
+from pipeline.detection.detector import DetectorConfig
+from pipeline.detection.pool import DetectorPool, Frame, PoolConfig, connect_ray
+from pipeline.ops.simulate import Cameras
 from streams import Subjects
 
 async def main() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.deadletter import DeadLetter
 from pipeline.errors import Reason
+from pipeline.ingest.deadletter import DeadLetter
 
 header_names = st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,20}", fullmatch=True).filter(
     lambda n: not n.startswith("Pipeline-")

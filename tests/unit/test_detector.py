@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.detector import DetectorConfig, UltralyticsDetector, model_format
-from pipeline.simulate import sample_images
+from pipeline.detection.detector import DetectorConfig, UltralyticsDetector, model_format
+from pipeline.ops.simulate import sample_images
 
 # Random weights score every box near 1e-4: thresholds this low let boxes through.
 LOW_CONF = 1e-5

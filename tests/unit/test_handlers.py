@@ -8,7 +8,7 @@ import pytest
 from faststream.nats import NatsBroker, TestNatsBroker
 
 import handlers
-from pipeline.intake import Delivery
+from pipeline.ingest.intake import Delivery
 from pipeline.settings import EVENT_DOMAINS, Settings
 from schemas import Domain
 from streams import Subjects
@@ -26,13 +26,13 @@ class Recorder:
 
 
 @pytest.mark.parametrize("domain", EVENT_DOMAINS)
-async def test_each_domain_module_subscribes_its_own_wildcard(domain: Domain) -> None:
+async def test_each_domain_subscriber_takes_its_own_wildcard(domain: Domain) -> None:
     settings = Settings(_env_file=None)
     subjects = Subjects("unit")
     broker = NatsBroker()
     recorders = {d: Recorder(d) for d in EVENT_DOMAINS}
-    for d, recorder in recorders.items():
-        handlers.REGISTER[d](broker, recorder, settings, subjects)
+    for recorder in recorders.values():
+        handlers.register(broker, recorder, settings, subjects)
 
     async with TestNatsBroker(broker) as test_broker:
         subject = subjects.subject(domain, 1, "src-1")

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from pipeline.deadletter import DeadLetter
 from pipeline.errors import DeadLetterUnavailable, Reason, StoreUnavailable
-from pipeline.intake import Intake, delivery_info
+from pipeline.ingest.deadletter import DeadLetter
+from pipeline.ingest.intake import Intake, delivery_info
 from pipeline.metrics import Metrics
-from pipeline.store import Accepted, WriteResult
+from pipeline.store.eventstore import Accepted, WriteResult
 from schemas import Domain
 from streams import Subjects
 

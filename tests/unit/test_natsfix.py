@@ -8,7 +8,7 @@ import nats.errors
 import pytest
 from nats.js.client import JetStreamContext
 
-from pipeline.natsfix import ensure_fetch_timeout_contract
+from pipeline.ingest.natsfix import ensure_fetch_timeout_contract
 
 
 async def test_a_bare_asyncio_timeout_from_fetch_is_translated() -> None:

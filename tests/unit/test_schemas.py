@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from pipeline.codec import decode
 from pipeline.errors import Reason, Rejected
+from pipeline.ingest.codec import decode
 from schemas import (
     SCHEMAS,
     CheckResult,

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from pipeline.detection import DetectorConfig, PoolConfig
+from pipeline.errors import ConfigError
 from pipeline.settings import Settings
 from schemas import Domain
 
@@ -22,13 +24,13 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_detector_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ValidationError, match=r"detector_model[\s\S]*a model is a \.pt"):
-        Settings(_env_file=None, detector_model="weights.bin")
+    with pytest.raises(ConfigError, match=r"PIPELINE_DETECTOR_MODEL: .*a model is a \.pt"):
+        DetectorConfig.from_settings(Settings(_env_file=None, detector_model="weights.bin"))
     monkeypatch.setenv("PIPELINE_DETECTOR_CLASSES", "[0, 2]")
     monkeypatch.setenv("PIPELINE_DETECTOR_MAX_WAIT_MS", "20")
     settings = Settings(_env_file=None)
-    assert settings.detector_config().classes == (0, 2)
-    assert settings.pool_config().max_wait_s == 0.02
+    assert DetectorConfig.from_settings(settings).classes == (0, 2)
+    assert PoolConfig.from_settings(settings).max_wait_s == 0.02
     assert settings.domains[0] is Domain.FRAMES
 
 

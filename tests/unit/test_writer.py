@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from pipeline.errors import StoreUnavailable
-from pipeline.store import Accepted, WriteResult
-from pipeline.writer import GroupWriter
+from pipeline.ingest.writer import GroupWriter
+from pipeline.store.eventstore import Accepted, WriteResult
 from schemas import Domain
 
 

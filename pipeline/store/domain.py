@@ -7,11 +7,13 @@ rejects it, whichever worker or delivery it comes from.
 
 from __future__ import annotations
 
+import sys
 import uuid
 from datetime import datetime
 from typing import Any, ClassVar
 
 from eventsourcing.domain import Aggregate
+from eventsourcing.utils import register_topic
 
 from schemas import Domain
 
@@ -130,3 +132,7 @@ _BY_DOMAIN: dict[Domain, type[RecordedMessage]] = {
 def aggregate_class(domain: Domain) -> type[RecordedMessage]:
     """The aggregate that records messages of a domain."""
     return _BY_DOMAIN[domain]
+
+# Events stored before the store moved into its own package name this module
+# `pipeline.domain`: their topics still resolve.
+register_topic("pipeline.domain", sys.modules[__name__])

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from .errors import StoreUnavailable
-from .store import Accepted, EventStore, WriteResult
+from ..errors import StoreUnavailable
+from ..store.eventstore import Accepted, EventStore, WriteResult
 
 __all__ = ["GroupWriter"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["EmbeddedNats", "EmbeddedPostgres", "PostgresAddress", "free_port"]
 

@@ -21,11 +21,11 @@ from pydantic import ValidationError
 from schemas import Domain
 from streams import Subjects, status
 
-from .app import Worker, apply_streams, connect_nats
-from .deadletter import DeadLetter, DeadLetters
-from .errors import ConfigError, PipelineError
-from .metrics import serve_metrics
-from .settings import Settings
+from ..app import Worker, apply_streams, connect_nats
+from ..errors import ConfigError, PipelineError
+from ..ingest.deadletter import DeadLetter, DeadLetters
+from ..metrics import serve_metrics
+from ..settings import Settings
 from .supervisor import supervise
 
 __all__ = ["main"]
@@ -131,7 +131,7 @@ async def _simulate(args: argparse.Namespace) -> None:
 
 
 async def _model(args: argparse.Namespace) -> None:
-    from .detector import export_model
+    from ..detection.detector import export_model
 
     out = await anyio.to_thread.run_sync(
         lambda: export_model(

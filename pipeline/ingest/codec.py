@@ -7,7 +7,7 @@ from pydantic import BaseModel, ValidationError
 from schemas import SCHEMAS, Domain
 from streams import SubjectError, Subjects
 
-from .errors import Reason, Rejected
+from ..errors import Reason, Rejected
 
 __all__ = ["decode", "validation_summary"]
 

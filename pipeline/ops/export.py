@@ -13,8 +13,8 @@ import handlers
 from schemas import SCHEMAS, Domain, FrameAnalyzedV1, FrameSkippedV1
 from streams import Subjects
 
-from .intake import Delivery
-from .settings import ALL_DOMAINS, Settings
+from ..ingest.intake import Delivery
+from ..settings import ALL_DOMAINS, Settings
 
 __all__ = ["export_schemas"]
 
@@ -47,7 +47,7 @@ def export_schemas(directory: Path, settings: Settings) -> list[Path]:
     subjects = Subjects(settings.namespace)
     broker = NatsBroker(settings.nats_url, logger=None)
     for domain in ALL_DOMAINS:
-        handlers.REGISTER[domain](broker, _Described(domain), settings, subjects)
+        handlers.register(broker, _Described(domain), settings, subjects)
     spec = AsyncAPI(
         broker,
         title="event-pipeline",

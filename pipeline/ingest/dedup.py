@@ -15,7 +15,7 @@ from collections.abc import Collection
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from .metrics import Metrics
+from ..metrics import Metrics
 
 __all__ = ["CommittedIds"]
 

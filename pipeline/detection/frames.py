@@ -34,13 +34,13 @@ from schemas import (
 )
 from streams import SubjectError
 
-from .codec import validation_summary
-from .deadletter import DeadLetter
-from .domain import event_id
-from .errors import DetectorUnavailable, Reason, Rejected, RetryLater
-from .intake import Delivery, Intake, delivery_info
+from ..errors import DetectorUnavailable, Reason, Rejected, RetryLater
+from ..ingest.codec import validation_summary
+from ..ingest.deadletter import DeadLetter
+from ..ingest.intake import Delivery, Intake, delivery_info
+from ..store.domain import event_id
+from ..store.eventstore import Accepted
 from .pool import Analysis, DetectorPool, Frame, Outcome, Unreadable
-from .store import Accepted
 
 __all__ = ["FrameIntake"]
 

@@ -21,6 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas import Detection, ModelProvenance
 
+from ..errors import ConfigError
+from ..settings import Settings
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -56,6 +59,24 @@ class DetectorConfig(BaseModel):
     half: bool = False
     threads: Annotated[int, Field(ge=0)] = 0
     max_det: Annotated[int, Field(ge=1)] = 300
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DetectorConfig:
+        """The detector the settings name; `ConfigError` if the model file has no known format."""
+        try:
+            model_format(settings.detector_model)
+        except ValueError as exc:
+            raise ConfigError("PIPELINE_DETECTOR_MODEL", str(exc)) from None
+        return cls(
+            model=settings.detector_model,
+            device=settings.detector_device,
+            imgsz=settings.detector_imgsz,
+            conf=settings.detector_conf,
+            iou=settings.detector_iou,
+            classes=settings.detector_classes,
+            half=settings.detector_half,
+            threads=settings.detector_threads,
+        )
 
 
 def model_format(model: str) -> str:

@@ -13,10 +13,10 @@ from pathlib import Path
 import anyio
 import nats
 
-from .app import Worker
+from ..app import Worker
+from ..metrics import serve_metrics
+from ..settings import ALL_DOMAINS, EVENT_DOMAINS, Settings
 from .embedded import EmbeddedNats, EmbeddedPostgres, free_port
-from .metrics import serve_metrics
-from .settings import ALL_DOMAINS, EVENT_DOMAINS, Settings
 from .simulate import Cameras, Outgoing, Traffic, publish
 
 __all__ = ["run_demo"]

@@ -24,12 +24,12 @@ import nats.errors
 from schemas import Domain
 from streams import Subjects
 
+from ..errors import Reason, Rejected, RetryLater
+from ..metrics import Metrics
+from ..store.eventstore import Accepted, WriteResult
 from .codec import decode
 from .deadletter import DeadLetter, DeadLetters
 from .dedup import CommittedIds
-from .errors import Reason, Rejected, RetryLater
-from .metrics import Metrics
-from .store import Accepted, WriteResult
 
 __all__ = ["Delivery", "Intake", "IntakeServices", "Writer"]
 

@@ -22,8 +22,8 @@ from psycopg.sql import SQL, Identifier
 
 from schemas import Domain
 
+from ..errors import StoreUnavailable
 from .domain import aggregate_class, event_id
-from .errors import StoreUnavailable
 from .recorder import ColumnarRecorder
 from .transcoder import OrjsonTranscoder
 

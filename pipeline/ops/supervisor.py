@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from .settings import Settings
+from ..settings import Settings
 
 __all__ = ["supervise"]
 

@@ -30,9 +30,10 @@ import numpy as np
 
 from schemas import Detection, ModelProvenance
 
+from ..errors import ConfigError, DetectorUnavailable, Reason
+from ..metrics import Metrics
+from ..settings import Settings
 from .detector import DetectorConfig, UltralyticsDetector
-from .errors import ConfigError, DetectorUnavailable, Reason
-from .metrics import Metrics
 
 __all__ = [
     "Analysis",
@@ -183,6 +184,19 @@ class PoolConfig:
     max_wait_s: float = 0.05
     max_inflight: int = 2
     max_restarts: int = 3
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PoolConfig:
+        """Size and batching of the pool, from the `PIPELINE_DETECTOR_*` settings."""
+        return cls(
+            actors=settings.detector_actors,
+            num_cpus=settings.detector_num_cpus,
+            num_gpus=settings.detector_num_gpus,
+            max_batch=settings.detector_max_batch,
+            max_wait_s=settings.detector_max_wait_ms / 1000,
+            max_inflight=settings.detector_max_inflight,
+            max_restarts=settings.detector_max_restarts,
+        )
 
     @property
     def max_queued(self) -> int:

@@ -1,22 +1,19 @@
-"""Subscriber for security messages (`security.v<major>.<source>`)."""
+"""The subscriber of the JSON domains (security, monitoring, metrics): one per domain."""
 
 from __future__ import annotations
 
 from faststream.nats import NatsBroker
 
 from pipeline.settings import Settings
-from schemas import Domain
 from streams import Subjects
 
 from .subscriber import BatchHandler, subscribe_batches
 
 __all__ = ["register"]
 
-DOMAIN = Domain.SECURITY
-
 
 def register(
     broker: NatsBroker, intake: BatchHandler, settings: Settings, subjects: Subjects
 ) -> None:
-    """Register the security batch subscriber on the broker."""
-    subscribe_batches(broker, intake, settings, subjects)
+    """Register the batch subscriber of the intake's domain (`<domain>.v<major>.<source>`)."""
+    subscribe_batches(broker, intake, settings, subjects, batch_size=settings.batch_size)

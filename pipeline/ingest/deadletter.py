@@ -22,7 +22,7 @@ from nats.js.errors import NotFoundError
 from schemas import Domain
 from streams import Subjects
 
-from .errors import DeadLetterUnavailable, Reason
+from ..errors import DeadLetterUnavailable, Reason
 
 __all__ = ["DeadLetter", "DeadLetters"]
 
