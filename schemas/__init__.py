@@ -13,10 +13,11 @@ from .frames import (
 )
 from .metrics import MetricSample, MetricsBatchV1
 from .monitoring import CheckResult, HealthReportV1, HealthReportV2, HealthStatus, upcast_v1_to_v2
-from .registry import SCHEMAS, Domain, DomainSchema
+from .registry import ENVELOPE, SCHEMAS, Domain, DomainSchema, payload_model
 from .security import SecurityEventV1, Severity
 
 __all__ = [
+    "ENVELOPE",
     "SCHEMAS",
     "CheckResult",
     "Detection",
@@ -35,5 +36,6 @@ __all__ = [
     "ModelProvenance",
     "SecurityEventV1",
     "Severity",
+    "payload_model",
     "upcast_v1_to_v2",
 ]

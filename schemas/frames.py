@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from .common import MessageId, Name, UtcDatetime
+from .common import INT64_MAX, MessageId, Name, UtcDatetime
 
 __all__ = [
     "FRAME_HEADERS",
@@ -50,7 +50,7 @@ class FrameMetaV1(BaseModel):
     id: MessageId
     schema_version: Annotated[str, StringConstraints(pattern=r"^1\.\d{1,4}$")] = "1.0"
     camera: Name
-    sequence: Annotated[int, Field(ge=0)]
+    sequence: Annotated[int, Field(ge=0, le=INT64_MAX)]
     captured_at: UtcDatetime
     width: Annotated[int, Field(gt=0, le=16384)]
     height: Annotated[int, Field(gt=0, le=16384)]

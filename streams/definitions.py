@@ -42,6 +42,8 @@ class Retention:
     duplicate_window_s: float = 120.0
     deny_delete: bool = False
     deny_purge: bool = False
+    one_per_subject: bool = False
+    """Keep the first message of each subject and refuse any later one (the DLQ)."""
 
 
 RETENTION: Mapping[Domain, Retention] = {
@@ -52,7 +54,7 @@ RETENTION: Mapping[Domain, Retention] = {
     Domain.MONITORING: Retention(max_age_s=7 * DAY),
     Domain.METRICS: Retention(max_age_s=DAY),
 }
-DEAD_LETTER_RETENTION = Retention(max_age_s=30 * DAY)
+DEAD_LETTER_RETENTION = Retention(max_age_s=30 * DAY, one_per_subject=True)
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,9 @@ def _stream(
         num_replicas=replicas,
         max_age=policy.max_age_s,
         max_bytes=policy.max_bytes,
-        discard=DiscardPolicy.OLD,
+        discard=DiscardPolicy.NEW if policy.one_per_subject else DiscardPolicy.OLD,
+        discard_new_per_subject=policy.one_per_subject,
+        max_msgs_per_subject=1 if policy.one_per_subject else -1,
         duplicate_window=policy.duplicate_window_s,
         deny_delete=policy.deny_delete,
         deny_purge=policy.deny_purge,

@@ -1,6 +1,8 @@
 """Subject, stream and consumer names: the only place they are spelled out.
 
-Subjects are `<domain>.v<major>.<source>`; dead letters go to `dlq.<domain>`. An optional
+Subjects are `<domain>.v<major>.<source>`; each dead letter has a subject of its own,
+`dlq.<domain>.<stream seq>.<stored ns>` (the source message's place and time in its
+stream), so the DLQ stream can keep one letter per source message for ever. An optional
 namespace prefixes every subject (`acme.security.v1.door-7`) and stream (`ACME_SECURITY`)
 so several pipelines (or test runs) can share one NATS account.
 """
@@ -65,9 +67,13 @@ class Subjects:
         """Every subject of a domain, all majors and sources."""
         return f"{self._prefix}{domain.value}.>"
 
-    def dead_letter(self, domain: Domain) -> str:
-        """Where dead letters of a domain are published."""
-        return f"{self._prefix}dlq.{domain.value}"
+    def dead_letter(self, domain: Domain, stream_seq: int, stored_ns: int) -> str:
+        """The subject of the dead letter of one source message (its seq and storage time)."""
+        return f"{self._prefix}dlq.{domain.value}.{stream_seq}.{stored_ns}"
+
+    def dead_letters(self, domain: Domain) -> str:
+        """Every dead letter of a domain."""
+        return f"{self._prefix}dlq.{domain.value}.>"
 
     def dead_letter_wildcard(self) -> str:
         """Every dead-letter subject."""

@@ -2,13 +2,15 @@
 
 For each pulled batch:
 1. read each frame's metadata from its headers; bad metadata, an unknown major, an
-   oversized body or a body that is not the announced JPEG/PNG is dead-lettered;
+   oversized body, a body that is not the announced JPEG/PNG, or an image whose header
+   announces another size than the metadata or more than `max_pixels` pixels is
+   dead-lettered, without decoding it;
 2. frames older than `max_age_s` are recorded as `FrameSkipped` without analysis;
 3. the rest are submitted to the pool, which waits when it is full (backpressure: the
    handler pulls nothing more until there is room);
-4. in the background, once the pool has answered: undecodable frames and frames whose
-   size does not match their metadata are dead-lettered, failed calls nak'd for
-   redelivery, and the batch's events are written in one transaction, then acked.
+4. in the background, once the pool has answered: undecodable frames are dead-lettered,
+   frames the detector failed on twice are nak'd for redelivery, and the batch's events
+   are written in one transaction, then acked.
 Several pulled batches can be in the pool at once, so the actors never wait for the
 store or for NATS.
 """
@@ -34,13 +36,13 @@ from schemas import (
 )
 from streams import SubjectError
 
-from ..errors import DetectorUnavailable, Reason, Rejected, RetryLater
+from ..errors import DetectionFailed, Reason, Rejected, RetryLater, Unavailable
 from ..ingest.codec import validation_summary
 from ..ingest.deadletter import DeadLetter
 from ..ingest.intake import Delivery, Intake, delivery_info
 from ..store.domain import event_id
 from ..store.eventstore import Accepted
-from .pool import Analysis, DetectorPool, Frame, Outcome, Unreadable
+from .pool import Analysis, DetectorPool, Frame, Outcome, Unreadable, check_size
 
 __all__ = ["FrameIntake"]
 
@@ -60,7 +62,7 @@ class FrameIntake(Intake):
         *,
         pool: DetectorPool,
         max_age_s: float = 0.0,
-        ack_wait_s: float = 30.0,
+        max_pixels: int = 7680 * 4320,
         stored: Callable[[list[uuid.UUID]], Awaitable[set[uuid.UUID]]] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -68,12 +70,8 @@ class FrameIntake(Intake):
         self._pool = pool
         self._stored = stored
         self._max_age_s = max_age_s
+        self._max_pixels = max_pixels
         self._tasks: set[asyncio.Task[None]] = set()
-        # Frames waiting for a slow detector must not be redelivered meanwhile: they are
-        # marked in progress (resetting JetStream's ack wait) every third of the wait.
-        self._in_hand: dict[int, Delivery] = {}
-        self._progress_every = ack_wait_s / 3
-        self._keep_alive: asyncio.Task[None] | None = None
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
         """Check a batch, record stale frames, hand the rest to the pool; returns once queued."""
@@ -103,10 +101,9 @@ class FrameIntake(Intake):
 
         if fresh:
             fresh = await self._drop_known(fresh)
-        if self._keep_alive is None:
-            self._keep_alive = asyncio.create_task(self._mark_in_progress())
-        for msg, _ in fresh:
-            self._in_hand[id(msg)] = msg
+        # Frames waiting for a slow (or absent) detector are kept from redelivery.
+        in_hand = [m for m, _ in fresh]
+        hold = self._hold(in_hand)
         futures: list[asyncio.Future[Outcome]] = []
         try:
             for i, (msg, meta) in enumerate(fresh):
@@ -116,19 +113,18 @@ class FrameIntake(Intake):
                 except RetryLater as exc:  # the pool is stopping: the rest are redelivered
                     self._metrics.frames.labels("failed").inc(len(fresh) - i)
                     await self._retry([m for m, _ in fresh[i:]], exc)
-                    for m, _ in fresh[i:]:
-                        self._in_hand.pop(id(m), None)
                     fresh = fresh[:i]
                     break
-        except asyncio.CancelledError:
+        except BaseException:
             # Stopping while the pool is full: unacked, these are redelivered later.
-            for msg, _ in fresh:
-                self._in_hand.pop(id(msg), None)
+            self._release(hold)
             raise
         if not fresh and not stale:
+            self._release(hold)
             self._observe(started)
             return
         task = asyncio.create_task(self._finish(fresh, futures, stale, received_at, started))
+        task.add_done_callback(lambda _: self._release(hold))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -137,54 +133,47 @@ class FrameIntake(Intake):
         while self._tasks:
             # Shielded: a cancelled caller must not cut a commit off from its acks.
             await asyncio.shield(asyncio.gather(*self._tasks, return_exceptions=True))
-        if self._keep_alive is not None:
-            self._keep_alive.cancel()
-            self._keep_alive = None
 
     async def _drop_known(
         self, fresh: list[tuple[Delivery, FrameMetaV1]]
     ) -> list[tuple[Delivery, FrameMetaV1]]:
         """Ack frames already stored, without running the model on them again.
 
-        Every frame is looked up in the Redis cache when there is one; redelivered
-        frames (a worker died after the commit, before the ack) also in the store.
-        Anything not found here is still caught by the store when it is written.
+        Frames the Redis cache knows (when there is one) and redelivered frames (a worker
+        died after the commit, before the ack) are looked up in the store, which has the
+        last word: a cache entry alone never acks a frame. Anything not found here is
+        still caught by the store when it is written.
         """
         ids = {meta.id: event_id(Domain.FRAMES, meta.id) for _, meta in fresh}
         known: set[uuid.UUID] = set()
         if self._cache:
             known = await self._cache.known(list(ids.values()))
-        redelivered = [
+        look_up = [
             ids[meta.id]
             for msg, meta in fresh
-            if ids[meta.id] not in known and delivery_info(msg)[2] > 1
+            if ids[meta.id] in known or delivery_info(msg).delivered > 1
         ]
-        found_in_store: set[uuid.UUID] = set()
-        if redelivered and self._stored is not None:
+        found: set[uuid.UUID] = set()
+        if look_up and self._stored is not None:
             try:
-                found_in_store = await self._stored(redelivered)
-            except RetryLater as exc:
-                log.warning("frames: cannot look up redelivered frames (%s)", exc)
-        if not known and not found_in_store:
+                found = await self._stored(look_up)
+            except Unavailable as exc:
+                log.warning("frames: cannot look up frames already stored (%s)", exc)
+        if known - found:
+            self._metrics.cache_stale.labels(self._label).inc(len(known - found))
+        if not found:
             return fresh
         rest = []
         for msg, meta in fresh:
             i = ids[meta.id]
-            if i in known or i in found_in_store:
+            if i in found:
                 await self._settle(msg.ack())
-                where = "cache" if i in known else "store"
-                self._metrics.duplicates.labels(self._label, where).inc()
+                self._metrics.duplicates.labels(
+                    self._label, "cache" if i in known else "store"
+                ).inc()
             else:
                 rest.append((msg, meta))
         return rest
-
-    async def _mark_in_progress(self) -> None:
-        while True:
-            await asyncio.sleep(self._progress_every)
-            for msg in list(self._in_hand.values()):
-                in_progress = getattr(msg, "in_progress", None)
-                if in_progress is not None:
-                    await self._settle(in_progress())
 
     async def _finish(
         self,
@@ -194,12 +183,8 @@ class FrameIntake(Intake):
         received_at: datetime,
         started: float,
     ) -> None:
-        try:
-            outcomes = await asyncio.gather(*futures, return_exceptions=True)
-            await self._settle_frames(fresh, outcomes, stale, received_at, started)
-        finally:
-            for msg, _ in fresh:
-                self._in_hand.pop(id(msg), None)
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        await self._settle_frames(fresh, outcomes, stale, received_at, started)
 
     async def _settle_frames(
         self,
@@ -236,7 +221,7 @@ class FrameIntake(Intake):
                 error = (
                     outcome
                     if isinstance(outcome, RetryLater)
-                    else DetectorUnavailable(f"unexpected error: {outcome!r}")
+                    else DetectionFailed(f"unexpected error: {outcome!r}")
                 )
         for msg, item in stale:
             accepted.setdefault(item.message_id, item)
@@ -261,7 +246,7 @@ class FrameIntake(Intake):
 
     def _meta(self, msg: Delivery) -> FrameMetaV1:
         """The frame's metadata, or `Rejected` with the reason to dead-letter it."""
-        _, _, delivered = delivery_info(msg)
+        delivered = delivery_info(msg).delivered
         if delivered > self._max_deliver:
             raise Rejected(
                 Reason.MAX_DELIVER_EXCEEDED,
@@ -288,6 +273,9 @@ class FrameIntake(Intake):
             raise Rejected(Reason.SCHEMA_VIOLATION, validation_summary(exc)) from None
         if not body.startswith(_MAGIC[meta.encoding]):
             raise Rejected(Reason.UNDECODABLE_IMAGE, f"body is not a {meta.encoding.value} image")
+        refused = check_size(Frame(body, meta.width, meta.height), self._max_pixels)
+        if refused is not None:
+            raise Rejected(refused.reason, refused.detail)
         return meta
 
     def _accepted(
@@ -301,7 +289,7 @@ class FrameIntake(Intake):
             domain=Domain.FRAMES,
             message_id=meta.id,
             subject=msg.subject,
-            stream_seq=delivery_info(msg)[1],
+            stream_seq=delivery_info(msg).stream_seq,
             schema_version=meta.schema_version,
             received_at=received_at,
             payload=payload.model_dump(mode="json"),

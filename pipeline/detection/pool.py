@@ -4,12 +4,19 @@ Frames are submitted one by one and wait in a bounded queue. The batcher takes u
 `max_batch` of them, or fewer once the oldest has waited `max_wait_s`, and sends the
 batch to the least-loaded actor. Each actor has at most `max_inflight` batches in hand;
 when every actor is full the queue fills, `submit` waits, and the frames handler stops
-pulling: backpressure all the way to JetStream. A failed call fails its frames with
-`DetectorUnavailable` (the handler naks them for redelivery); Ray restarts a crashed
-actor (`max_restarts`) and the pool replaces one that is gone for good.
+pulling: backpressure all the way to JetStream.
+
+Failures: a batch has `batch_timeout_s` to come back. An actor that dies on a batch is
+restarted by Ray (`max_restarts`; past that the pool starts a new one); an actor that
+does not answer in time is killed and replaced. Either way the batch's frames go back to
+the front of the queue for another actor, once; a frame whose second batch fails too
+fails with `DetectionFailed` (the handler naks it). While no actor is up, batches wait
+for one and the frames intake is paused (`pipeline_intake_paused{cause="detector"}`).
 
 Actors decode the JPEG/PNG bodies themselves, so decoding runs in parallel and only the
-compressed frame crosses process boundaries. A JPEG at least twice the model's input
+compressed frame crosses process boundaries. Before decoding, an actor reads the image's
+size from its header and refuses a frame over `max_pixels` or not of the size its
+metadata claims, so a decompression bomb costs nothing. A JPEG at least twice the model's input
 size is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, faster than decoding
 in full and resizing) and its boxes are scaled back to the frame's pixels.
 """
@@ -28,12 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from schemas import Detection, ModelProvenance
+from schemas import Detection, Domain, ModelProvenance
 
-from ..errors import ConfigError, DetectorUnavailable, Reason
+from ..errors import ConfigError, DetectionFailed, DetectorUnavailable, Reason
+from ..ingest.pause import Pauses
 from ..metrics import Metrics
 from ..settings import Settings
 from .detector import DetectorConfig, UltralyticsDetector
+from .imagesize import image_size
 
 __all__ = [
     "Analysis",
@@ -42,6 +51,7 @@ __all__ = [
     "Frame",
     "PoolConfig",
     "Unreadable",
+    "check_size",
     "connect_ray",
 ]
 
@@ -78,11 +88,30 @@ class Unreadable:
 Outcome = Analysis | Unreadable
 
 
+def check_size(frame: Frame, max_pixels: int) -> Unreadable | None:
+    """Why a frame must not be decoded (from its header alone), or None if it may be."""
+    size = image_size(frame.body)
+    if size is None:
+        return Unreadable(Reason.UNDECODABLE_IMAGE, "the image header cannot be read")
+    width, height = size
+    if width * height > max_pixels:
+        return Unreadable(
+            Reason.OVERSIZED, f"image is {width}x{height}, over the limit of {max_pixels} pixels"
+        )
+    if size != (frame.width, frame.height):
+        return Unreadable(
+            Reason.DIMENSION_MISMATCH,
+            f"image is {width}x{height}, metadata says {frame.width}x{frame.height}",
+        )
+    return None
+
+
 class DetectorActor:
     """Runs in a Ray actor process: loads the model once, decodes and detects batches."""
 
-    def __init__(self, config: DetectorConfig, gpu: bool) -> None:
+    def __init__(self, config: DetectorConfig, gpu: bool, max_pixels: int) -> None:
         self.detector = UltralyticsDetector(config, gpu=gpu)
+        self.max_pixels = max_pixels
 
     def ready(self) -> ModelProvenance:
         """The loaded model's provenance (also a liveness check)."""
@@ -101,6 +130,10 @@ class DetectorActor:
         verdicts: list[list[Detection] | tuple[str, str] | None] = []
         imgsz = self.detector.config.imgsz
         for frame in frames:
+            refused = check_size(frame, self.max_pixels)
+            if refused is not None:
+                verdicts.append((refused.reason.value, refused.detail))
+                continue
             # The model sees at most imgsz pixels a side: a large JPEG is decoded at 1/2,
             # 1/4 or 1/8 of its size (much faster) and its boxes scaled back.
             body = np.frombuffer(frame.body, np.uint8)
@@ -184,6 +217,8 @@ class PoolConfig:
     max_wait_s: float = 0.05
     max_inflight: int = 2
     max_restarts: int = 3
+    batch_timeout_s: float = 60.0
+    max_pixels: int = 7680 * 4320
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PoolConfig:
@@ -196,6 +231,8 @@ class PoolConfig:
             max_wait_s=settings.detector_max_wait_ms / 1000,
             max_inflight=settings.detector_max_inflight,
             max_restarts=settings.detector_max_restarts,
+            batch_timeout_s=settings.detector_batch_timeout_s,
+            max_pixels=settings.frames_max_pixels,
         )
 
     @property
@@ -209,6 +246,8 @@ class _Pending:
     frame: Frame
     future: asyncio.Future[Outcome]
     enqueued: float
+    attempts: int = 0
+    """Batches of this frame that failed so far."""
 
 
 @dataclass
@@ -254,19 +293,27 @@ class DetectorPool:
     """N detector actors behind one dynamic batcher. Start with `await pool.start()`."""
 
     def __init__(
-        self, detector: DetectorConfig, config: PoolConfig, metrics: Metrics | None = None
+        self,
+        detector: DetectorConfig,
+        config: PoolConfig,
+        metrics: Metrics | None = None,
+        *,
+        pauses: Pauses | None = None,
     ) -> None:
         self.detector = detector
         self.config = config
         self.metrics = metrics or Metrics()
         self.provenance: ModelProvenance | None = None
+        self._pauses = pauses
         self._actors: list[_Actor] = []
         self._queue: deque[_Pending] = deque()
         self._added = asyncio.Event()
+        self._actor_up = asyncio.Event()
         self._room = asyncio.Semaphore(config.max_queued)
         self._slots = asyncio.Semaphore(config.actors * config.max_inflight)
         self._batcher: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
+        self._repairs: set[asyncio.Task[None]] = set()
         self.max_inflight_seen = 0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -299,12 +346,16 @@ class DetectorPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._batcher
             self._batcher = None
+        for task in self._repairs:
+            task.cancel()
         if self._calls:
             await asyncio.gather(*self._calls, return_exceptions=True)
+        if self._repairs:
+            await asyncio.gather(*self._repairs, return_exceptions=True)
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():
-                pending.future.set_exception(DetectorUnavailable("the detector pool stopped"))
+                pending.future.set_exception(DetectionFailed("the detector pool stopped"))
         import ray
 
         for actor in self._actors:
@@ -320,10 +371,10 @@ class DetectorPool:
             num_cpus=c.num_cpus,
             num_gpus=c.num_gpus,
             max_restarts=c.max_restarts,
-            max_task_retries=0,  # a failed call fails its frames: they are nak'd, not lost
+            max_task_retries=0,  # a failed call is handled here: its frames go elsewhere
             runtime_env={"env_vars": _yolo_env()},
         )
-        return remote.remote(self.detector, c.num_gpus > 0)
+        return remote.remote(self.detector, c.num_gpus > 0, c.max_pixels)
 
     async def actor_pids(self) -> list[int]:
         """Process ids of the actors (for tests and operators)."""
@@ -334,7 +385,7 @@ class DetectorPool:
     async def submit(self, frame: Frame) -> asyncio.Future[Outcome]:
         """Queue a frame; waits while the queue is full. Await the returned future."""
         if self._batcher is None:
-            raise DetectorUnavailable("the detector pool is not running")
+            raise DetectionFailed("the detector pool is not running")
         await self._room.acquire()
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(frame, future, time.perf_counter()))
@@ -352,7 +403,7 @@ class DetectorPool:
         while True:
             await self._slots.acquire()
             batch = await self._collect()
-            actor = min(self._actors, key=lambda a: a.load)
+            actor = await self._pick()
             actor.load += 1
             self.max_inflight_seen = max(self.max_inflight_seen, actor.load)
             task = asyncio.create_task(self._call(actor, batch))
@@ -373,9 +424,29 @@ class DetectorPool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._added.wait(), remaining)
         batch = [self._queue.popleft() for _ in range(min(self.config.max_batch, len(self._queue)))]
-        for _ in batch:
-            self._room.release()
+        for pending in batch:
+            if pending.attempts == 0:  # a frame sent back after a failure has no room of its own
+                self._room.release()
         return batch
+
+    async def _pick(self) -> _Actor:
+        """The least-loaded actor that is up; while none is, the frames intake is paused."""
+        paused = False
+        try:
+            while True:
+                up = [a for a in self._actors if a.up.is_set()]
+                if up:
+                    return min(up, key=lambda a: a.load)
+                if not paused and self._pauses is not None:
+                    self._pauses.enter(
+                        Domain.FRAMES.value, DetectorUnavailable("no detector actor is up")
+                    )
+                    paused = True
+                self._actor_up.clear()
+                await self._actor_up.wait()
+        finally:
+            if paused and self._pauses is not None:
+                self._pauses.leave(Domain.FRAMES.value, DetectorUnavailable.cause)
 
     async def _call(self, actor: _Actor, batch: list[_Pending]) -> None:
         m = self.metrics
@@ -383,18 +454,21 @@ class DetectorPool:
         for pending in batch:
             m.detector_queue_seconds.observe(sent - pending.enqueued)
         m.detector_batch_size.observe(len(batch))
+        handle = actor.handle
         try:
-            await actor.up.wait()  # a restarting actor gets its batches once it is back
-            results, inference_s = await actor.handle.detect.remote([p.frame for p in batch])
+            results, inference_s = await asyncio.wait_for(
+                handle.detect.remote([p.frame for p in batch]), self.config.batch_timeout_s
+            )
         except Exception as exc:
             m.detector_failures.inc()
-            error = DetectorUnavailable(f"detector call failed: {_cause(exc)}")
-            log.warning("%s; %d frames will be retried", error, len(batch))
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(error)
-            if actor.up.is_set():
-                await self._recover(actor)
+            hung = isinstance(exc, TimeoutError)
+            reason = (
+                f"no answer within {self.config.batch_timeout_s:.0f} s" if hung else _cause(exc)
+            )
+            log.warning("a detector call failed (%s); its %d frames go back", reason, len(batch))
+            if actor.handle is handle and actor.up.is_set():
+                self._repair(actor, replace=hung)
+            self._send_back(batch, DetectionFailed(f"detector call failed twice: {reason}"))
             return
         finally:
             actor.load -= 1
@@ -415,28 +489,54 @@ class DetectorPool:
             else:
                 pending.future.set_result(Unreadable(Reason(result[0]), result[1]))
 
-    async def _recover(self, actor: _Actor, timeout_s: float = 300.0) -> None:
-        """Wait for Ray to restart a failed actor (`max_restarts`); start a new one past that."""
+    def _send_back(self, batch: list[_Pending], error: DetectionFailed) -> None:
+        """Put a failed batch's frames back at the front of the queue, or fail them."""
+        for pending in reversed(batch):
+            pending.attempts += 1
+            if pending.future.done():
+                continue
+            if pending.attempts >= _ATTEMPTS:
+                pending.future.set_exception(error)
+            else:
+                self._queue.appendleft(pending)
+        self._added.set()
+
+    def _repair(self, actor: _Actor, *, replace: bool) -> None:
+        """Take the actor out of service until it is restarted (or replaced, if hung)."""
+        actor.up.clear()
+        task = asyncio.create_task(self._recover(actor, replace=replace))
+        self._repairs.add(task)
+        task.add_done_callback(self._repairs.discard)
+
+    async def _recover(self, actor: _Actor, *, replace: bool) -> None:
+        """Wait for Ray to restart a failed actor, or start a new one; then back in service."""
+        import ray
         import ray.exceptions
 
-        actor.up.clear()
-        deadline = time.monotonic() + timeout_s
-        try:
-            while time.monotonic() < deadline:
-                try:
-                    await actor.handle.ready.remote()
-                except ray.exceptions.ActorDiedError:
-                    log.warning("a detector actor is gone for good; starting a new one")
-                    actor.handle = self._new_actor()
-                except Exception as exc:  # restarting: ask again shortly
-                    log.debug("detector actor not back yet: %s", _cause(exc))
-                    await asyncio.sleep(0.5)
-                else:
-                    self.metrics.detector_restarts.inc()
-                    return
-            log.error("a detector actor did not come back within %.0f s", timeout_s)
-        finally:
-            actor.up.set()
+        if replace:  # hung: it would hold its next batches too
+            with contextlib.suppress(Exception):
+                ray.kill(actor.handle, no_restart=True)
+            actor.handle = self._new_actor()
+        delay = 0.5
+        while True:
+            try:
+                await asyncio.wait_for(actor.handle.ready.remote(), self.config.batch_timeout_s)
+            except ray.exceptions.ActorDiedError:
+                log.warning("a detector actor is gone for good; starting a new one")
+                actor.handle = self._new_actor()
+            except Exception as exc:  # restarting, or loading the model: ask again shortly
+                log.debug("detector actor not back yet: %s", _cause(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            else:
+                break
+        self.metrics.detector_restarts.inc()
+        actor.up.set()
+        self._actor_up.set()
+
+
+_ATTEMPTS = 2
+"""Batches a frame may be part of before it fails: one failure is the actor's, two the frame's."""
 
 
 def _cause(exc: BaseException) -> str:

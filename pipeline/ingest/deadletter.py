@@ -3,26 +3,35 @@
 A dead letter carries the original body as its body and the original headers, plus
 `Pipeline-*` headers for the reason, detail, original subject, stream and sequence.
 Original `Nats-*` headers are kept as `Pipeline-Original-Nats-*` so they do not act
-on the DLQ stream. It is published with `Nats-Msg-Id: dlq:<stream>:<seq>`, so a worker
-that dies between the DLQ publish and the source ack cannot dead-letter a message twice.
+on the DLQ stream.
+
+Each letter has a subject of its own, named after its source message's stream sequence
+and storage time, and the DLQ stream keeps one message per subject (discarding later
+ones): a worker that dies between the DLQ publish and the source ack cannot
+dead-letter a message twice, however late the redelivery comes.
+
+A letter must fit the server's `max_payload`. When the original body and headers do
+not leave room, the original headers are dropped first, then the body is cut; the
+letter then records the body's full length and SHA-256 (and cannot be requeued).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from schemas import Domain
 from streams import Subjects
 
-from ..errors import DeadLetterUnavailable, Reason
+from ..errors import DeadLetterUnavailable, PipelineError, Reason
 
 __all__ = ["DeadLetter", "DeadLetters"]
 
@@ -33,8 +42,16 @@ H_STREAM = "Pipeline-Stream"
 H_SEQ = "Pipeline-Stream-Seq"
 H_DELIVERED = "Pipeline-Delivered"
 H_AT = "Pipeline-Dead-Lettered-At"
+H_STORED = "Pipeline-Stream-Time-Ns"
+H_BODY_BYTES = "Pipeline-Body-Bytes"
+H_BODY_SHA256 = "Pipeline-Body-Sha256"
+H_HEADERS_DROPPED = "Pipeline-Headers-Dropped"
 _ORIGINAL = "Pipeline-Original-"
 _MAX_DETAIL = 1000
+_SUBJECT_LIMIT = 10077
+"""JetStream's error code for a subject already holding its one message: the letter is there."""
+_ROOM = 512
+"""Bytes kept free for the protocol line and the headers added when a letter is cut."""
 
 
 def _one_line(text: str) -> str:
@@ -54,9 +71,22 @@ class DeadLetter:
     delivered: int
     body: bytes
     headers: Mapping[str, str] = field(default_factory=dict)
+    stored_ns: int = 0
+    """When the source stream stored the message (with `stream_seq`, the letter's identity)."""
     dead_lettered_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     dlq_seq: int | None = None
     """Sequence in the DLQ stream, once read back from it."""
+    body_bytes: int | None = None
+    """Length of the original body when the letter holds only its start (else None)."""
+    body_sha256: str = ""
+    """SHA-256 of the original body when the letter holds only its start."""
+    headers_dropped: bool = False
+    """The original headers did not fit the server's limit and were left out."""
+
+    @property
+    def cut(self) -> bool:
+        """Whether the letter lacks part of the original (body or headers)."""
+        return self.body_bytes is not None or self.headers_dropped
 
     def to_headers(self) -> dict[str, str]:
         """Headers of the DLQ message."""
@@ -70,12 +100,34 @@ class DeadLetter:
                 H_SUBJECT: self.subject,
                 H_STREAM: self.stream,
                 H_SEQ: str(self.stream_seq),
+                H_STORED: str(self.stored_ns),
                 H_DELIVERED: str(self.delivered),
                 H_AT: self.dead_lettered_at.isoformat(),
-                "Nats-Msg-Id": f"dlq:{self.stream}:{self.stream_seq}",
             }
         )
+        if self.body_bytes is not None:
+            headers[H_BODY_BYTES] = str(self.body_bytes)
+            headers[H_BODY_SHA256] = self.body_sha256
+        if self.headers_dropped:
+            headers[H_HEADERS_DROPPED] = "true"
         return headers
+
+    def fitted(self, max_payload: int) -> DeadLetter:
+        """This letter, cut to fit a server that takes at most `max_payload` bytes."""
+        if _size(self.to_headers()) + len(self.body) + _ROOM <= max_payload:
+            return self
+        letter = self
+        if _size(self.to_headers()) + _ROOM > max_payload // 2:
+            letter = replace(letter, headers={}, headers_dropped=True)
+        room = max_payload - _size(letter.to_headers()) - 2 * _ROOM
+        if len(letter.body) <= room:
+            return letter
+        return replace(
+            letter,
+            body=letter.body[: max(room, 0)],
+            body_bytes=len(self.body),
+            body_sha256=hashlib.sha256(self.body).hexdigest(),
+        )
 
     @classmethod
     def from_message(cls, headers: Mapping[str, str], body: bytes, dlq_seq: int) -> DeadLetter:
@@ -86,18 +138,28 @@ class DeadLetter:
                 original[key[len(_ORIGINAL) :]] = value
             elif not key.startswith(("Pipeline-", "Nats-")):
                 original[key] = value
+        body_bytes = headers.get(H_BODY_BYTES)
         return cls(
             reason=Reason(headers[H_REASON]),
             detail=headers.get(H_DETAIL, ""),
             subject=headers[H_SUBJECT],
             stream=headers.get(H_STREAM, ""),
             stream_seq=int(headers.get(H_SEQ, "0")),
+            stored_ns=int(headers.get(H_STORED, "0")),
             delivered=int(headers.get(H_DELIVERED, "0")),
             body=body,
             headers=original,
             dead_lettered_at=datetime.fromisoformat(headers[H_AT]),
             dlq_seq=dlq_seq,
+            body_bytes=int(body_bytes) if body_bytes is not None else None,
+            body_sha256=headers.get(H_BODY_SHA256, ""),
+            headers_dropped=headers.get(H_HEADERS_DROPPED) == "true",
         )
+
+
+def _size(headers: Mapping[str, str]) -> int:
+    """Bytes of a NATS header block (`NATS/1.0`, one `key: value` line each, a blank line)."""
+    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
 
 
 def _letter(raw: RawStreamMsg) -> DeadLetter:
@@ -108,24 +170,39 @@ def _letter(raw: RawStreamMsg) -> DeadLetter:
 class DeadLetters:
     """Publish, list, requeue and purge dead letters."""
 
-    def __init__(self, js: JetStreamContext, subjects: Subjects, *, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        subjects: Subjects,
+        *,
+        max_payload: int = 1024 * 1024,
+        timeout_s: float = 5.0,
+    ) -> None:
         self._js = js
         self._subjects = subjects
         self._stream = subjects.dead_letter_stream()
+        self._max_payload = max_payload
         self._timeout_s = timeout_s
 
     async def publish(self, domain: Domain, letters: Sequence[DeadLetter]) -> None:
-        """Publish dead letters and wait for the DLQ stream to acknowledge every one."""
-        subject = self._subjects.dead_letter(domain)
+        """Publish dead letters and wait for the DLQ stream to hold every one.
+
+        A letter already in the stream (its source was dead-lettered before) is not
+        written again. Raises `DeadLetterUnavailable` when the stream does not answer.
+        """
+        await asyncio.gather(*(self._publish(domain, letter) for letter in letters))
+
+    async def _publish(self, domain: Domain, letter: DeadLetter) -> None:
+        letter = letter.fitted(self._max_payload)
+        subject = self._subjects.dead_letter(domain, letter.stream_seq, letter.stored_ns)
         try:
-            await asyncio.gather(
-                *(
-                    self._js.publish(
-                        subject, letter.body, headers=letter.to_headers(), timeout=self._timeout_s
-                    )
-                    for letter in letters
-                )
+            await self._js.publish(
+                subject, letter.body, headers=letter.to_headers(), timeout=self._timeout_s
             )
+        except APIError as exc:
+            if exc.err_code == _SUBJECT_LIMIT:
+                return  # written before, by this or another worker
+            raise DeadLetterUnavailable(f"DLQ publish to {subject} failed: {exc!r}") from exc
         except (NatsError, TimeoutError) as exc:
             raise DeadLetterUnavailable(f"DLQ publish to {subject} failed: {exc!r}") from exc
 
@@ -134,7 +211,7 @@ class DeadLetters:
         if domain is None:
             subject = self._subjects.dead_letter_wildcard()
         else:
-            subject = self._subjects.dead_letter(domain)
+            subject = self._subjects.dead_letters(domain)
         out: list[DeadLetter] = []
         seq = 1
         while len(out) < limit:
@@ -154,6 +231,11 @@ class DeadLetters:
     async def requeue(self, dlq_seq: int) -> str:
         """Publish a dead letter back to its original subject, then delete it from the DLQ."""
         letter = await self.get(dlq_seq)
+        if letter.cut:
+            raise PipelineError(
+                f"dead letter #{dlq_seq} holds only part of its original message "
+                "(it did not fit the server's max_payload) and cannot be requeued"
+            )
         headers = dict(letter.headers)
         # A fresh transport id: the original may still be inside the duplicate window.
         headers["Nats-Msg-Id"] = f"requeue:{self._stream}:{dlq_seq}"
@@ -165,5 +247,5 @@ class DeadLetters:
 
     async def purge(self, domain: Domain | None = None) -> None:
         """Delete every dead letter, or those of one domain."""
-        subject = self._subjects.dead_letter(domain) if domain else None
+        subject = self._subjects.dead_letters(domain) if domain else None
         await self._js.purge_stream(self._stream, subject=subject)

@@ -3,21 +3,26 @@
 Order of effects for a batch:
 1. decode each message; rejected ones become dead letters;
 2. dead letters are published and acknowledged by the DLQ stream, then their sources acked;
-3. valid messages are written in one transaction (ids already stored are skipped);
+3. valid messages are written in one transaction (ids already stored are skipped; a
+   message the store refuses is dead-lettered alone as `unstorable`);
 4. after the commit, their sources are acked and the ids cached.
-A transient failure naks the affected messages with backoff; past `max_deliver`
-deliveries they are dead-lettered instead. Nothing is acked before it is safe.
+When a server the batch needs is down (the event store, the DLQ stream), the intake
+holds the batch, pauses (it pulls nothing more) and retries the same step until the
+server is back: an outage uses up no delivery and turns nothing into a dead letter.
+Only failures that may be tied to a message are nak'd with backoff; past `max_deliver`
+deliveries those are dead-lettered. Nothing is acked before it is safe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypedDict
+from typing import Any, NamedTuple, Protocol, TypedDict
 
 import nats.errors
 
@@ -30,8 +35,9 @@ from ..store.eventstore import Accepted, WriteResult
 from .codec import decode
 from .deadletter import DeadLetter, DeadLetters
 from .dedup import CommittedIds
+from .pause import Pauses, Stopping
 
-__all__ = ["Delivery", "Intake", "IntakeServices", "Writer"]
+__all__ = ["Delivery", "Intake", "IntakeServices", "Writer", "delivery_info", "message_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +57,21 @@ class Delivery(Protocol):
 
     async def nak(self, delay: float | None = None) -> None: ...
 
+    async def in_progress(self) -> None: ...
 
-def delivery_info(msg: Delivery) -> tuple[str, int, int]:
-    """(stream, stream sequence, deliveries so far) of a JetStream message.
+
+class DeliveryInfo(NamedTuple):
+    """Where a delivered message sits in its stream."""
+
+    stream: str
+    stream_seq: int
+    delivered: int
+    stored_ns: int
+    """When the stream stored it (ns since the epoch): with the sequence, its identity."""
+
+
+def delivery_info(msg: Delivery) -> DeliveryInfo:
+    """Stream, stream sequence, deliveries so far and storage time of a JetStream message.
 
     Read from the ack subject directly: nats-py's `Msg.metadata` also builds timestamps
     and objects the pipeline does not use, at several times the cost per message.
@@ -62,16 +80,32 @@ def delivery_info(msg: Delivery) -> tuple[str, int, int]:
         t = msg.reply.split(".")
         # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>
         if len(t) == 9:
-            return t[2], int(t[5]), int(t[4])
+            return DeliveryInfo(t[2], int(t[5]), int(t[4]), int(t[7]))
         # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<stream seq>.... (v2)
         if len(t) >= 11:
-            return t[4], int(t[7]), int(t[6])
+            return DeliveryInfo(t[4], int(t[7]), int(t[6]), int(t[9]))
     meta = msg.metadata
-    return meta.stream, meta.sequence.stream, meta.num_delivered
+    stamp = getattr(meta, "timestamp", None)
+    stored_ns = int(stamp.timestamp() * 1e9) if isinstance(stamp, datetime) else 0
+    return DeliveryInfo(meta.stream, meta.sequence.stream, meta.num_delivered, stored_ns)
+
+
+def message_fields(domain: Domain, msg: Delivery) -> dict[str, Any]:
+    """The structured log fields of a line about one message.
+
+    The message id is the producer's `Nats-Msg-Id` (the same as the body's `id` for a
+    well-behaved producer; a message that cannot be decoded has no other).
+    """
+    return {
+        "domain": domain.value,
+        "subject": msg.subject,
+        "stream_seq": delivery_info(msg).stream_seq,
+        "message_id": (msg.headers or {}).get("Nats-Msg-Id", ""),
+    }
 
 
 class Writer(Protocol):
-    """Stores batches of accepted messages (`pipeline.writer.GroupWriter`)."""
+    """Stores batches of accepted messages (`pipeline.ingest.writer.GroupWriter`)."""
 
     async def write(self, batch: Sequence[Accepted], known: set[uuid.UUID]) -> WriteResult: ...
 
@@ -83,7 +117,9 @@ class IntakeServices(TypedDict):
     writer: Writer
     dead_letters: DeadLetters
     metrics: Metrics
+    pauses: Pauses
     max_deliver: int
+    ack_wait_s: float
     retry_delay: Callable[[int], float]
     cache: CommittedIds | None
 
@@ -99,7 +135,9 @@ class Intake:
         writer: Writer,
         dead_letters: DeadLetters,
         metrics: Metrics,
+        pauses: Pauses,
         max_deliver: int,
+        ack_wait_s: float,
         max_message_bytes: int,
         retry_delay: Callable[[int], float],
         cache: CommittedIds | None = None,
@@ -109,12 +147,18 @@ class Intake:
         self._writer = writer
         self._dead_letters = dead_letters
         self._metrics = metrics
+        self._pauses = pauses
         self._max_deliver = max_deliver
         self._max_bytes = max_message_bytes
         self._retry_delay = retry_delay
         self._cache = cache
         self._label = domain.value
         self._committing: asyncio.Task[None] | None = None
+        # Messages in hand for long (a slow detector, a server down) are marked in
+        # progress every third of the ack wait, so JetStream does not redeliver them.
+        self._held: dict[int, tuple[float, Sequence[Delivery]]] = {}
+        self._progress_every = ack_wait_s / 3
+        self._keeper: asyncio.Task[None] | None = None
 
     def _received(self, batch: Sequence[Delivery]) -> tuple[float, datetime]:
         """Count a pulled batch; (start of its handling, when it arrived)."""
@@ -125,29 +169,36 @@ class Intake:
     async def handle(self, batch: Sequence[Delivery]) -> None:
         """Process one batch; every message ends acked, nak'd or dead-lettered."""
         started, received_at = self._received(batch)
+        hold = self._hold(batch)
+        try:
+            rejected: list[tuple[Delivery, DeadLetter]] = []
+            # Keyed by message id: copies of one message in a batch are stored once.
+            accepted: dict[str, Accepted] = {}
+            deliveries: dict[str, list[Delivery]] = {}
+            for msg in batch:
+                try:
+                    item = self._accept(msg, received_at)
+                except Rejected as exc:
+                    rejected.append((msg, self._dead_letter(msg, exc.reason, exc.detail)))
+                    continue
+                accepted.setdefault(item.message_id, item)
+                deliveries.setdefault(item.message_id, []).append(msg)
 
-        rejected: list[tuple[Delivery, DeadLetter]] = []
-        # Keyed by message id: copies of one message in a batch are stored once.
-        accepted: dict[str, Accepted] = {}
-        deliveries: dict[str, list[Delivery]] = {}
-        for msg in batch:
-            try:
-                item = self._accept(msg, received_at)
-            except Rejected as exc:
-                rejected.append((msg, self._dead_letter(msg, exc.reason, exc.detail)))
-                continue
-            accepted.setdefault(item.message_id, item)
-            deliveries.setdefault(item.message_id, []).append(msg)
-
-        if rejected:
-            await self._dead_letter_all(rejected)
-        # One commit in flight: the next batch is pulled and decoded while this one is
-        # written. Waiting for the previous commit first bounds the work in hand.
-        await self.flush()
-        if accepted:
-            self._committing = asyncio.create_task(self._store_all(accepted, deliveries, started))
-        else:
+            if rejected:
+                await self._dead_letter_all(rejected)
+            # One commit in flight: the next batch is pulled and decoded while this one is
+            # written. Waiting for the previous commit first bounds the work in hand.
+            await self.flush()
+        except BaseException:
+            self._release(hold)
+            raise
+        if not accepted:
+            self._release(hold)
             self._observe(started)
+            return
+        task = asyncio.create_task(self._store_all(accepted, deliveries, started))
+        task.add_done_callback(lambda _: self._release(hold))
+        self._committing = task
 
     async def flush(self) -> None:
         """Wait until the batch being committed is committed and acked (or nak'd)."""
@@ -160,55 +211,97 @@ class Intake:
         if self._committing is task:
             self._committing = None
 
+    async def stop(self) -> None:
+        """Finish the batches in hand (they give up waiting for a server that is down)."""
+        await self.flush()
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+            self._keeper = None
+
+    # -- messages in hand --------------------------------------------------------------
+
+    def _hold(self, msgs: Sequence[Delivery]) -> int:
+        """Keep `msgs` from being redelivered until `_release`; returns the hold's key."""
+        key = id(msgs)
+        self._held[key] = (time.monotonic(), msgs)
+        if self._keeper is None:
+            self._keeper = asyncio.create_task(self._keep_in_progress())
+        return key
+
+    def _release(self, key: int) -> None:
+        self._held.pop(key, None)
+
+    async def _keep_in_progress(self) -> None:
+        while True:
+            await asyncio.sleep(self._progress_every)
+            due = time.monotonic() - self._progress_every
+            for since, msgs in list(self._held.values()):
+                if since <= due:
+                    for msg in msgs:
+                        await self._settle(msg.in_progress())
+
+    # -- verdicts ----------------------------------------------------------------------
+
     def _observe(self, started: float) -> None:
         self._metrics.handler_seconds.labels(self._label).observe(time.perf_counter() - started)
 
     def _accept(self, msg: Delivery, received_at: datetime) -> Accepted:
-        _, stream_seq, delivered = delivery_info(msg)
+        _, stream_seq, delivered, _ = delivery_info(msg)
         if delivered > self._max_deliver:
             raise Rejected(
                 Reason.MAX_DELIVER_EXCEEDED,
                 f"delivered {delivered} times without being acked "
                 f"(limit {self._max_deliver}); the worker may have crashed on it",
             )
-        model = decode(
+        decoded = decode(
             self._subjects, self.domain, msg.subject, msg.data, max_bytes=self._max_bytes
         )
-        payload = model.model_dump(mode="json")
         return Accepted(
             domain=self.domain,
-            message_id=payload["id"],
+            message_id=decoded.message_id,
             subject=msg.subject,
             stream_seq=stream_seq,
-            schema_version=payload["schema_version"],
+            schema_version=decoded.schema_version,
             received_at=received_at,
-            payload=payload,
+            payload=decoded.payload,
         )
 
     def _dead_letter(self, msg: Delivery, reason: Reason, detail: str) -> DeadLetter:
-        stream, stream_seq, delivered = delivery_info(msg)
+        stream, stream_seq, delivered, stored_ns = delivery_info(msg)
         return DeadLetter(
             reason=reason,
             detail=detail,
             subject=msg.subject,
             stream=stream,
             stream_seq=stream_seq,
+            stored_ns=stored_ns,
             delivered=delivered,
             body=msg.data or b"",
             headers=dict(msg.headers or {}),
         )
 
     async def _dead_letter_all(self, rejected: list[tuple[Delivery, DeadLetter]]) -> None:
+        """Publish the dead letters (waiting while the DLQ is down), then ack their sources."""
+        letters = [letter for _, letter in rejected]
         try:
-            await self._dead_letters.publish(self.domain, [letter for _, letter in rejected])
-        except RetryLater as exc:
-            log.warning("%s: %s; %d messages will be redelivered", self._label, exc, len(rejected))
-            for msg, _ in rejected:
-                await self._nak(msg, exc)
+            await self._pauses.until_available(
+                self._label, lambda: self._dead_letters.publish(self.domain, letters)
+            )
+        except Stopping:
+            for msg, _ in rejected:  # the worker stops: another one takes them
+                await self._settle(msg.nak())
             return
         for msg, letter in rejected:
             await self._settle(msg.ack())
             self._metrics.dead_lettered.labels(self._label, letter.reason.value).inc()
+            log.info(
+                "dead-lettered (%s): %s",
+                letter.reason.value,
+                letter.detail,
+                extra={**message_fields(self.domain, msg), "reason": letter.reason.value},
+            )
 
     async def _store_all(
         self,
@@ -219,45 +312,66 @@ class Intake:
         in_batch = sum(len(d) for d in deliveries.values()) - len(deliveries)
         if in_batch:
             self._metrics.duplicates.labels(self._label, "batch").inc(in_batch)
-        known = (
-            await self._cache.known([a.event_id for a in accepted.values()])
-            if self._cache
-            else set()
-        )
+        batch = list(accepted.values())
+        # Hints only: the store confirms every id the cache calls stored.
+        known = await self._cache.known([a.event_id for a in batch]) if self._cache else set()
         started = time.perf_counter()
         try:
-            result = await self._writer.write(list(accepted.values()), known)
-        except Exception as exc:
+            result = await self._pauses.until_available(
+                self._label, lambda: self._writer.write(batch, known)
+            )
+        except Stopping:
+            for msgs in deliveries.values():  # the worker stops: another one takes them
+                for msg in msgs:
+                    await self._settle(msg.nak())
+            self._observe(batch_started)
+            return
+        except Exception as exc:  # a bug, not bad input: retried, then dead-lettered
+            log.exception("%s: storing a batch failed unexpectedly", self._label)
             msgs = [m for ms in deliveries.values() for m in ms]
-            if isinstance(exc, RetryLater):
-                log.warning("%s: %s; %d messages will be retried", self._label, exc, len(msgs))
-                retry = exc
-            else:  # a bug, not bad input: retried, then dead-lettered with the error
-                log.exception("%s: storing a batch failed unexpectedly", self._label)
-                retry = RetryLater(f"unexpected error: {exc!r}")
-            await self._retry(msgs, retry)
+            await self._retry(msgs, RetryLater(f"unexpected error: {exc!r}"))
             self._observe(batch_started)
             return
         self._metrics.commit_seconds.labels(self._label).observe(time.perf_counter() - started)
-        self._metrics.stored.labels(self._label).inc(len(result.stored))
-        for ms in deliveries.values():
-            for msg in ms:
-                await self._settle(msg.ack())
-        if known:
-            self._metrics.duplicates.labels(self._label, "cache").inc(len(known))
-        if len(result.duplicates) > len(known):
-            self._metrics.duplicates.labels(self._label, "store").inc(
-                len(result.duplicates) - len(known)
-            )
+        self._count(result, known)
+        unstorable: list[tuple[Delivery, DeadLetter]] = []
+        for message_id, msgs in deliveries.items():
+            error = result.unstorable.get(accepted[message_id].event_id)
+            for msg in msgs:
+                if error is None:
+                    await self._settle(msg.ack())
+                else:
+                    unstorable.append((msg, self._dead_letter(msg, Reason.UNSTORABLE, error)))
+        if unstorable:
+            self._metrics.unstorable.labels(self._label).inc(len(unstorable))
+            await self._dead_letter_all(unstorable)
         if self._cache:
             await self._cache.remember(result.stored | (result.duplicates - known))
         self._observe(batch_started)
+
+    def _count(self, result: WriteResult, known: set[uuid.UUID]) -> None:
+        m = self._metrics
+        m.stored.labels(self._label).inc(len(result.stored))
+        from_cache = len(result.duplicates & known)
+        if from_cache:
+            m.duplicates.labels(self._label, "cache").inc(from_cache)
+        if len(result.duplicates) > from_cache:
+            m.duplicates.labels(self._label, "store").inc(len(result.duplicates) - from_cache)
+        if result.refuted:
+            m.cache_stale.labels(self._label).inc(len(result.refuted))
+            log.warning(
+                "%s: the cache called %d ids stored that the event store did not hold; "
+                "they were stored (a restored or replaced database?)",
+                self._label,
+                len(result.refuted),
+                extra={"domain": self._label, "count": len(result.refuted)},
+            )
 
     async def _retry(self, msgs: list[Delivery], exc: RetryLater) -> None:
         """Nak for redelivery, or dead-letter what has used up its deliveries."""
         exhausted = []
         for msg in msgs:
-            delivered = delivery_info(msg)[2]
+            delivered = delivery_info(msg).delivered
             if delivered >= self._max_deliver:
                 exhausted.append(
                     (
@@ -268,13 +382,15 @@ class Intake:
                     )
                 )
             else:
-                await self._nak(msg, exc)
+                await self._settle(msg.nak(delay=self._retry_delay(delivered)))
+                self._metrics.retried.labels(self._label, type(exc).__name__).inc()
+                log.warning(
+                    "will be redelivered: %s",
+                    exc,
+                    extra=message_fields(self.domain, msg),
+                )
         if exhausted:
             await self._dead_letter_all(exhausted)
-
-    async def _nak(self, msg: Delivery, exc: RetryLater) -> None:
-        await self._settle(msg.nak(delay=self._retry_delay(delivery_info(msg)[2])))
-        self._metrics.retried.labels(self._label, type(exc).__name__).inc()
 
     async def _settle(self, ack_or_nak: Awaitable[None]) -> None:
         """Send an ack or nak; if NATS is unreachable, JetStream redelivers after ack_wait."""

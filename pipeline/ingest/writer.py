@@ -58,6 +58,7 @@ class GroupWriter:
         """Store the batch (skipping `known` ids); returns what was stored and what was there.
 
         Raises what `EventStore.write` raises (`StoreUnavailable` when it cannot commit).
+        A batch that fails is that of every caller whose batch shared its transaction.
         """
         request = _Request(batch, known)
         self._waiting.append(request)
@@ -97,5 +98,13 @@ class GroupWriter:
             ids = {a.event_id for a in request.batch}
             mine = (ids & result.stored) - claimed
             claimed |= mine
+            unstorable = {i: e for i, e in result.unstorable.items() if i in ids}
             if not request.done.done():
-                request.done.set_result(WriteResult(stored=mine, duplicates=ids - mine))
+                request.done.set_result(
+                    WriteResult(
+                        stored=mine,
+                        duplicates=ids - mine - unstorable.keys(),
+                        unstorable=unstorable,
+                        refuted=ids & result.refuted,
+                    )
+                )

@@ -24,6 +24,7 @@ from streams import Subjects, status
 from ..app import Worker, apply_streams, connect_nats
 from ..errors import ConfigError, PipelineError
 from ..ingest.deadletter import DeadLetter, DeadLetters
+from ..logs import configure_logging
 from ..metrics import serve_metrics
 from ..settings import Settings
 from .supervisor import supervise
@@ -61,9 +62,13 @@ async def _run_worker(args: argparse.Namespace) -> None:
     async with Worker(settings) as worker:
         server = None
         if settings.metrics_port:
-            server = serve_metrics(worker.metrics, settings.metrics_host, settings.metrics_port)
+            server = serve_metrics(
+                worker.metrics, settings.metrics_host, settings.metrics_port, ready=worker.ready
+            )
             log.info(
-                "metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port
+                "metrics on http://%s:%d/metrics, health on /healthz and /readyz",
+                settings.metrics_host,
+                settings.metrics_port,
             )
         await _stop_event().wait()
         log.info("stopping: finishing the batches in hand")
@@ -175,16 +180,21 @@ def _describe(letter: DeadLetter, *, full: bool) -> str:
         return f"{head}\n    {letter.detail[:160]}"
     body = letter.body.decode("utf-8", errors="replace")
     headers = "\n".join(f"  {k}: {v}" for k, v in letter.headers.items())
-    return (
-        f"{head}\ndetail: {letter.detail}\nheaders:\n{headers}\n"
-        f"body ({len(letter.body)} bytes):\n{body[:4000]}"
-    )
+    if letter.headers_dropped:
+        headers = "  (left out: they did not fit the server's max_payload)"
+    size = f"{len(letter.body)} bytes"
+    if letter.body_bytes is not None:
+        size = (
+            f"the first {len(letter.body)} of {letter.body_bytes} bytes, "
+            f"sha256 {letter.body_sha256}"
+        )
+    return f"{head}\ndetail: {letter.detail}\nheaders:\n{headers}\nbody ({size}):\n{body[:4000]}"
 
 
 async def _dlq(args: argparse.Namespace) -> None:
     settings = _settings()
     nc = await connect_nats(settings)
-    letters = DeadLetters(nc.jetstream(), Subjects(settings.namespace))
+    letters = DeadLetters(nc.jetstream(), Subjects(settings.namespace), max_payload=nc.max_payload)
     domain = Domain(args.domain) if getattr(args, "domain", None) else None
     try:
         if args.action == "list":
@@ -294,9 +304,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pipeline` console script."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        log_format = Settings().log_format
+    except ValidationError:  # the command that needs the settings reports what is wrong
+        log_format = "text"
+    configure_logging(args.log_level, log_format)
     func: Callable[[argparse.Namespace], Coroutine[Any, Any, None]] = args.func
     try:
         asyncio.run(func(args))

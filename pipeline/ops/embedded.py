@@ -6,6 +6,7 @@ are in the `embedded` extra. Each keeps its data in a folder of its own.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -17,7 +18,10 @@ from urllib.parse import parse_qs, urlparse
 
 from ..errors import ConfigError
 
-__all__ = ["EmbeddedNats", "EmbeddedPostgres", "PostgresAddress", "free_port"]
+__all__ = ["MAX_PAYLOAD", "EmbeddedNats", "EmbeddedPostgres", "PostgresAddress", "free_port"]
+
+MAX_PAYLOAD = "9MB"
+"""The embedded server's max_payload, as in deploy/nats.conf: 8 MiB frames and headers."""
 
 _INSTALL_HINT = "install the embedded servers with: pip install 'event-pipeline[embedded]'"
 
@@ -56,12 +60,24 @@ def nats_server_binary() -> Path:
 
 
 class EmbeddedNats:
-    """A `nats-server` with JetStream on 127.0.0.1, storing in `data_dir`."""
+    """A `nats-server` with JetStream on 127.0.0.1, storing in `data_dir`.
 
-    def __init__(self, data_dir: Path, *, port: int | None = None, host: str = "127.0.0.1") -> None:
+    Configured like `deploy/nats.conf` where it matters to the pipeline: `max_payload`
+    leaves room for 8 MiB frames. Its log goes to `data_dir/nats-server.log`.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        max_payload: str = MAX_PAYLOAD,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port(host)
+        self.max_payload = max_payload
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -72,18 +88,15 @@ class EmbeddedNats:
     def start(self, timeout_s: float = 10.0) -> str:
         """Start the server and wait until it accepts connections; returns its URL."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.data_dir / "nats-server.conf"
+        config.write_text(
+            f"listen: {self.host}:{self.port}\n"
+            f"max_payload: {self.max_payload}\n"
+            f"jetstream {{ store_dir: {json.dumps(str(self.data_dir / 'jetstream'))} }}\n"
+        )
         log = (self.data_dir / "nats-server.log").open("ab")
         self._process = subprocess.Popen(
-            [
-                str(nats_server_binary()),
-                "-js",
-                "-sd",
-                str(self.data_dir / "jetstream"),
-                "-a",
-                self.host,
-                "-p",
-                str(self.port),
-            ],
+            [str(nats_server_binary()), "-c", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
         )

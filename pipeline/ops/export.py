@@ -8,13 +8,15 @@ from pathlib import Path
 
 from faststream.nats import NatsBroker
 from faststream.specification import AsyncAPI
+from pydantic import BaseModel
 
 import handlers
 from schemas import SCHEMAS, Domain, FrameAnalyzedV1, FrameSkippedV1
 from streams import Subjects
 
 from ..ingest.intake import Delivery
-from ..settings import ALL_DOMAINS, Settings
+from ..settings import ALL_DOMAINS, EVENT_DOMAINS, Settings
+from ..store.domain import aggregate_class
 
 __all__ = ["export_schemas"]
 
@@ -29,9 +31,16 @@ class _Described:
         raise RuntimeError("a broker built for its specification does not consume")
 
 
+def _version(domain: Domain, event: str) -> int:
+    """The payload version (`class_version`) of one of a domain's event classes."""
+    version: int = getattr(getattr(aggregate_class(domain), event), "class_version", 1)
+    return version
+
+
 def export_schemas(directory: Path, settings: Settings) -> list[Path]:
-    """Write `<domain>.v<major>.json` for every inbound model, `event.<Name>.v1.json` for the
-    frame events' payloads and `asyncapi.json`; returns the paths."""
+    """Write `<domain>.v<major>.json` for every inbound model, `event.<Event>.v<N>.json` for
+    the stored events' payloads (N: the payload version) and `asyncapi.json`; returns the
+    paths."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for domain, schema in SCHEMAS.items():
@@ -39,9 +48,17 @@ def export_schemas(directory: Path, settings: Settings) -> list[Path]:
             path = directory / f"{domain.value}.v{major}.json"
             path.write_text(json.dumps(model.model_json_schema(), indent=2) + "\n")
             written.append(path)
-    # Payloads of the stored frame events, for readers of the event store.
-    for name, payload in (("FrameAnalyzed", FrameAnalyzedV1), ("FrameSkipped", FrameSkippedV1)):
-        path = directory / f"event.{name}.v1.json"
+    # Payloads of the stored events, in their current versions, for readers of the store.
+    payloads: list[tuple[str, int, type[BaseModel]]] = [
+        (f"{aggregate_class(d).__name__}.Recorded", _version(d, "Recorded"), SCHEMAS[d].payload)
+        for d in EVENT_DOMAINS
+    ]
+    payloads += [
+        ("CameraFrame.FrameAnalyzed", _version(Domain.FRAMES, "FrameAnalyzed"), FrameAnalyzedV1),
+        ("CameraFrame.FrameSkipped", _version(Domain.FRAMES, "FrameSkipped"), FrameSkippedV1),
+    ]
+    for name, version, payload in payloads:
+        path = directory / f"event.{name}.v{version}.json"
         path.write_text(json.dumps(payload.model_json_schema(), indent=2) + "\n")
         written.append(path)
     subjects = Subjects(settings.namespace)

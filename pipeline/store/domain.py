@@ -3,6 +3,15 @@
 The aggregate id is uuid5 of the domain and the producer's message id, so a second copy
 of a message maps to the same (id, version 1) and the event store's primary key
 rejects it, whichever worker or delivery it comes from.
+
+Each event class has a payload version (eventsourcing's `class_version`, stored with
+the event when above 1). An event stored in an older version is upcast when it is read,
+one `upcast_vN_vN+1` at a time, so readers only ever see the current payload:
+- `Recorded` of security, monitoring and metrics: v1 kept the message whole in the
+  payload; v2 keeps `id` and `schema_version` beside it only (as `message_id` and
+  `schema_version`, the version the producer sent), and the payload as
+  `schemas.SCHEMAS[domain].payload` describes it;
+- `FrameAnalyzed` and `FrameSkipped`: v1, `schemas.FrameAnalyzedV1` / `FrameSkippedV1`.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from typing import Any, ClassVar
 from eventsourcing.domain import Aggregate
 from eventsourcing.utils import register_topic
 
-from schemas import Domain
+from schemas import ENVELOPE, Domain
 
 __all__ = [
     "CameraFrame",
@@ -70,6 +79,12 @@ class RecordedMessage(Aggregate):
         return self.created_on
 
 
+def _drop_envelope(state: dict[str, Any]) -> None:
+    """v1 -> v2 of a `Recorded` payload: `id` and `schema_version` live beside it."""
+    payload = state["payload"]
+    state["payload"] = {k: v for k, v in payload.items() if k not in ENVELOPE}
+
+
 class SecurityEvent(RecordedMessage):
     """A security event (door forced, badge swipe, alarm)."""
 
@@ -77,6 +92,9 @@ class SecurityEvent(RecordedMessage):
 
     class Recorded(RecordedMessage.Recorded):
         """The message was accepted and stored."""
+
+        class_version = 2
+        upcast_v1_v2 = staticmethod(_drop_envelope)
 
     # Restated: the aggregate metaclass builds each class's creation from its own __init__.
     __init__ = RecordedMessage.__init__
@@ -90,6 +108,9 @@ class HealthReport(RecordedMessage):
     class Recorded(RecordedMessage.Recorded):
         """The message was accepted and stored."""
 
+        class_version = 2
+        upcast_v1_v2 = staticmethod(_drop_envelope)
+
     # Restated: the aggregate metaclass builds each class's creation from its own __init__.
     __init__ = RecordedMessage.__init__
 
@@ -101,6 +122,9 @@ class MetricsBatch(RecordedMessage):
 
     class Recorded(RecordedMessage.Recorded):
         """The message was accepted and stored."""
+
+        class_version = 2
+        upcast_v1_v2 = staticmethod(_drop_envelope)
 
     # Restated: the aggregate metaclass builds each class's creation from its own __init__.
     __init__ = RecordedMessage.__init__
@@ -132,6 +156,7 @@ _BY_DOMAIN: dict[Domain, type[RecordedMessage]] = {
 def aggregate_class(domain: Domain) -> type[RecordedMessage]:
     """The aggregate that records messages of a domain."""
     return _BY_DOMAIN[domain]
+
 
 # Events stored before the store moved into its own package name this module
 # `pipeline.domain`: their topics still resolve.

@@ -4,19 +4,33 @@ Every accepted message is stored as the single `Recorded` event of its own aggre
 identified by uuid5(domain, message id). A batch is one transaction and one statement
 that inserts only the ids not stored yet, under the table lock every writer takes, so
 two workers racing on the same id cannot both store it (see `recorder.py`).
+
+Failures are sorted by what they say about the messages. A server that is down,
+read-only, out of connections or holding the lock too long raises `StoreUnavailable`:
+nothing is wrong with the batch. A message the store refuses (it cannot be encoded, or
+PostgreSQL reports a data or integrity error) is set aside as unstorable, with the
+error: the batch is split until the culprits are alone, and the rest is stored.
 """
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from typing import Any
 
+import psycopg
 from eventsourcing.application import Application
-from eventsourcing.persistence import PersistenceError, StoredEvent, Transcoder
+from eventsourcing.persistence import (
+    DataError,
+    IntegrityError,
+    PersistenceError,
+    StoredEvent,
+    Transcoder,
+)
 from eventsourcing.utils import get_topic
 from psycopg.sql import SQL, Identifier
 
@@ -28,6 +42,10 @@ from .recorder import ColumnarRecorder
 from .transcoder import OrjsonTranscoder
 
 __all__ = ["Accepted", "EventStore", "Journal", "WriteResult"]
+
+
+def _uuid(value: uuid.UUID | str) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(value)
 
 
 class Journal(Application[uuid.UUID]):
@@ -65,24 +83,44 @@ class Accepted:
 
 @dataclass
 class WriteResult:
-    """Which ids a write stored and which were already there."""
+    """What a write did with each id of its batch."""
 
     stored: set[uuid.UUID] = field(default_factory=set)
     duplicates: set[uuid.UUID] = field(default_factory=set)
+    """Ids the store already held (the store's word: cache hints are confirmed)."""
+    unstorable: dict[uuid.UUID, str] = field(default_factory=dict)
+    """Ids the store refused, with the error: dead-letter those messages."""
+    refuted: set[uuid.UUID] = field(default_factory=set)
+    """Ids the cache called stored that the store did not hold (they are in `stored` now)."""
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `exc` or an exception it was raised from is a `kind`."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, kind):
+            return True
+        cause = cause.__cause__
+    return False
+
+
+def _tied_to_a_message(exc: PersistenceError) -> bool:
+    """A data or integrity error comes from a row; anything else is the server's state."""
+    return isinstance(exc, DataError | IntegrityError)
 
 
 class EventStore:
     """Batch writes and look-ups on the Journal's event table."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        try:
-            self.journal = Journal(env=env)
-        except PersistenceError as exc:
-            raise StoreUnavailable(f"cannot open the event store: {exc}") from exc
+        self._env = env
+        self.journal = self._open()
         recorder = self.journal.recorder
         assert isinstance(recorder, ColumnarRecorder)
         self._recorder = recorder
         self._mapper = self.journal.mapper
+        self._broken = False
+        self._renewing = threading.Lock()
         self._topics: dict[Domain, str] = {d: get_topic(aggregate_class(d)) for d in Domain}
         table = SQL("{}.{}").format(
             Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name)
@@ -92,9 +130,61 @@ class EventStore:
             "SELECT originator_id FROM {} WHERE originator_id = ANY(%s) AND originator_version = 1"
         ).format(table)
 
+    def _open(self) -> Journal:
+        try:
+            return Journal(env=self._env)
+        except PersistenceError as exc:
+            raise StoreUnavailable(f"cannot open the event store: {exc}") from exc
+
     def close(self) -> None:
         """Close the connection pool."""
         self.journal.close()
+
+    def _renew(self) -> None:
+        """After a failure, a new connection pool once the server answers again.
+
+        The old pool would reconnect too, but its retries back off to minutes after a
+        long outage; a new pool connects at once. Raises `StoreUnavailable` while the
+        server does not answer (tried with one plain connection, so nothing leaks).
+        """
+        with self._renewing:
+            if self._broken:
+                self._renew_now()
+
+    def _renew_now(self) -> None:
+        env = self._env
+        try:
+            psycopg.connect(
+                host=env["POSTGRES_HOST"],
+                port=env["POSTGRES_PORT"],
+                dbname=env["POSTGRES_DBNAME"],
+                user=env["POSTGRES_USER"],
+                password=env["POSTGRES_PASSWORD"],
+                connect_timeout=int(env["POSTGRES_CONNECT_TIMEOUT"]),
+            ).close()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"the database does not answer: {exc}") from exc
+        journal = self._open()
+        recorder = journal.recorder
+        assert isinstance(recorder, ColumnarRecorder)
+        old = self.journal
+        self.journal, self._recorder, self._mapper = journal, recorder, journal.mapper
+        self._broken = False
+        old.close()
+
+    def ping(self) -> None:
+        """Check that the database answers and accepts writes; raises `StoreUnavailable`."""
+        if self._broken:
+            self._renew()
+        try:
+            with self._recorder.datastore.transaction(commit=False) as curs:
+                curs.execute("SELECT current_setting('transaction_read_only') AS ro")
+                row = curs.fetchone()
+        except PersistenceError as exc:
+            self._broken = True
+            raise StoreUnavailable(str(exc)) from exc
+        if row is not None and row["ro"] == "on":
+            raise StoreUnavailable("the database is read-only (a standby?)")
 
     def count(self) -> int:
         """Number of stored events."""
@@ -105,7 +195,7 @@ class EventStore:
             return int(row["n"])
 
     def stored(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-        """Which of `ids` are stored already. Raises `StoreUnavailable`."""
+        """Which of `ids` are stored already (no lock taken). Raises `StoreUnavailable`."""
         if not ids:
             return set()
         try:
@@ -118,18 +208,63 @@ class EventStore:
     def write(self, batch: Sequence[Accepted], known: set[uuid.UUID] | None = None) -> WriteResult:
         """Store each message of the batch that is not stored yet, in one transaction.
 
-        `known` holds ids already known to be stored (from the cache); they are skipped.
+        `known` holds ids a cache believes stored: they are not sent, and the store
+        confirms them in the same statement (any it does not hold are stored after all).
         Raises `StoreUnavailable` when the database cannot commit.
         """
-        result = WriteResult(duplicates=set(known or ()))
-        # One row per id: a statement cannot insert the same key twice.
-        todo = list({a.event_id: a for a in batch if a.event_id not in result.duplicates}.values())
+        if self._broken:
+            self._renew()
         try:
-            result.stored = self._recorder.insert_new([self._to_stored(a) for a in todo])
-        except PersistenceError as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        result.duplicates.update(a.event_id for a in todo if a.event_id not in result.stored)
+            return self._write(batch, set(known or ()))
+        except StoreUnavailable as exc:
+            # A lock wait says nothing about the connections; anything else may.
+            self._broken = not _caused_by(exc, psycopg.errors.LockNotAvailable)
+            raise
+
+    def _write(self, batch: Sequence[Accepted], hints: set[uuid.UUID]) -> WriteResult:
+        result = WriteResult()
+        # One row per id: a statement cannot insert the same key twice.
+        todo = {a.event_id: a for a in batch if a.event_id not in hints}
+        rows = self._encode(todo.values(), result)
+        present = self._insert(rows, sorted(hints), result) if rows else self.stored(list(hints))
+        result.duplicates = (present & hints) | (set(todo) - result.stored - set(result.unstorable))
+        result.refuted = hints - present
+        if result.refuted:  # the cache was wrong (another or an older database): store them
+            refuted = {a.event_id: a for a in batch if a.event_id in result.refuted}
+            self._insert(self._encode(refuted.values(), result), [], result)
+            result.duplicates |= result.refuted - result.stored - set(result.unstorable)
         return result
+
+    def _encode(self, batch: Iterable[Accepted], result: WriteResult) -> list[StoredEvent]:
+        """The stored events of `batch`; a message that cannot be encoded is unstorable."""
+        rows = []
+        for accepted in batch:
+            try:
+                rows.append(self._to_stored(accepted))
+            except Exception as exc:
+                result.unstorable[accepted.event_id] = f"cannot encode the event: {exc!r}"
+        return rows
+
+    def _insert(
+        self, rows: list[StoredEvent], confirm: list[uuid.UUID], result: WriteResult
+    ) -> set[uuid.UUID]:
+        """Insert `rows`, splitting off those the store refuses; returns confirmed hints."""
+        try:
+            stored: set[uuid.UUID]
+            present: set[uuid.UUID]
+            stored, present = self._recorder.insert_new(rows, confirm)
+        except PersistenceError as exc:
+            if not _tied_to_a_message(exc):
+                raise StoreUnavailable(str(exc)) from exc
+            if len(rows) == 1:
+                result.unstorable[_uuid(rows[0].originator_id)] = f"{type(exc).__name__}: {exc}"
+                return self.stored(confirm) if confirm else set()
+            half = len(rows) // 2
+            present = self._insert(rows[:half], confirm, result)
+            self._insert(rows[half:], [], result)
+            return present
+        result.stored |= stored
+        return present
 
     def _to_stored(self, accepted: Accepted) -> StoredEvent:
         # Fields are set by eventsourcing's event dataclasses.

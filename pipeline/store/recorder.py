@@ -5,7 +5,10 @@ stock recorder (so notification ids commit in order), notifies listeners, and in
 only the rows whose id is not stored yet, returning the ids it stored. Because every
 writer takes that lock first, the existence check and the insert cannot be raced by
 another worker. The whole transaction is a single statement: no client round trip
-happens while the table lock is held.
+happens while the table lock is held. The same statement also reports which of the
+ids a cache believed stored (`confirm`) the table does hold, so a cache is never
+believed on its own word. A lock wait longer than the datastore's `lock_timeout` fails
+the statement (a transient error: the caller tries again later).
 
 Ids and states travel as one bytea each (the states with the start and length of each
 one) and topics as indexes into the few distinct names: psycopg renders a list element
@@ -41,12 +44,19 @@ class ColumnarRecorder(PostgresApplicationRecorder):
         schema = Identifier(datastore.schema)
         table = Identifier(events_table_name)
         function = Identifier(f"{events_table_name}_insert_new")
+        # The earlier signature (without `confirm`) is replaced.
+        self.sql_create_statements.append(
+            SQL(
+                "DROP FUNCTION IF EXISTS {schema}.{function}("
+                "bytea, bigint[], text[], int[], bytea, int[], int[])"
+            ).format(schema=schema, function=function)
+        )
         self.sql_create_statements.append(
             SQL(
                 "CREATE OR REPLACE FUNCTION {schema}.{function}("
                 "ids bytea, versions bigint[], topic_names text[], topic_idx int[], "
-                "states bytea, starts int[], lengths int[]) "
-                "RETURNS SETOF uuid LANGUAGE plpgsql AS $BODY$ "
+                "states bytea, starts int[], lengths int[], confirm uuid[]) "
+                "RETURNS TABLE (id uuid, inserted boolean) LANGUAGE plpgsql AS $BODY$ "
                 "BEGIN "
                 "SET LOCAL lock_timeout = '{lock_timeout}s'; "
                 "LOCK TABLE {schema}.{table} IN EXCLUSIVE MODE; "
@@ -61,7 +71,9 @@ class ColumnarRecorder(PostgresApplicationRecorder):
                 "WITH ORDINALITY AS u(v, ti, st, ln, n)) AS b "
                 "WHERE NOT EXISTS (SELECT 1 FROM {schema}.{table} e "
                 "WHERE e.originator_id = b.i AND e.originator_version = b.v) "
-                "RETURNING t.originator_id; "
+                "RETURNING t.originator_id, true; "
+                "RETURN QUERY SELECT c.originator_id, false FROM {schema}.{table} c "
+                "WHERE c.originator_id = ANY(confirm) AND c.originator_version = 1; "
                 "END; $BODY$"
             ).format(
                 schema=schema,
@@ -71,9 +83,9 @@ class ColumnarRecorder(PostgresApplicationRecorder):
                 channel=Identifier(self.channel_name),
             )
         )
-        self._call_insert_new = SQL(
-            "SELECT * FROM {}.{}(%s, %s, %s, %s, %s, %s, %s) AS r(originator_id)"
-        ).format(schema, function)
+        self._call_insert_new = SQL("SELECT * FROM {}.{}(%s, %s, %s, %s, %s, %s, %s, %s)").format(
+            schema, function
+        )
 
     def create_table(self) -> None:
         """Create the table, types and functions; workers starting together take turns."""
@@ -91,10 +103,13 @@ class ColumnarRecorder(PostgresApplicationRecorder):
                 conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (name,))
 
     @retry((InterfaceError, OperationalError), max_attempts=3, wait=0.2)
-    def insert_new(self, stored_events: Sequence[StoredEvent]) -> set[uuid.UUID]:
-        """Insert the events not stored yet, in one transaction; returns the ids inserted."""
-        if not stored_events:
-            return set()
+    def insert_new(
+        self, stored_events: Sequence[StoredEvent], confirm: Sequence[uuid.UUID] = ()
+    ) -> tuple[set[uuid.UUID], set[uuid.UUID]]:
+        """Insert the events not stored yet, in one transaction.
+
+        Returns the ids inserted, and those of `confirm` that the table holds.
+        """
         # Few distinct topics: each row carries the 1-based index of its topic.
         topics: dict[str, int] = {}
         for e in stored_events:
@@ -114,7 +129,12 @@ class ColumnarRecorder(PostgresApplicationRecorder):
                     b"".join(e.state for e in stored_events),
                     starts,
                     lengths,
+                    list(confirm),
                 ),
                 prepare=True,
             )
-            return {row["originator_id"] for row in curs.fetchall()}
+            inserted: set[uuid.UUID] = set()
+            present: set[uuid.UUID] = set()
+            for row in curs.fetchall():
+                (inserted if row["inserted"] else present).add(row["id"])
+            return inserted, present

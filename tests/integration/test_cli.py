@@ -110,8 +110,11 @@ def test_schemas_export_writes_json_schema_and_asyncapi(
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
         "asyncapi.json",
-        "event.FrameAnalyzed.v1.json",
-        "event.FrameSkipped.v1.json",
+        "event.CameraFrame.FrameAnalyzed.v1.json",
+        "event.CameraFrame.FrameSkipped.v1.json",
+        "event.HealthReport.Recorded.v2.json",
+        "event.MetricsBatch.Recorded.v2.json",
+        "event.SecurityEvent.Recorded.v2.json",
         "frames.v1.json",
         "metrics.v1.json",
         "monitoring.v1.json",
@@ -123,8 +126,11 @@ def test_schemas_export_writes_json_schema_and_asyncapi(
     assert addresses == {"frames.>", "security.>", "monitoring.>", "metrics.>"}
     security = json.loads((tmp_path / "security.v1.json").read_text())
     assert "occurred_at" in security["required"]
-    analyzed = json.loads((tmp_path / "event.FrameAnalyzed.v1.json").read_text())
+    analyzed = json.loads((tmp_path / "event.CameraFrame.FrameAnalyzed.v1.json").read_text())
     assert {"frame", "detections", "model"} <= set(analyzed["required"])
+    recorded = json.loads((tmp_path / "event.SecurityEvent.Recorded.v2.json").read_text())
+    assert "occurred_at" in recorded["required"]
+    assert not {"id", "schema_version"} & set(recorded["properties"])
 
 
 def test_bad_settings_name_the_variable(

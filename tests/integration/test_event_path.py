@@ -11,7 +11,7 @@ from pipeline.app import Worker
 from pipeline.ingest.deadletter import DeadLetters
 from pipeline.ops.simulate import Expect, Traffic
 from pipeline.settings import Settings
-from schemas import Domain
+from schemas import SCHEMAS, Domain
 
 from ..conftest import wait_until
 from .helpers import ids_of, security_body, stored_ids, stored_rows
@@ -38,7 +38,12 @@ async def test_each_domain_is_stored_once_with_its_payload(
         assert version == 1
         assert topic.startswith("pipeline.store.domain:")
         assert state["subject"] == out.subject
-        assert state["payload"]["id"] == out.message_id
+        assert state["message_id"] == out.message_id
+        assert state["class_version"] == 2  # the payload's version
+        assert not {"id", "schema_version"} & set(state["payload"])
+        read = SCHEMAS[out.domain].read(state["payload"]).model_dump(mode="json")
+        sent = json.loads(out.body)
+        assert all(read[k] == sent[k] for k in ("service", "source", "kind") if k in sent)
     topics = {row[2] for row in rows.values()}
     assert topics == {
         "pipeline.store.domain:SecurityEvent.Recorded",
@@ -78,7 +83,7 @@ async def test_monitoring_v1_and_v2_side_by_side_are_stored_as_v2(
         await wait_until(lambda: len(stored_rows(pg_schema)) == 2)
 
         report = worker.store.journal.repository.get(ids_of(Domain.MONITORING, ["h-1"]).pop())
-        assert report.schema_version == "2.0"
+        assert report.schema_version == "1.0", "the version the producer sent"
         assert report.payload["checks"] == [
             {"name": "cache", "status": "ok", "latency_ms": None, "detail": None},
             {"name": "db", "status": "down", "latency_ms": None, "detail": None},

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import nats
+import psycopg
 import pytest
 from nats.aio.client import Client
 
 from pipeline.app import Worker
-from pipeline.errors import Reason
 from pipeline.ingest.deadletter import DeadLetters
 from pipeline.ops.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from pipeline.ops.simulate import Expect, Outgoing, Traffic, publish
 from pipeline.settings import Settings
+from pipeline.store.domain import event_id
 from schemas import Domain
 from streams import Subjects
 
-from ..conftest import REDIS_URL, make_settings, wait_until
+from ..conftest import PG_DB, PG_HOST, REDIS_URL, make_settings, wait_until
 from .helpers import stored_ids, stored_rows
 
 
@@ -89,62 +91,124 @@ async def _count(worker: Worker) -> int:
         return -1
 
 
-async def test_database_down_naks_then_stores_everything_once_it_is_back(
+def _paused(worker: Worker, cause: str) -> float:
+    """How many domains are paused for `cause` right now."""
+    return sum(
+        worker.metrics.registry.get_sample_value(
+            "pipeline_intake_paused", {"domain": d.value, "cause": cause}
+        )
+        or 0.0
+        for d in worker.settings.domains
+    )
+
+
+DEFAULT_DELIVERY = {
+    "ack_wait_s": Settings.model_fields["ack_wait_s"].default,
+    "max_deliver": Settings.model_fields["max_deliver"].default,
+    "retry_backoff_s": Settings.model_fields["retry_backoff_s"].default,
+}
+"""The delivery settings a deployment runs with (the test settings shorten them)."""
+
+
+async def test_postgres_down_for_three_minutes_under_traffic_dead_letters_and_loses_nothing(
     nats_server: EmbeddedNats, embedded_pg: EmbeddedPostgres, nc: Client
 ) -> None:
-    settings = _pg_settings(nats_server.url, embedded_pg, max_deliver=50)
+    settings = _pg_settings(nats_server.url, embedded_pg, **DEFAULT_DELIVERY)
+    assert (settings.max_deliver, settings.ack_wait_s) == (5, 30.0)
+    ledger: list[Outgoing] = []
+    async with Worker(settings) as worker:
+        traffic = Traffic(worker.subjects, seed=21, bad_ratio=0.0)
+        producer = asyncio.create_task(
+            publish(nc.jetstream(), iter(traffic), rate=60, on_published=ledger.append)
+        )
+
+        async def some_stored() -> bool:
+            return await _count(worker) > 100
+
+        await wait_until(some_stored, timeout_s=30)
+        embedded_pg.stop()
+        await wait_until(lambda: _paused(worker, "store") >= 1, timeout_s=60)
+        await asyncio.sleep(180 - 10)
+        assert any("paused (store)" in line for line in worker.ready())
+        assert worker.metrics.total("pipeline_retries") == 0, "an outage uses up no delivery"
+        embedded_pg.start()
+        await asyncio.sleep(10)
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await producer
+        unique = {(o.domain, o.message_id) for o in ledger if o.expect is not Expect.DEAD_LETTER}
+
+        async def all_stored() -> bool:
+            return await _count(worker) == len(unique)
+
+        await wait_until(all_stored, timeout_s=120)
+        await wait_until(lambda: _paused(worker, "store") == 0 and worker.ready() == [])
+        assert worker.metrics.total("pipeline_dead_lettered") == 0
+        assert await DeadLetters(nc.jetstream(), worker.subjects).list() == []
+        assert worker.metrics.total("pipeline_retries") == 0
+        assert worker.store is not None
+        # Every message once: as many events as messages, and each message's among them.
+        found = worker.store.stored([event_id(d, m) for d, m in unique])
+        assert len(found) == len(unique) == await _count(worker)
+    assert len(unique) > 10_000
+
+
+async def test_a_read_only_database_pauses_intake_until_it_takes_writes_again(
+    nats_server: EmbeddedNats, embedded_pg: EmbeddedPostgres, nc: Client
+) -> None:
+    settings = _pg_settings(nats_server.url, embedded_pg, max_deliver=1)
     async with Worker(settings) as worker:
         js = nc.jetstream()
-        traffic = Traffic(worker.subjects, seed=6)
+        traffic = Traffic(worker.subjects, seed=22)
+        _set_read_only(settings, True)
         sent = [traffic.valid(Domain.SECURITY) for _ in range(20)]
-        embedded_pg.stop()
         for out in sent:
             await js.publish(out.subject, out.body, headers=out.headers)
-        await wait_until(lambda: worker.metrics.total("pipeline_retries") >= 20, timeout_s=30)
-        embedded_pg.start()
+        await wait_until(lambda: _paused(worker, "store") == 1)
+        assert "read-only" in " ".join(worker.pauses.active())
+        _set_read_only(settings, False)
 
         async def all_stored() -> bool:
             return await _count(worker) == 20
 
         await wait_until(all_stored, timeout_s=60)
+        await wait_until(lambda: _paused(worker, "store") == 0)
         assert worker.metrics.total("pipeline_dead_lettered") == 0
 
 
-async def test_database_down_past_max_deliver_dead_letters_with_the_error(
-    nats_server: EmbeddedNats, embedded_pg: EmbeddedPostgres, nc: Client
+def _set_read_only(settings: Settings, on: bool) -> None:
+    """Make the whole server refuse writes (as a standby would), or take them again."""
+    with psycopg.connect(
+        host=settings.postgres_host,
+        port=settings.postgres_port,
+        user=settings.postgres_user,
+        dbname=settings.postgres_dbname,
+        autocommit=True,
+    ) as conn:
+        conn.execute(f"ALTER SYSTEM SET default_transaction_read_only = {'on' if on else 'off'}")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+async def test_a_lock_wait_past_the_lock_timeout_pauses_and_then_stores(
+    nats_server: EmbeddedNats, pg_schema: str, nc: Client
 ) -> None:
-    # A long ack wait: only the naks after failed commits count deliveries here, never a
-    # redelivery because a slow machine held a batch past the ack wait.
-    settings = _pg_settings(nats_server.url, embedded_pg, max_deliver=2, ack_wait_s=60.0)
+    settings = make_settings(nats_server.url, pg_schema, postgres_lock_timeout_s=1, max_deliver=1)
     async with Worker(settings) as worker:
         js = nc.jetstream()
-        traffic = Traffic(worker.subjects, seed=7)
-        sent = [traffic.valid(Domain.SECURITY) for _ in range(5)]
-        embedded_pg.stop()
-        for out in sent:
-            await js.publish(out.subject, out.body, headers=out.headers)
-        letters = DeadLetters(js, worker.subjects)
-
-        async def all_dead_lettered() -> bool:
-            return len(await letters.list()) == 5
-
-        await wait_until(all_dead_lettered, timeout_s=60)
-        found = await letters.list()
-        assert {letter.reason for letter in found} == {Reason.RETRIES_EXHAUSTED}
-        assert all(letter.delivered == 2 for letter in found)
-        assert {letter.body for letter in found} == {o.body for o in sent}
-
-        # Once the database is back, requeued dead letters are stored.
-        embedded_pg.start()
-        for letter in found:
-            assert letter.dlq_seq is not None
-            await letters.requeue(letter.dlq_seq)
-
-        async def all_stored() -> bool:
-            return await _count(worker) == 5
-
-        await wait_until(all_stored, timeout_s=60)
-        assert await letters.list() == []
+        traffic = Traffic(worker.subjects, seed=23)
+        with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres") as holder:
+            holder.execute(f'LOCK TABLE "{pg_schema}".journal_events IN EXCLUSIVE MODE')
+            sent = [traffic.valid(Domain.METRICS) for _ in range(10)]
+            for out in sent:
+                await js.publish(out.subject, out.body, headers=out.headers)
+            await wait_until(lambda: _paused(worker, "store") == 1, timeout_s=30)
+            assert "lock" in " ".join(worker.pauses.active())
+            await asyncio.sleep(3)  # several lock waits time out meanwhile
+            holder.rollback()
+        await wait_until(lambda: len(stored_rows(pg_schema)) == 10, timeout_s=30)
+        await wait_until(lambda: _paused(worker, "store") == 0)
+        assert worker.metrics.total("pipeline_dead_lettered") == 0
+        assert worker.metrics.total("pipeline_retries") == 0
 
 
 async def test_nats_restarting_mid_stream_loses_and_doubles_nothing(

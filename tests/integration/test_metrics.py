@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.error
 import urllib.request
 
 from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.app import Worker
+from pipeline.errors import StoreUnavailable
 from pipeline.metrics import serve_metrics
 from pipeline.ops.embedded import free_port
 from pipeline.ops.simulate import Traffic
@@ -18,12 +21,22 @@ from schemas import Domain
 from ..conftest import wait_until
 
 UNIT_SUFFIXES = ("_total", "_seconds", "_messages", "_frames", "_bytes")
+STATES = {"pipeline_intake_paused"}
+"""Gauges of a state (1 or 0), without a unit."""
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 async def test_metrics_are_served_and_well_named(settings: Settings, nc: Client) -> None:
     port = free_port()
     async with Worker(settings) as worker:
-        server = serve_metrics(worker.metrics, "127.0.0.1", port)
+        server = serve_metrics(worker.metrics, "127.0.0.1", port, ready=worker.ready)
         try:
             js = nc.jetstream()
             traffic = Traffic(worker.subjects, seed=9)
@@ -32,10 +45,33 @@ async def test_metrics_are_served_and_well_named(settings: Settings, nc: Client)
             ]:
                 await js.publish(out.subject, out.body, headers=out.headers)
             await wait_until(lambda: worker.metrics.total("pipeline_events_stored") == 30)
-            await asyncio.sleep(1.0)  # one round of the consumer lag poller
-            text = await asyncio.to_thread(
-                lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+            registry = worker.metrics.registry
+            await wait_until(  # a round of the consumer lag poller after the last commit
+                lambda: (
+                    registry.get_sample_value(
+                        "pipeline_consumer_pending_messages", {"domain": "metrics"}
+                    )
+                    == 0
+                    and registry.get_sample_value(
+                        "pipeline_consumer_ack_pending_messages", {"domain": "metrics"}
+                    )
+                    == 0
+                )
             )
+            base = f"http://127.0.0.1:{port}"
+            _, text = await asyncio.to_thread(_get, f"{base}/metrics")
+            assert await asyncio.to_thread(_get, f"{base}/healthz") == (200, '{"status": "alive"}')
+            assert await asyncio.to_thread(_get, f"{base}/readyz") == (
+                200,
+                '{"ready": true, "problems": []}',
+            )
+            worker.pauses.enter("metrics", StoreUnavailable("connection refused"))
+            status, body = await asyncio.to_thread(_get, f"{base}/readyz")
+            assert status == 503
+            assert json.loads(body)["problems"] == [
+                "metrics paused (store) for 0 s: connection refused"
+            ]
+            worker.pauses.leave("metrics", "store")
         finally:
             server.shutdown()
 
@@ -43,7 +79,7 @@ async def test_metrics_are_served_and_well_named(settings: Settings, nc: Client)
     ours = {name: f for name, f in families.items() if name.startswith("pipeline_")}
     for name, family in ours.items():
         assert family.documentation, name
-        assert name.endswith(UNIT_SUFFIXES) or family.type == "counter", name
+        assert name.endswith(UNIT_SUFFIXES) or family.type == "counter" or name in STATES, name
 
     def value(sample_name: str, **labels: str) -> float:
         for family in ours.values():

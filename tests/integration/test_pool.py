@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -12,9 +13,13 @@ import pytest
 
 from pipeline.detection.detector import DetectorConfig
 from pipeline.detection.pool import Analysis, DetectorPool, Frame, PoolConfig, Unreadable
-from pipeline.errors import DetectorUnavailable, Reason
+from pipeline.errors import Reason
+from pipeline.ingest.pause import Pauses
+from pipeline.metrics import Metrics
 from pipeline.ops.simulate import Cameras
 from streams import Subjects
+
+from ..conftest import wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -33,8 +38,9 @@ def _config(model_dir: Path) -> DetectorConfig:
 async def make_pool(model_dir: Path) -> AsyncIterator[type[DetectorPool]]:
     pools: list[DetectorPool] = []
 
-    async def make(**changes: object) -> DetectorPool:
-        pool = DetectorPool(_config(model_dir), PoolConfig(**{"num_cpus": 0.5, **changes}))
+    async def make(pauses: Pauses | None = None, **changes: object) -> DetectorPool:
+        config = PoolConfig(**{"num_cpus": 0.5, **changes})  # type: ignore[arg-type]
+        pool = DetectorPool(_config(model_dir), config, pauses=pauses)
         await pool.start()
         pools.append(pool)
         return pool
@@ -66,12 +72,18 @@ async def test_a_lone_frame_waits_max_wait_then_goes_alone(make_pool, frames: li
 async def test_backpressure_bounds_work_in_hand(make_pool, frames: list[Frame]) -> None:
     pool = await make_pool(max_batch=2, max_wait_s=0.0, max_inflight=1)
     assert pool.config.max_queued == 2
-    futures = [await pool.submit(f) for f in frames[:3]]  # 2 in the actor's batch, 1 queued
-    await asyncio.sleep(0.05)
-    blocked = [asyncio.create_task(pool.submit(f)) for f in frames[3:8]]
-    await asyncio.sleep(0.05)
-    assert sum(t.done() for t in blocked) <= 1, "submit must wait while the queue is full"
-    futures += await asyncio.gather(*blocked)
+    [pid] = await pool.actor_pids()
+    os.kill(pid, signal.SIGSTOP)  # the actor holds its first batch until it is let go
+    try:
+        futures = [await pool.submit(f) for f in frames[:2]]
+        await wait_until(lambda: pool.max_inflight_seen == 1)  # the batch is in the actor
+        futures += [await pool.submit(f) for f in frames[2:4]]  # the queue's two places
+        blocked = asyncio.create_task(pool.submit(frames[4]))
+        done, _ = await asyncio.wait({blocked}, timeout=0.5)
+        assert not done, "submit must wait while the queue is full"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    futures.append(await blocked)
     outcomes = await asyncio.gather(*futures)
     assert all(isinstance(o, Analysis) for o in outcomes)
     assert pool.max_inflight_seen == 1
@@ -81,29 +93,59 @@ async def test_bad_images_get_a_reason(make_pool, frames: list[Frame]) -> None:
     pool = await make_pool()
     junk = Frame(frames[0].body[:20] + b"\x00" * 100, 320, 240)
     wrong = Frame(frames[0].body, 640, 480)
-    good, bad, mismatched = await pool.detect([frames[0], junk, wrong])
+    # A header that reads well, then no image: refused by the decoder itself.
+    cut = Frame(frames[0].body[: len(frames[0].body) // 3], 320, 240)
+    good, bad, mismatched, broken = await pool.detect([frames[0], junk, wrong, cut])
     assert isinstance(good, Analysis)
-    assert bad == Unreadable(Reason.UNDECODABLE_IMAGE, "body is not a decodable image")
+    assert bad == Unreadable(Reason.UNDECODABLE_IMAGE, "the image header cannot be read")
     assert isinstance(mismatched, Unreadable)
     assert mismatched.reason is Reason.DIMENSION_MISMATCH
     assert "320x240" in mismatched.detail
+    assert isinstance(broken, Analysis | Unreadable)  # OpenCV decodes what it can of a cut JPEG
 
 
-async def test_a_killed_actor_fails_its_frames_and_is_restarted(
+async def test_frames_over_the_pixel_limit_are_refused_before_decoding(make_pool) -> None:
+    cameras = Cameras(Subjects(""), width=640, height=480, variants=1, seed=5)
+    pool = await make_pool(max_pixels=100_000)
+    [outcome] = await pool.detect([Frame(cameras.frame().body, 640, 480)])
+    assert outcome == Unreadable(
+        Reason.OVERSIZED, "image is 640x480, over the limit of 100000 pixels"
+    )
+
+
+async def test_a_killed_actors_frames_go_through_once_it_is_restarted(
     make_pool, frames: list[Frame]
 ) -> None:
     pool = await make_pool(max_batch=12, max_wait_s=0.2, max_restarts=1)
     [pid] = await pool.actor_pids()
     futures = [await pool.submit(f) for f in frames]
-    await asyncio.sleep(0.1)  # the batch is on its way to the actor
+    await wait_until(lambda: pool.max_inflight_seen == 1)  # the batch is in the actor
     os.kill(pid, signal.SIGKILL)
+    # Ray restarts the actor; the batch goes back to the queue and through it.
     outcomes = await asyncio.gather(*futures, return_exceptions=True)
-    assert all(isinstance(o, DetectorUnavailable) for o in outcomes), outcomes
-    # Ray restarts the actor; the same frames then go through.
-    again = await pool.detect(frames)
-    assert all(isinstance(o, Analysis) for o in again)
+    assert all(isinstance(o, Analysis) for o in outcomes), outcomes
+    assert await pool.actor_pids() != [pid]
+    assert pool.metrics.detector_failures._value.get() == 1  # type: ignore[attr-defined]
+    assert pool.metrics.detector_restarts._value.get() == 1  # type: ignore[attr-defined]
+
+
+async def test_a_hung_actor_is_replaced_and_its_batch_sent_to_the_new_one(
+    make_pool, frames: list[Frame]
+) -> None:
+    metrics = Metrics()
+    pauses = Pauses(metrics)
+    pool = await make_pool(max_batch=4, max_wait_s=0.0, batch_timeout_s=3.0, pauses=pauses)
+    [pid] = await pool.actor_pids()
+    os.kill(pid, signal.SIGSTOP)  # alive, but it never answers
+    try:
+        outcomes = await asyncio.wait_for(pool.detect(frames[:4]), timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert all(isinstance(o, Analysis) for o in outcomes), outcomes
     assert await pool.actor_pids() != [pid]
     assert pool.metrics.detector_restarts._value.get() == 1  # type: ignore[attr-defined]
+    assert pauses.active() == []
 
 
 async def test_two_actors_give_the_same_results_as_one(make_pool, frames: list[Frame]) -> None:

@@ -42,7 +42,8 @@ def test_names_under_a_namespace() -> None:
     assert s.subject(Domain.SECURITY, 1, "door-7") == "acme.security.v1.door-7"
     assert s.wildcard(Domain.METRICS) == "acme.metrics.>"
     assert s.stream(Domain.FRAMES) == "ACME_FRAMES"
-    assert s.dead_letter(Domain.MONITORING) == "acme.dlq.monitoring"
+    assert s.dead_letter(Domain.MONITORING, 42, 1700) == "acme.dlq.monitoring.42.1700"
+    assert s.dead_letters(Domain.MONITORING) == "acme.dlq.monitoring.>"
     assert s.dead_letter_stream() == "ACME_DLQ"
     assert s.durable(Domain.SECURITY) == "pipeline-security"
     with pytest.raises(SubjectError, match="namespace"):

@@ -1,0 +1,148 @@
+"""Dead letters on a real NATS server: written once for ever, and always storable."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from pipeline.app import Worker, apply_streams
+from pipeline.errors import ConfigError, PipelineError, Reason
+from pipeline.ingest.deadletter import DeadLetters
+from pipeline.ingest.intake import Intake
+from pipeline.ingest.pause import Pauses
+from pipeline.metrics import Metrics
+from pipeline.ops.embedded import EmbeddedNats
+from pipeline.settings import ALL_DOMAINS, Settings
+from schemas import Domain
+from streams import Subjects
+
+from ..conftest import make_settings, wait_until
+
+
+class DiesBeforeTheAck:
+    """A delivered message whose worker dies after the DLQ publish, before the ack."""
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+        self.subject, self.reply, self.data, self.headers = (
+            msg.subject,
+            msg.reply,
+            msg.data,
+            msg.headers,
+        )
+
+    @property
+    def metadata(self) -> Any:
+        return self._msg.metadata
+
+    async def ack(self) -> None:
+        pass  # the process is gone: JetStream redelivers after ack_wait
+
+    async def nak(self, delay: float | None = None) -> None:
+        await self._msg.nak(delay)
+
+    async def in_progress(self) -> None:
+        await self._msg.in_progress()
+
+
+class Unused:
+    async def write(self, *args: object) -> None:
+        raise AssertionError("nothing here is valid")
+
+
+async def test_a_letter_is_written_once_when_its_source_comes_back_after_the_window(
+    settings: Settings, nc: Client
+) -> None:
+    await apply_streams(nc, settings)
+    subjects = Subjects(settings.namespace)
+    jsm, js = nc.jsm(), nc.jetstream()
+    # A short duplicate window on the DLQ, shorter than the ack wait below.
+    dlq = (await jsm.stream_info(subjects.dead_letter_stream())).config
+    await jsm.update_stream(dataclasses.replace(dlq, duplicate_window=1.0))
+    sub = await js.pull_subscribe(
+        subjects.wildcard(Domain.SECURITY),
+        durable="dies",
+        stream=subjects.stream(Domain.SECURITY),
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=2.0),
+    )
+    metrics = Metrics()
+    intake = Intake(
+        Domain.SECURITY,
+        subjects=subjects,
+        writer=Unused(),  # type: ignore[arg-type]
+        dead_letters=DeadLetters(js, subjects, max_payload=nc.max_payload),
+        metrics=metrics,
+        pauses=Pauses(metrics),
+        max_deliver=5,
+        ack_wait_s=2.0,
+        max_message_bytes=10_000,
+        retry_delay=lambda n: 0.0,
+    )
+    await js.publish("security.v1.door-7", b"not json", headers={"Nats-Msg-Id": "bad-1"})
+
+    [first] = await sub.fetch(1, timeout=5)
+    await intake.handle([DiesBeforeTheAck(first)])
+    await asyncio.sleep(2.5)  # past the DLQ's duplicate window and the ack wait
+    [again] = await sub.fetch(1, timeout=10)
+    assert again.metadata.num_delivered == 2
+    await intake.handle([again])
+    await intake.stop()
+
+    letters = await DeadLetters(js, subjects).list()
+    assert [(letter.reason, letter.stream_seq) for letter in letters] == [(Reason.INVALID_JSON, 1)]
+    info = await jsm.consumer_info(subjects.stream(Domain.SECURITY), "dies")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_a_letter_larger_than_max_payload_keeps_what_fits_its_length_and_hash(
+    tmp_path: Path, pg_schema: str
+) -> None:
+    server = EmbeddedNats(tmp_path / "small", max_payload="65536")
+    server.start()
+    try:
+        settings = make_settings(server.url, pg_schema, max_message_bytes=1000)
+        async with Worker(settings) as worker:
+            nc = await nats.connect(server.url)
+            js = nc.jetstream()
+            body = bytes(range(256)) * 255  # 65,280 bytes: fits alone, not with a letter's headers
+            await js.publish("security.v1.door-7", body, headers={"Nats-Msg-Id": "huge-1"})
+            letters = DeadLetters(js, worker.subjects)
+
+            async def one_letter() -> bool:
+                return len(await letters.list()) == 1
+
+            await wait_until(one_letter)
+            [letter] = await letters.list()
+            assert letter.reason is Reason.OVERSIZED
+            assert letter.body_bytes == len(body) and body.startswith(letter.body)
+            assert letter.body_sha256 == hashlib.sha256(body).hexdigest()
+            assert letter.headers.get("Nats-Msg-Id") == "huge-1"
+            assert letter.dlq_seq is not None
+            with pytest.raises(PipelineError, match="cannot be requeued"):
+                await letters.requeue(letter.dlq_seq)
+            await nc.close()
+    finally:
+        server.stop()
+
+
+async def test_a_worker_refuses_a_server_that_cannot_carry_its_frames(
+    tmp_path: Path, pg_schema: str
+) -> None:
+    server = EmbeddedNats(tmp_path / "default", max_payload="1MB")
+    server.start()
+    try:
+        settings = make_settings(server.url, pg_schema, domains=ALL_DOMAINS)
+        with pytest.raises(ConfigError, match=r"PIPELINE_MAX_FRAME_BYTES.*max_payload"):
+            async with Worker(settings):
+                pass
+    finally:
+        server.stop()
