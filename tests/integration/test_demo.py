@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -27,6 +28,7 @@ def test_demo_processes_traffic_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # a process group of its own, as in a terminal
     )
     assert proc.stdout is not None
     lines: list[str] = []
@@ -40,7 +42,8 @@ def test_demo_processes_traffic_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             if match and int(match.group(1)) > 500 and min(map(int, match.groups()[1:])) > 0:
                 break
             assert time.monotonic() < deadline, "".join(lines[-20:])
-        proc.send_signal(signal.SIGINT)
+        # Ctrl-C in a terminal signals the whole foreground process group.
+        os.killpg(proc.pid, signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -53,5 +56,10 @@ def test_demo_processes_traffic_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     analysed = re.search(r"final: .*frames analysed\s+(\d+)", output)
     assert analysed and int(analysed.group(1)) > 0, output[-3000:]
     assert "stopped" in output
+    # A clean first minute: the demo's own lines first, and no traceback at the end.
+    assert lines[0].startswith("NATS nats://127.0.0.1:"), lines[:5]
+    assert all(re.match(r"(NATS|detector|metrics on|published) ", line) for line in lines), lines
+    assert "Traceback" not in output and "exception was never retrieved" not in output, output
+    assert (tmp_path / "demo" / "embedded-postgres.log").stat().st_size > 0
     # The embedded servers are gone with the demo.
     assert not (tmp_path / "demo" / "postgres" / "postmaster.pid").exists()

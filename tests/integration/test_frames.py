@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import struct
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,6 +47,12 @@ async def _publish(nc: Client, messages: list[Outgoing]) -> None:
         await js.publish(out.subject, out.body, headers=out.headers)
 
 
+def _jpeg_header(width: int, height: int) -> bytes:
+    """The start of a baseline JPEG: SOI and a start-of-frame segment, no image data."""
+    sof = struct.pack(">BHHB", 8, height, width, 3) + b"\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+    return b"\xff\xd8\xff\xc0" + struct.pack(">H", len(sof) + 2) + sof + b"\xff\xd9"
+
+
 async def test_frames_are_stored_once_with_detections_and_bad_ones_dead_lettered(
     nats_server: EmbeddedNats, pg_schema: str, nc: Client, model_dir: Path
 ) -> None:
@@ -67,6 +74,21 @@ async def test_frames_are_stored_once_with_detections_and_bad_ones_dead_lettered
                 png_header.message_id,
                 png_header.expect,
                 "undecodable_image",
+            )
+        )
+        # A decompression bomb: a few bytes announcing 192 megapixels, refused undecoded.
+        bomb = cameras.frame()
+        cameras._recent.pop()
+        bomb_headers = {**bomb.headers, "Frame-Width": "16000", "Frame-Height": "12000"}
+        bad.append(
+            Outgoing(
+                bomb.subject,
+                _jpeg_header(16000, 12000),
+                bomb_headers,
+                Domain.FRAMES,
+                bomb.message_id,
+                bomb.expect,
+                "oversized",
             )
         )
         duplicates = [cameras.duplicate() for _ in range(5)]

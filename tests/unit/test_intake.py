@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,10 +12,13 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from pipeline.errors import DeadLetterUnavailable, Reason, StoreUnavailable
 from pipeline.ingest.deadletter import DeadLetter
 from pipeline.ingest.intake import Intake, delivery_info
 from pipeline.ingest.pause import Pauses
+from pipeline.logs import JsonFormatter
 from pipeline.metrics import Metrics
 from pipeline.store.eventstore import Accepted, WriteResult
 from schemas import Domain
@@ -266,3 +270,28 @@ def test_delivery_info_reads_both_ack_subject_formats() -> None:
     fallback = Setup().msg(5, delivered=4)
     assert delivery_info(fallback)[:3] == ("SECURITY", 5, 4)
     assert delivery_info(fallback).stored_ns == 1_795_737_600_000_000_000
+
+
+async def test_lines_about_a_message_carry_its_domain_subject_sequence_and_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    s = Setup(refuse={"m2"})
+    bad = s.msg(1, body=b"not json")
+    bad.headers = {"Nats-Msg-Id": "m1"}
+    refused = s.msg(2)
+    refused.headers = {"Nats-Msg-Id": "m2"}
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        await s.intake.handle([bad, refused])
+        await s.intake.flush()
+    lines = [
+        json.loads(JsonFormatter().format(r)) for r in caplog.records if "dead-lettered" in r.msg
+    ]
+    assert [(line["reason"], line["stream_seq"], line["message_id"]) for line in lines] == [
+        ("invalid_json", 1, "m1"),
+        ("unstorable", 2, "m2"),
+    ]
+    assert all(
+        (line["domain"], line["subject"], line["level"])
+        == ("security", "security.v1.door-7", "INFO")
+        for line in lines
+    )
