@@ -84,7 +84,22 @@ async def apply_streams(nc: Client, settings: Settings) -> list[Applied]:
     streams = stream_configs(
         subjects, replicas=settings.stream_replicas, frames_max_bytes=settings.frames_max_bytes
     )
+    await _adopt_legacy_dead_letters(nc, subjects)
     return await apply(nc.jsm(), streams, consumers)
+
+
+async def _adopt_legacy_dead_letters(nc: Client, subjects: Subjects) -> None:
+    """Move an earlier release's dead letters to subjects of their own, before the DLQ
+    stream starts keeping one message per subject (see `DeadLetters.adopt_legacy`)."""
+    try:
+        info = await nc.jsm().stream_info(subjects.dead_letter_stream())
+    except NotFoundError:
+        return
+    if info.config.max_msgs_per_subject == 1:
+        return
+    moved = await DeadLetters(nc.jetstream(), subjects, max_payload=nc.max_payload).adopt_legacy()
+    if moved:
+        log.warning("moved %d dead letters of an earlier release to subjects of their own", moved)
 
 
 class Worker:
@@ -205,6 +220,15 @@ class Worker:
             # then drain the connection.
             for subscriber in self._broker.subscribers:
                 await subscriber.stop()
+            if self.pool is not None:
+                # Frames in the pool get a batch's time to be analysed and stored; then
+                # the pool stops and those still waiting for an actor are given back.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        asyncio.gather(*(i.flush() for i in self._intakes)),
+                        self.settings.detector_batch_timeout_s,
+                    )
+                await self.pool.stop()
             for intake in self._intakes:
                 await intake.stop()
             self._intakes.clear()

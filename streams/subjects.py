@@ -75,6 +75,10 @@ class Subjects:
         """Every dead letter of a domain."""
         return f"{self._prefix}dlq.{domain.value}.>"
 
+    def legacy_dead_letters(self, domain: Domain) -> str:
+        """The one subject of all a domain's dead letters in releases before per-letter ones."""
+        return f"{self._prefix}dlq.{domain.value}"
+
     def dead_letter_wildcard(self) -> str:
         """Every dead-letter subject."""
         return f"{self._prefix}dlq.>"

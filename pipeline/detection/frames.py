@@ -76,7 +76,26 @@ class FrameIntake(Intake):
     async def handle(self, batch: Sequence[Delivery]) -> None:
         """Check a batch, record stale frames, hand the rest to the pool; returns once queued."""
         started, received_at = self._received(batch)
+        # Frames waiting for a slow (or absent) detector are kept from redelivery.
+        hold = self._hold(batch)
+        try:
+            task = await self._queue(batch, received_at, started)
+        except BaseException:
+            # Stopping while the pool is full: unacked, these are redelivered later.
+            self._release(hold)
+            raise
+        if task is None:
+            self._release(hold)
+            self._observe(started)
+            return
+        task.add_done_callback(lambda _: self._release(hold))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
+    async def _queue(
+        self, batch: Sequence[Delivery], received_at: datetime, started: float
+    ) -> asyncio.Task[None] | None:
+        """Settle what needs no model; submit the rest. The task that finishes the batch."""
         rejected: list[tuple[Delivery, DeadLetter]] = []
         stale: list[tuple[Delivery, Accepted]] = []
         fresh: list[tuple[Delivery, FrameMetaV1]] = []
@@ -98,35 +117,20 @@ class FrameIntake(Intake):
             await self._dead_letter_all(rejected)
         if stale:
             self._metrics.frames.labels("skipped").inc(len(stale))
-
         if fresh:
             fresh = await self._drop_known(fresh)
-        # Frames waiting for a slow (or absent) detector are kept from redelivery.
-        in_hand = [m for m, _ in fresh]
-        hold = self._hold(in_hand)
         futures: list[asyncio.Future[Outcome]] = []
-        try:
-            for i, (msg, meta) in enumerate(fresh):
-                try:
-                    frame = Frame(msg.data, meta.width, meta.height)
-                    futures.append(await self._pool.submit(frame))
-                except RetryLater as exc:  # the pool is stopping: the rest are redelivered
-                    self._metrics.frames.labels("failed").inc(len(fresh) - i)
-                    await self._retry([m for m, _ in fresh[i:]], exc)
-                    fresh = fresh[:i]
-                    break
-        except BaseException:
-            # Stopping while the pool is full: unacked, these are redelivered later.
-            self._release(hold)
-            raise
+        for i, (msg, meta) in enumerate(fresh):
+            try:
+                futures.append(await self._pool.submit(Frame(msg.data, meta.width, meta.height)))
+            except RetryLater as exc:  # the pool is stopping: the rest are redelivered
+                self._metrics.frames.labels("failed").inc(len(fresh) - i)
+                await self._retry([m for m, _ in fresh[i:]], exc)
+                fresh = fresh[:i]
+                break
         if not fresh and not stale:
-            self._release(hold)
-            self._observe(started)
-            return
-        task = asyncio.create_task(self._finish(fresh, futures, stale, received_at, started))
-        task.add_done_callback(lambda _: self._release(hold))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            return None
+        return asyncio.create_task(self._finish(fresh, futures, stale, received_at, started))
 
     async def flush(self) -> None:
         """Wait until every batch in the pool is stored and acked (or nak'd)."""

@@ -403,7 +403,13 @@ class DetectorPool:
         while True:
             await self._slots.acquire()
             batch = await self._collect()
-            actor = await self._pick()
+            try:
+                actor = await self._pick()
+            except asyncio.CancelledError:  # stopping while no actor is up
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(DetectionFailed("the detector pool stopped"))
+                raise
             actor.load += 1
             self.max_inflight_seen = max(self.max_inflight_seen, actor.load)
             task = asyncio.create_task(self._call(actor, batch))

@@ -224,6 +224,26 @@ class DeadLetters:
             seq = (letter.dlq_seq or seq) + 1
         return out
 
+    async def adopt_legacy(self) -> int:
+        """Give letters of earlier releases (a domain's all on one subject) subjects of their own.
+
+        Run before the DLQ stream keeps one message per subject: that limit would drop
+        all but the last letter of each old subject. Returns how many letters moved.
+        """
+        moved = 0
+        for domain in Domain:
+            subject = self._subjects.legacy_dead_letters(domain)
+            while True:
+                try:
+                    raw = await self._js.get_msg(self._stream, seq=1, subject=subject, next=True)
+                except NotFoundError:
+                    break
+                await self._publish(domain, _letter(raw))
+                assert raw.seq is not None
+                await self._js.delete_msg(self._stream, raw.seq)
+                moved += 1
+        return moved
+
     async def get(self, dlq_seq: int) -> DeadLetter:
         """One dead letter by its DLQ sequence; `NotFoundError` if there is none."""
         return _letter(await self._js.get_msg(self._stream, seq=dlq_seq))

