@@ -9,14 +9,20 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import nats
 import psycopg
 import pytest
 from nats.aio.client import Client
 
+from pipeline.ingest.intake import Intake, Writer
+from pipeline.ingest.pause import Pauses
+from pipeline.metrics import Metrics
 from pipeline.ops.embedded import EmbeddedNats
 from pipeline.settings import EVENT_DOMAINS, Settings
+from schemas import Domain
+from streams import Subjects
 
 # Ultralytics offline, its settings in a folder of the test run; inherited by Ray actors.
 os.environ["YOLO_OFFLINE"] = "1"
@@ -53,6 +59,48 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def nats_with_max_payload(tmp_path: Path) -> Iterator[Callable[[str], EmbeddedNats]]:
+    """Starts nats-servers with the given `max_payload` (`"64KB"`, `"1MB"`) for one test."""
+    servers: list[EmbeddedNats] = []
+
+    def start(max_payload: str) -> EmbeddedNats:
+        server = EmbeddedNats(tmp_path / f"nats-{len(servers)}", max_payload=max_payload)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def make_intake(
+    writer: object,
+    dead_letters: object,
+    *,
+    subjects: Subjects | None = None,
+    metrics: Metrics | None = None,
+    pauses: Pauses | None = None,
+    max_deliver: int = 5,
+    ack_wait_s: float = 30.0,
+) -> Intake:
+    """A security intake on the given writer and dead letters (real ones or stand-ins)."""
+    metrics = metrics or Metrics()
+    return Intake(
+        Domain.SECURITY,
+        subjects=subjects or Subjects(),
+        writer=cast(Writer, writer),
+        dead_letters=cast(Any, dead_letters),
+        metrics=metrics,
+        pauses=pauses or Pauses(metrics),
+        max_deliver=max_deliver,
+        ack_wait_s=ack_wait_s,
+        max_message_bytes=10_000,
+        retry_delay=lambda n: float(n),
+    )
 
 
 @pytest.fixture

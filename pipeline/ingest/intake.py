@@ -70,6 +70,9 @@ class DeliveryInfo(NamedTuple):
     """When the stream stored it (ns since the epoch): with the sequence, its identity."""
 
 
+_new = tuple.__new__
+
+
 def delivery_info(msg: Delivery) -> DeliveryInfo:
     """Stream, stream sequence, deliveries so far and storage time of a JetStream message.
 
@@ -79,11 +82,12 @@ def delivery_info(msg: Delivery) -> DeliveryInfo:
     if msg.reply.startswith("$JS.ACK."):
         t = msg.reply.split(".")
         # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>
+        # tuple.__new__ skips the named tuple's Python-level constructor: this runs per message.
         if len(t) == 9:
-            return DeliveryInfo(t[2], int(t[5]), int(t[4]), int(t[7]))
+            return _new(DeliveryInfo, (t[2], int(t[5]), int(t[4]), int(t[7])))
         # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<stream seq>.... (v2)
         if len(t) >= 11:
-            return DeliveryInfo(t[4], int(t[7]), int(t[6]), int(t[9]))
+            return _new(DeliveryInfo, (t[4], int(t[7]), int(t[6]), int(t[9])))
     meta = msg.metadata
     stamp = getattr(meta, "timestamp", None)
     stored_ns = int(stamp.timestamp() * 1e9) if isinstance(stamp, datetime) else 0

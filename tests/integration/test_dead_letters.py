@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import nats
@@ -17,15 +17,12 @@ from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 from pipeline.app import Worker, apply_streams
 from pipeline.errors import ConfigError, PipelineError, Reason
 from pipeline.ingest.deadletter import DeadLetter, DeadLetters
-from pipeline.ingest.intake import Intake
-from pipeline.ingest.pause import Pauses
-from pipeline.metrics import Metrics
 from pipeline.ops.embedded import EmbeddedNats
 from pipeline.settings import ALL_DOMAINS, Settings
 from schemas import Domain
 from streams import Subjects
 
-from ..conftest import make_settings, wait_until
+from ..conftest import make_intake, make_settings, wait_until
 
 
 class DiesBeforeTheAck:
@@ -74,19 +71,8 @@ async def test_a_letter_is_written_once_when_its_source_comes_back_after_the_win
         stream=subjects.stream(Domain.SECURITY),
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=2.0),
     )
-    metrics = Metrics()
-    intake = Intake(
-        Domain.SECURITY,
-        subjects=subjects,
-        writer=Unused(),  # type: ignore[arg-type]
-        dead_letters=DeadLetters(js, subjects, max_payload=nc.max_payload),
-        metrics=metrics,
-        pauses=Pauses(metrics),
-        max_deliver=5,
-        ack_wait_s=2.0,
-        max_message_bytes=10_000,
-        retry_delay=lambda n: 0.0,
-    )
+    letters = DeadLetters(js, subjects, max_payload=nc.max_payload)
+    intake = make_intake(Unused(), letters, subjects=subjects, ack_wait_s=2.0)
     await js.publish("security.v1.door-7", b"not json", headers={"Nats-Msg-Id": "bad-1"})
 
     [first] = await sub.fetch(1, timeout=5)
@@ -104,48 +90,40 @@ async def test_a_letter_is_written_once_when_its_source_comes_back_after_the_win
 
 
 async def test_a_letter_larger_than_max_payload_keeps_what_fits_its_length_and_hash(
-    tmp_path: Path, pg_schema: str
+    nats_with_max_payload: Callable[[str], EmbeddedNats], pg_schema: str
 ) -> None:
-    server = EmbeddedNats(tmp_path / "small", max_payload="65536")
-    server.start()
-    try:
-        settings = make_settings(server.url, pg_schema, max_message_bytes=1000)
-        async with Worker(settings) as worker:
-            nc = await nats.connect(server.url)
-            js = nc.jetstream()
-            body = bytes(range(256)) * 255  # 65,280 bytes: fits alone, not with a letter's headers
-            await js.publish("security.v1.door-7", body, headers={"Nats-Msg-Id": "huge-1"})
-            letters = DeadLetters(js, worker.subjects)
+    server = nats_with_max_payload("65536")
+    settings = make_settings(server.url, pg_schema, max_message_bytes=1000)
+    async with Worker(settings) as worker:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        body = bytes(range(256)) * 255  # 65,280 bytes: fits alone, not with a letter's headers
+        await js.publish("security.v1.door-7", body, headers={"Nats-Msg-Id": "huge-1"})
+        letters = DeadLetters(js, worker.subjects)
 
-            async def one_letter() -> bool:
-                return len(await letters.list()) == 1
+        async def one_letter() -> bool:
+            return len(await letters.list()) == 1
 
-            await wait_until(one_letter)
-            [letter] = await letters.list()
-            assert letter.reason is Reason.OVERSIZED
-            assert letter.body_bytes == len(body) and body.startswith(letter.body)
-            assert letter.body_sha256 == hashlib.sha256(body).hexdigest()
-            assert letter.headers.get("Nats-Msg-Id") == "huge-1"
-            assert letter.dlq_seq is not None
-            with pytest.raises(PipelineError, match="cannot be requeued"):
-                await letters.requeue(letter.dlq_seq)
-            await nc.close()
-    finally:
-        server.stop()
+        await wait_until(one_letter)
+        [letter] = await letters.list()
+        assert letter.reason is Reason.OVERSIZED
+        assert letter.body_bytes == len(body) and body.startswith(letter.body)
+        assert letter.body_sha256 == hashlib.sha256(body).hexdigest()
+        assert letter.headers.get("Nats-Msg-Id") == "huge-1"
+        assert letter.dlq_seq is not None
+        with pytest.raises(PipelineError, match="cannot be requeued"):
+            await letters.requeue(letter.dlq_seq)
+        await nc.close()
 
 
 async def test_a_worker_refuses_a_server_that_cannot_carry_its_frames(
-    tmp_path: Path, pg_schema: str
+    nats_with_max_payload: Callable[[str], EmbeddedNats], pg_schema: str
 ) -> None:
-    server = EmbeddedNats(tmp_path / "default", max_payload="1MB")
-    server.start()
-    try:
-        settings = make_settings(server.url, pg_schema, domains=ALL_DOMAINS)
-        with pytest.raises(ConfigError, match=r"PIPELINE_MAX_FRAME_BYTES.*max_payload"):
-            async with Worker(settings):
-                pass
-    finally:
-        server.stop()
+    server = nats_with_max_payload("1MB")
+    settings = make_settings(server.url, pg_schema, domains=ALL_DOMAINS)
+    with pytest.raises(ConfigError, match=r"PIPELINE_MAX_FRAME_BYTES.*max_payload"):
+        async with Worker(settings):
+            pass
 
 
 async def test_letters_of_an_earlier_release_survive_the_one_per_subject_limit(

@@ -19,16 +19,12 @@ from nats.aio.client import Client
 from pipeline.app import Worker
 from pipeline.errors import Reason
 from pipeline.ingest.deadletter import DeadLetter, DeadLetters
-from pipeline.ingest.intake import Intake
-from pipeline.ingest.pause import Pauses
 from pipeline.ingest.writer import GroupWriter
-from pipeline.metrics import Metrics
 from pipeline.settings import Settings
 from pipeline.store.eventstore import EventStore
 from schemas import Domain
-from streams import Subjects
 
-from ..conftest import PG_DB, PG_HOST, make_settings, wait_until
+from ..conftest import PG_DB, PG_HOST, make_intake, make_settings, wait_until
 from .helpers import ids_of, security_body, stored_ids
 
 POISON = "poison-pill"
@@ -206,19 +202,7 @@ def test_mixed_batches_store_exactly_the_valid_messages_once(
     async def consume() -> None:
         writer = GroupWriter(event_store)
         writer.start()
-        metrics = Metrics()
-        intake = Intake(
-            Domain.SECURITY,
-            subjects=Subjects(),
-            writer=writer,
-            dead_letters=letters,  # type: ignore[arg-type]
-            metrics=metrics,
-            pauses=Pauses(metrics),
-            max_deliver=5,
-            ack_wait_s=30.0,
-            max_message_bytes=10_000,
-            retry_delay=lambda n: 0.0,
-        )
+        intake = make_intake(writer, letters)
         for batch in pulled:  # batches in flight together share commits
             await intake.handle(batch)
         await intake.stop()

@@ -16,15 +16,14 @@ import pytest
 
 from pipeline.errors import DeadLetterUnavailable, Reason, StoreUnavailable
 from pipeline.ingest.deadletter import DeadLetter
-from pipeline.ingest.intake import Intake, delivery_info
+from pipeline.ingest.intake import delivery_info
 from pipeline.ingest.pause import Pauses
 from pipeline.logs import JsonFormatter
 from pipeline.metrics import Metrics
 from pipeline.store.eventstore import Accepted, WriteResult
 from schemas import Domain
-from streams import Subjects
 
-from ..conftest import wait_until
+from ..conftest import make_intake, wait_until
 
 
 @dataclass
@@ -111,17 +110,13 @@ class Setup:
         self.dlq = FakeDeadLetters(self.log)
         self.metrics = Metrics()
         self.pauses = Pauses(self.metrics, first_s=0.01, max_s=0.05)
-        self.intake = Intake(
-            Domain.SECURITY,
-            subjects=Subjects(),
-            writer=self.store,
-            dead_letters=self.dlq,  # type: ignore[arg-type]
+        self.intake = make_intake(
+            self.store,
+            self.dlq,
             metrics=self.metrics,
             pauses=self.pauses,
             max_deliver=max_deliver,
             ack_wait_s=ack_wait_s,
-            max_message_bytes=10_000,
-            retry_delay=lambda n: float(n),
         )
 
     def msg(
