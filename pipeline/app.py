@@ -33,7 +33,7 @@ from .metrics import Metrics
 from .settings import Settings
 from .store.eventstore import EventStore
 
-__all__ = ["Worker", "apply_streams", "connect_nats"]
+__all__ = ["HEADER_ROOM", "Worker", "apply_streams", "connect_nats"]
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ class Worker:
             await asyncio.sleep(self.settings.consumer_lag_interval_s)
 
 
-_HEADER_ROOM = 16 * 1024
+HEADER_ROOM = 16 * 1024
 """Bytes of headers a frame or message may carry besides its body."""
 
 
@@ -324,11 +324,11 @@ def _check_max_payload(max_payload: int, settings: Settings) -> None:
     if Domain.FRAMES in settings.domains:
         limits.append(("PIPELINE_MAX_FRAME_BYTES", settings.max_frame_bytes))
     for name, limit in limits:
-        if max_payload < limit + _HEADER_ROOM:
+        if max_payload < limit + HEADER_ROOM:
             raise ConfigError(
                 name,
                 f"the NATS server at {settings.nats_url} takes messages of at most "
                 f"{max_payload} bytes (its max_payload), less than {name} ({limit}) plus "
-                f"{_HEADER_ROOM} bytes of headers: raise max_payload in the server's "
+                f"{HEADER_ROOM} bytes of headers: raise max_payload in the server's "
                 f"configuration (deploy/nats.conf sets 9MB) or lower {name}",
             )

@@ -25,6 +25,7 @@ import psycopg
 from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.utils import retry
+from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
 __all__ = ["ColumnarRecorder"]
@@ -118,7 +119,11 @@ class ColumnarRecorder(PostgresApplicationRecorder):
         starts = [
             end - length + 1 for end, length in zip(accumulate(lengths), lengths, strict=True)
         ]
-        with self.datastore.get_connection() as conn, conn.cursor(binary=True) as curs:
+        # Tuples, not the datastore's dict rows: one row per event comes back.
+        with (
+            self.datastore.get_connection() as conn,
+            conn.cursor(binary=True, row_factory=tuple_row) as curs,
+        ):
             curs.execute(
                 self._call_insert_new,
                 (
@@ -133,8 +138,7 @@ class ColumnarRecorder(PostgresApplicationRecorder):
                 ),
                 prepare=True,
             )
-            inserted: set[uuid.UUID] = set()
-            present: set[uuid.UUID] = set()
-            for row in curs.fetchall():
-                (inserted if row["inserted"] else present).add(row["id"])
+            rows = curs.fetchall()
+            inserted = {event_id for event_id, new in rows if new}
+            present = {event_id for event_id, new in rows if not new} if confirm else set()
             return inserted, present
