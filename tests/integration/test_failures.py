@@ -13,7 +13,8 @@ import psycopg
 import pytest
 from nats.aio.client import Client
 
-from pipeline.app import Worker
+from pipeline.app import Worker, apply_streams
+from pipeline.errors import Reason
 from pipeline.ingest.deadletter import DeadLetters
 from pipeline.ops.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from pipeline.ops.simulate import Expect, Outgoing, Traffic, publish
@@ -234,3 +235,28 @@ async def test_nats_restarting_mid_stream_loses_and_doubles_nothing(
         assert len(stored_rows(pg_schema)) == len(unique)
     counts = stored_ids(pg_schema)
     assert set(counts.values()) == {1}
+
+
+async def test_a_dlq_stream_that_does_not_answer_pauses_the_domain_until_it_is_back(
+    settings: Settings, pg_schema: str, nc: Client
+) -> None:
+    async with Worker(settings.model_copy(update={"max_deliver": 1})) as worker:
+        js, jsm = nc.jetstream(), nc.jsm()
+        await jsm.delete_stream(worker.subjects.dead_letter_stream())  # publishes go unanswered
+        traffic = Traffic(worker.subjects, seed=24)
+        bad = [traffic.bad("invalid_json") for _ in range(3)]
+        for out in bad:
+            await js.publish(out.subject, out.body, headers=out.headers)
+        await wait_until(lambda: _paused(worker, "dead_letters") >= 1, timeout_s=30)
+        assert any("paused (dead_letters)" in line for line in worker.ready())
+        await asyncio.sleep(2)  # several probes fail meanwhile; nothing is acked or nak'd
+        assert worker.metrics.total("pipeline_retries") == 0
+        await apply_streams(nc, settings)  # the stream is back
+        letters = DeadLetters(js, worker.subjects)
+
+        async def all_dead_lettered() -> bool:
+            return len(await letters.list()) == 3
+
+        await wait_until(all_dead_lettered, timeout_s=30)
+        assert {letter.reason for letter in await letters.list()} == {Reason.INVALID_JSON}
+        await wait_until(lambda: _paused(worker, "dead_letters") == 0)

@@ -137,12 +137,23 @@ async def test_a_hung_actor_is_replaced_and_its_batch_sent_to_the_new_one(
     pool = await make_pool(max_batch=4, max_wait_s=0.0, batch_timeout_s=3.0, pauses=pauses)
     [pid] = await pool.actor_pids()
     os.kill(pid, signal.SIGSTOP)  # alive, but it never answers
+    seen: set[str] = set()
+
+    async def watch_pauses() -> None:
+        while True:
+            seen.update(pauses.active())
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch_pauses())
     try:
-        outcomes = await asyncio.wait_for(pool.detect(frames[:4]), timeout=120)
+        outcomes = await asyncio.wait_for(pool.detect(frames[:8]), timeout=120)
     finally:
+        watcher.cancel()
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert all(isinstance(o, Analysis) for o in outcomes), outcomes
+    # While the only actor was being replaced, the frames intake was paused.
+    assert any(line.startswith("frames paused (detector)") for line in seen), seen
     assert await pool.actor_pids() != [pid]
     assert pool.metrics.detector_restarts._value.get() == 1  # type: ignore[attr-defined]
     assert pauses.active() == []
