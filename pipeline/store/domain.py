@@ -29,6 +29,7 @@ from schemas import ENVELOPE, Domain
 __all__ = [
     "CameraFrame",
     "HealthReport",
+    "MessageRecorded",
     "MetricsBatch",
     "RecordedMessage",
     "SecurityEvent",
@@ -79,10 +80,16 @@ class RecordedMessage(Aggregate):
         return self.created_on
 
 
-def _drop_envelope(state: dict[str, Any]) -> None:
-    """v1 -> v2 of a `Recorded` payload: `id` and `schema_version` live beside it."""
-    payload = state["payload"]
-    state["payload"] = {k: v for k, v in payload.items() if k not in ENVELOPE}
+class MessageRecorded(RecordedMessage.Recorded):
+    """`Recorded` of a JSON domain (security, monitoring, metrics), payload v2."""
+
+    class_version = 2
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        """v1 kept the whole message as the payload; `id` and `schema_version` live beside it."""
+        payload = state["payload"]
+        state["payload"] = {k: v for k, v in payload.items() if k not in ENVELOPE}
 
 
 class SecurityEvent(RecordedMessage):
@@ -90,11 +97,8 @@ class SecurityEvent(RecordedMessage):
 
     domain = Domain.SECURITY
 
-    class Recorded(RecordedMessage.Recorded):
+    class Recorded(MessageRecorded):
         """The message was accepted and stored."""
-
-        class_version = 2
-        upcast_v1_v2 = staticmethod(_drop_envelope)
 
     # Restated: the aggregate metaclass builds each class's creation from its own __init__.
     __init__ = RecordedMessage.__init__
@@ -105,11 +109,8 @@ class HealthReport(RecordedMessage):
 
     domain = Domain.MONITORING
 
-    class Recorded(RecordedMessage.Recorded):
+    class Recorded(MessageRecorded):
         """The message was accepted and stored."""
-
-        class_version = 2
-        upcast_v1_v2 = staticmethod(_drop_envelope)
 
     # Restated: the aggregate metaclass builds each class's creation from its own __init__.
     __init__ = RecordedMessage.__init__
@@ -120,11 +121,8 @@ class MetricsBatch(RecordedMessage):
 
     domain = Domain.METRICS
 
-    class Recorded(RecordedMessage.Recorded):
+    class Recorded(MessageRecorded):
         """The message was accepted and stored."""
-
-        class_version = 2
-        upcast_v1_v2 = staticmethod(_drop_envelope)
 
     # Restated: the aggregate metaclass builds each class's creation from its own __init__.
     __init__ = RecordedMessage.__init__
