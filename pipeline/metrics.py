@@ -7,7 +7,7 @@ import json
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
-from wsgiref.simple_server import WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,7 +17,7 @@ from prometheus_client import (
     disable_created_metrics,
     make_wsgi_app,
 )
-from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+from prometheus_client.exposition import ThreadingWSGIServer
 
 __all__ = ["Metrics", "serve_metrics"]
 
@@ -176,6 +176,13 @@ class Metrics:
         )
 
 
+class _Quiet(WSGIRequestHandler):
+    """No access log line per scrape or probe."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 Readiness = Callable[[], list[str]]
 """Returns what keeps the process from being ready (empty when it is ready)."""
 
@@ -202,7 +209,7 @@ def serve_metrics(
         result: Iterable[bytes] = metrics_app(environ, start_response)
         return result
 
-    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_Quiet)
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
     return server
 

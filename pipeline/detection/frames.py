@@ -161,10 +161,11 @@ class FrameIntake(Intake):
         if look_up and self._stored is not None:
             try:
                 found = await self._stored(look_up)
-            except Unavailable as exc:
+            except Unavailable as exc:  # the store's insert-if-absent still has the last word
                 log.warning("frames: cannot look up frames already stored (%s)", exc)
-        if known - found:
-            self._metrics.cache_stale.labels(self._label).inc(len(known - found))
+            else:
+                if known - found:
+                    self._metrics.cache_stale.labels(self._label).inc(len(known - found))
         if not found:
             return fresh
         rest = []
