@@ -19,7 +19,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 
-__all__ = ["Metrics", "serve_metrics"]
+__all__ = ["Metrics", "ProjectionMetrics", "serve_metrics"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -176,6 +176,63 @@ class Metrics:
         )
 
 
+class ProjectionMetrics:
+    """Every metric a projections process exports; one instance per registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.position = Gauge(
+            "pipeline_projection_position",
+            "Position (notification id) of the last event a view has applied or passed.",
+            ["view"],
+            registry=r,
+        )
+        self.head = Gauge(
+            "pipeline_projection_store_head",
+            "Position of the last event in the store, as last read by a view.",
+            ["view"],
+            registry=r,
+        )
+        self.lag_events = Gauge(
+            "pipeline_projection_lag_events",
+            "Events stored after a view's position (of any domain).",
+            ["view"],
+            registry=r,
+        )
+        self.lag_seconds = Gauge(
+            "pipeline_projection_lag_seconds",
+            "Seconds since the view was last at the head of the store (0 while it is).",
+            ["view"],
+            registry=r,
+        )
+        self.applied = Counter(
+            "pipeline_projection_events_total",
+            "Events applied to a view.",
+            ["view"],
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "pipeline_projection_batch_seconds",
+            "Time to read, apply and commit one batch of a view.",
+            ["view"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stalled = Gauge(
+            "pipeline_projection_stalled",
+            "1 while a view is stopped at an event it cannot apply.",
+            ["view"],
+            registry=r,
+        )
+        self.active = Gauge(
+            "pipeline_projection_active",
+            "1 if this process keeps the view, 0 while another one does (standby).",
+            ["view"],
+            registry=r,
+        )
+
+
 class _Quiet(WSGIRequestHandler):
     """No access log line per scrape or probe."""
 
@@ -188,7 +245,7 @@ Readiness = Callable[[], list[str]]
 
 
 def serve_metrics(
-    metrics: Metrics, host: str, port: int, ready: Readiness | None = None
+    metrics: Metrics | ProjectionMetrics, host: str, port: int, ready: Readiness | None = None
 ) -> WSGIServer:
     """Serve `/metrics`, `/healthz` and `/readyz` from a background thread.
 

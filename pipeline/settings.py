@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -81,6 +81,18 @@ class Settings(BaseSettings):
     postgres_connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     postgres_lock_timeout_s: Annotated[int, Field(ge=1)] = 5
 
+    # Projections (read models) and the query API
+    projections_batch_size: Annotated[int, Field(ge=1, le=100_000)] = 5000
+    projections_poll_s: Annotated[float, Field(gt=0)] = 1.0
+    projections_standby_s: Annotated[float, Field(gt=0)] = 5.0
+    projections_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9109
+    api_host: str = "127.0.0.1"
+    api_port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    api_tokens: dict[str, tuple[Literal["read", "operate"], ...]] = Field(
+        default_factory=dict,
+        description='bearer token -> scopes, as JSON: {"<token>": ["read", "operate"]}',
+    )
+
     # Redis cache of committed ids (optional)
     redis_url: str | None = None
     dedup_ttl_s: Annotated[int, Field(ge=1)] = 24 * 3600
@@ -118,6 +130,17 @@ class Settings(BaseSettings):
         if not self.retry_backoff_s:
             return 0.0
         return self.retry_backoff_s[min(delivered, len(self.retry_backoff_s)) - 1]
+
+    def postgres_connection(self) -> dict[str, Any]:
+        """Keyword arguments of `psycopg.connect` for the event store's database."""
+        return {
+            "host": self.postgres_host,
+            "port": self.postgres_port,
+            "dbname": self.postgres_dbname,
+            "user": self.postgres_user,
+            "password": self.postgres_password,
+            "connect_timeout": max(1, int(self.postgres_connect_timeout_s)),
+        }
 
     def eventsourcing_env(self) -> dict[str, str]:
         """The environment the `eventsourcing` library reads its Postgres settings from."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -34,6 +37,48 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 PG_HOST = "127.0.0.1"
 PG_DB = "test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Shortly before pytest-timeout fails a test, print its pending asyncio tasks.
+
+    pytest-timeout shows the threads' stacks, where a hung coroutine appears only as the
+    event loop waiting; the tasks' own stacks say what they wait for.
+    """
+    timeout = float(item.config.getini("timeout") or 0)
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        timeout = float(marker.args[0])
+    timer = threading.Timer(max(timeout - 10, 1), _print_tasks) if timeout else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        return (yield)
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """A test that runs the CLI in-process (which sets up logging) leaves no handler behind.
+
+    The CLI's handler writes to the test's captured stderr, which is closed afterwards.
+    """
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _print_tasks() -> None:
+    tasks = [t for t in list(asyncio.tasks._all_tasks) if not t.done()]  # type: ignore[attr-defined]
+    print(f"\n+++ {len(tasks)} pending asyncio tasks +++", file=sys.stderr)
+    for task in tasks:
+        task.print_stack(file=sys.stderr)
 
 
 async def wait_until(

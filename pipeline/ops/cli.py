@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import nats
+import psycopg
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
@@ -74,6 +75,65 @@ async def _run_worker(args: argparse.Namespace) -> None:
         log.info("stopping: finishing the batches in hand")
         if server is not None:
             server.shutdown()
+
+
+async def _run(args: argparse.Namespace) -> None:
+    if args.process == "worker":
+        await _run_worker(args)
+    elif args.process == "projections":
+        from .readside import run_projections
+
+        await run_projections(_settings(), _stop_event())
+    else:
+        from ..api.server import run_api
+
+        await run_api(_settings(), _stop_event())
+
+
+async def _projections(args: argparse.Namespace) -> None:
+    from projections.positions import SkipRefused
+    from projections.rebuild import RebuildRefused
+
+    from . import readside
+
+    settings = _settings()
+    try:
+        if args.action == "status":
+            readside.projections_status(settings, as_json=args.json)
+        elif args.action == "rebuild":
+            readside.projections_rebuild(
+                settings, args.name, after=args.from_position, as_json=args.json
+            )
+        else:
+            readside.projections_skip(
+                settings, args.name, args.position, note=args.note, as_json=args.json
+            )
+    except (KeyError, SkipRefused, RebuildRefused) as exc:
+        raise PipelineError(str(exc).strip("'\"")) from None
+
+
+async def _events(args: argparse.Namespace) -> None:
+    from . import readside
+
+    settings = _settings()
+    if args.action == "get":
+        if not readside.events_get(settings, args.id):
+            raise PipelineError(f"no stored event with event id or message id {args.id!r}")
+        return
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await anyio.to_thread.run_sync(
+        lambda: readside.events_tail(
+            settings,
+            domain=Domain(args.domain) if args.domain else None,
+            limit=args.limit,
+            follow=args.follow,
+            as_json=args.json,
+            stop=stop.is_set,
+        )
+    )
 
 
 async def _demo(args: argparse.Namespace) -> None:
@@ -233,8 +293,42 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a process")
-    run.add_argument("process", choices=["worker"])
-    run.set_defaults(func=_run_worker)
+    run.add_argument("process", choices=["worker", "projections", "api"])
+    run.set_defaults(func=_run)
+
+    proj = sub.add_parser("projections", help="status, rebuild or skip of the views")
+    proj_sub = proj.add_subparsers(dest="action", required=True)
+    proj_status = proj_sub.add_parser("status", help="position, lag and state of each view")
+    proj_status.add_argument("--json", action="store_true")
+    proj_rebuild = proj_sub.add_parser(
+        "rebuild", help="rebuild a view beside the live one, then swap it in"
+    )
+    proj_rebuild.add_argument("name")
+    proj_rebuild.add_argument(
+        "--from",
+        dest="from_position",
+        type=int,
+        default=0,
+        help="apply only the events after this position (default: all)",
+    )
+    proj_rebuild.add_argument("--json", action="store_true")
+    proj_skip = proj_sub.add_parser("skip", help="move a stalled view past the event at POS")
+    proj_skip.add_argument("name")
+    proj_skip.add_argument("position", type=int)
+    proj_skip.add_argument("--note", default="", help="why (kept with the skip)")
+    proj_skip.add_argument("--json", action="store_true")
+    proj.set_defaults(func=_projections)
+
+    events = sub.add_parser("events", help="show stored events")
+    events_sub = events.add_subparsers(dest="action", required=True)
+    events_tail = events_sub.add_parser("tail", help="the last events; --follow for new ones")
+    events_tail.add_argument("--domain", choices=[d.value for d in Domain])
+    events_tail.add_argument("--limit", type=int, default=20)
+    events_tail.add_argument("--follow", action="store_true")
+    events_tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    events_get = events_sub.add_parser("get", help="one event by event id or message id")
+    events_get.add_argument("id")
+    events.set_defaults(func=_events)
 
     demo = sub.add_parser("demo", help="embedded servers + worker + simulator, no setup")
     demo.add_argument("--data-dir", default=".pipeline-demo", help="where the servers keep data")
@@ -320,5 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (nats.errors.Error, TimeoutError) as exc:
         print(f"error talking to NATS: {exc!r}", file=sys.stderr)
+        return 1
+    except psycopg.OperationalError as exc:
+        print(f"error talking to PostgreSQL: {exc}", file=sys.stderr)
         return 1
     return 0

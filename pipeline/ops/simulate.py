@@ -22,10 +22,21 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
-from schemas import Domain, FrameEncoding, FrameMetaV1
+from schemas import (
+    Detection,
+    Domain,
+    FrameAnalyzedV1,
+    FrameEncoding,
+    FrameMetaV1,
+    FrameSkippedV1,
+    ModelProvenance,
+)
 from streams import Subjects
 
-__all__ = ["Cameras", "Expect", "Outgoing", "Traffic", "publish", "uuid7"]
+from ..ingest.codec import decode
+from ..store.eventstore import Accepted
+
+__all__ = ["Cameras", "Expect", "Outgoing", "Traffic", "publish", "stored_events", "uuid7"]
 
 
 def uuid7() -> str:
@@ -415,3 +426,89 @@ async def publish(
                 await asyncio.sleep(ahead)
     await js.publish_async_completed()
     return counts
+
+
+_LABELS = ("person", "car", "bicycle", "dog", "truck")
+_MODEL = ModelProvenance(
+    name="yolov8n",
+    format="onnx",
+    sha256="0" * 64,
+    imgsz=640,
+    conf=0.25,
+    iou=0.45,
+    classes=None,
+    half=False,
+    device="cpu",
+)
+
+
+def stored_events(
+    count: int, *, seed: int | None = None, cameras: int = 2, frames_ratio: float = 0.1
+) -> Iterator[Accepted]:
+    """`count` messages as the worker stores them, to write to a store directly.
+
+    For tests and benchmarks of the read side: the JSON domains' messages are made by
+    `Traffic` and decoded as the worker decodes them; frames are analysed by a stand-in
+    (random detections of a fixed model) and one in twenty is skipped as too old.
+    """
+    rng = random.Random(seed)
+    subjects = Subjects()
+    traffic = Traffic(subjects, seed=seed, duplicate_ratio=0.0, bad_ratio=0.0)
+    sequence: Counter[str] = Counter()
+    for n in range(count):
+        received_at = datetime.now(UTC)
+        if cameras and rng.random() < frames_ratio:
+            camera = f"cam-{rng.randint(1, cameras):02d}"
+            meta = FrameMetaV1(
+                id=uuid7(),
+                camera=camera,
+                sequence=sequence[camera],
+                captured_at=received_at,
+                width=640,
+                height=480,
+                encoding=FrameEncoding.JPEG,
+            )
+            sequence[camera] += 1
+            payload: FrameAnalyzedV1 | FrameSkippedV1
+            if n % 20 == 19:
+                payload = FrameSkippedV1(frame=meta, reason="too_old", age_s=12.5)
+            else:
+                found = [
+                    Detection(
+                        class_id=i,
+                        label=rng.choice(_LABELS),
+                        confidence=round(rng.random(), 3),
+                        box=(10.0, 20.0, 110.0, 220.0),
+                    )
+                    for i in range(rng.randint(0, 3))
+                ]
+                payload = FrameAnalyzedV1(
+                    frame=meta,
+                    detections=tuple(found),
+                    inference_ms=round(rng.uniform(5, 40), 3),
+                    batch_size=4,
+                    queue_ms=round(rng.uniform(0, 5), 3),
+                    model=_MODEL,
+                )
+            yield Accepted(
+                domain=Domain.FRAMES,
+                message_id=meta.id,
+                subject=subjects.subject(Domain.FRAMES, 1, camera),
+                stream_seq=n + 1,
+                schema_version=meta.schema_version,
+                received_at=received_at,
+                payload=payload.model_dump(mode="json"),
+                event="FrameAnalyzed" if isinstance(payload, FrameAnalyzedV1) else "FrameSkipped",
+            )
+            continue
+        out = traffic.valid(rng.choice(traffic.domains))
+        decoded = decode(subjects, out.domain, out.subject, out.body, max_bytes=1 << 20)
+        yield Accepted(
+            domain=out.domain,
+            message_id=decoded.message_id,
+            subject=out.subject,
+            stream_seq=n + 1,
+            schema_version=decoded.schema_version,
+            received_at=received_at,
+            payload=decoded.payload,
+        )

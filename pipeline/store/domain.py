@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from eventsourcing.domain import Aggregate
-from eventsourcing.utils import register_topic
+from eventsourcing.utils import get_topic, register_topic
 
 from schemas import ENVELOPE, Domain
 
@@ -34,7 +34,9 @@ __all__ = [
     "RecordedMessage",
     "SecurityEvent",
     "aggregate_class",
+    "domain_of",
     "event_id",
+    "topics_of",
 ]
 
 # Fixed namespace so ids are stable across versions and deployments.
@@ -156,6 +158,30 @@ def aggregate_class(domain: Domain) -> type[RecordedMessage]:
     return _BY_DOMAIN[domain]
 
 
+_DOMAIN_OF_EVENT: dict[type, Domain] = {
+    event: domain
+    for domain, cls in _BY_DOMAIN.items()
+    for event in vars(cls).values()
+    if isinstance(event, type) and issubclass(event, RecordedMessage.Recorded)
+}
+
+
+def domain_of(event: object) -> Domain:
+    """The domain of a stored event."""
+    return _DOMAIN_OF_EVENT[type(event)]
+
+
+def topics_of(event_class: type) -> tuple[str, ...]:
+    """Every topic events of `event_class` are stored under (the current one first)."""
+    topic = get_topic(event_class)
+    module, _, name = topic.partition(":")
+    if module == __name__:
+        return (topic, f"{_OLD_MODULE}:{name}")
+    return (topic,)
+
+
+_OLD_MODULE = "pipeline.domain"
+
 # Events stored before the store moved into its own package name this module
 # `pipeline.domain`: their topics still resolve.
-register_topic("pipeline.domain", sys.modules[__name__])
+register_topic(_OLD_MODULE, sys.modules[__name__])

@@ -26,10 +26,14 @@ import psycopg
 from eventsourcing.application import Application
 from eventsourcing.persistence import (
     DataError,
+    DatetimeAsISO,
+    DecimalAsStr,
     IntegrityError,
+    Mapper,
     PersistenceError,
     StoredEvent,
     Transcoder,
+    UUIDAsHex,
 )
 from eventsourcing.utils import get_topic
 from psycopg.sql import SQL, Identifier
@@ -41,7 +45,7 @@ from .domain import aggregate_class, event_id
 from .recorder import ColumnarRecorder
 from .transcoder import OrjsonTranscoder
 
-__all__ = ["Accepted", "EventStore", "Journal", "WriteResult"]
+__all__ = ["Accepted", "EventStore", "Journal", "WriteResult", "event_mapper"]
 
 
 def _uuid(value: uuid.UUID | str) -> uuid.UUID:
@@ -56,9 +60,20 @@ class Journal(Application[uuid.UUID]):
 
     def construct_transcoder(self) -> Transcoder:
         """The orjson transcoder, with the application's transcodings."""
-        transcoder = OrjsonTranscoder()
-        self.register_transcodings(transcoder)
-        return transcoder
+        return _transcoder()
+
+
+def _transcoder() -> OrjsonTranscoder:
+    transcoder = OrjsonTranscoder()
+    # `Application.register_transcodings`, which needs no application.
+    for transcoding in (UUIDAsHex(), DecimalAsStr(), DatetimeAsISO()):
+        transcoder.register(transcoding)
+    return transcoder
+
+
+def event_mapper() -> Mapper[uuid.UUID]:
+    """The Journal's mapper (transcoder, upcasting) for readers that open no store."""
+    return Mapper(transcoder=_transcoder())
 
 
 @dataclass(frozen=True)

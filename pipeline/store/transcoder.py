@@ -28,3 +28,32 @@ class OrjsonTranscoder(JSONTranscoder):
     def encode(self, obj: Any) -> bytes:
         """Encode `obj`, sending registered types through their transcodings."""
         return orjson.dumps(obj, default=self._encode_obj, option=_OPTIONS)
+
+    def decode(self, data: bytes) -> Any:
+        """Decode `data` as `JSONTranscoder.decode` does, with orjson.
+
+        Each object `{"_type_": name, "_data_": data}` becomes its registered type, inner
+        objects first. Events keep such values at the top level (their timestamp), so
+        those are replaced directly; anything else walks the whole document.
+        """
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:  # what orjson refuses (NaN, huge integers) json reads
+            return super().decode(data)
+        marks = data.count(b'"_type_":')
+        if not marks:
+            return obj
+        if type(obj) is dict:
+            top = [k for k, v in obj.items() if type(v) is dict and "_type_" in v]
+            if len(top) == marks and "_type_" not in obj:
+                for key in top:
+                    obj[key] = self._decode_obj(obj[key])
+                return obj
+        return self._walk(obj)
+
+    def _walk(self, obj: Any) -> Any:
+        if type(obj) is list:
+            return [self._walk(v) for v in obj]
+        if type(obj) is dict:
+            return self._decode_obj({k: self._walk(v) for k, v in obj.items()})
+        return obj

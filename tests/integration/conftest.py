@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+
+from pipeline.ops.embedded import EmbeddedPostgres
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def embedded_pg(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL server the test may stop and start."""
+    server = EmbeddedPostgres(tmp_path)
+    yield server
+    server.stop()

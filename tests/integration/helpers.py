@@ -50,3 +50,53 @@ def security_body(message_id: str, **changes: Any) -> bytes:
         **changes,
     }
     return json.dumps(body).encode()
+
+
+def write_events(store: Any, count: int, *, seed: int, chunk: int = 500) -> list[Any]:
+    """Store `count` generated messages (all four domains) in batches; returns them."""
+    from pipeline.ops.simulate import stored_events
+
+    events = list(stored_events(count, seed=seed))
+    for i in range(0, len(events), chunk):
+        store.write(events[i : i + chunk])
+    return events
+
+
+def view_rows(schema: str, view: Any, suffix: str = "") -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of each of a view's tables, sorted: for comparing two builds of a view."""
+    result = {}
+    with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres") as conn:
+        for table in view.tables:
+            rows = conn.execute(f'SELECT * FROM "{schema}"."{table.name}{suffix}"').fetchall()
+            result[table.name] = sorted(rows, key=repr)
+    return result
+
+
+def positions(schema: str) -> dict[str, tuple[int, str]]:
+    """Each view's (position, state)."""
+    with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres") as conn:
+        try:
+            rows = conn.execute(
+                f'SELECT view, position, state FROM "{schema}".projection_positions'
+            ).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return {}
+    return {view: (position, state) for view, position, state in rows}
+
+
+def head(schema: str) -> int:
+    """The position of the last stored event."""
+    with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres") as conn:
+        row = conn.execute(
+            f'SELECT coalesce(max(notification_id), 0) FROM "{schema}".journal_events'
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def views_current(schema: str, names: Any = None) -> bool:
+    """Whether every view (or those named) is at the head of the store."""
+    from projections import VIEWS
+
+    at = positions(schema)
+    top = head(schema)
+    return all(at.get(name, (-1, ""))[0] == top for name in (names or VIEWS))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import nats
 import psycopg
@@ -61,14 +59,6 @@ async def test_redis_is_only_a_cache(
     counts = stored_ids(pg_schema)
     assert len(counts) == 100
     assert set(counts.values()) == {1}
-
-
-@pytest.fixture
-def embedded_pg(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
-    """A PostgreSQL server the test may stop and start."""
-    server = EmbeddedPostgres(tmp_path)
-    yield server
-    server.stop()
 
 
 def _pg_settings(nats_url: str, server: EmbeddedPostgres, **overrides: object) -> Settings:

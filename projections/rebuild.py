@@ -1,0 +1,105 @@
+"""Rebuilding a view from the events, beside the live one, then swapping it in.
+
+The rebuild fills shadow tables (`<table>__next`) from a position (0: from the first
+event) up to the head of the store while the live view keeps answering queries and
+following new events. Then, in one transaction: the live view's position row is locked
+(its runner finishes the batch in hand and waits), the shadow catches up with the last
+events, the shadow tables take the live tables' names, and the live position becomes
+the shadow's. Positions skipped on purpose in the live view are skipped again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.sql import SQL, Identifier
+
+from .positions import Positions
+from .runner import ViewRunner, create_indexes, create_tables
+from .view import View
+
+__all__ = ["RebuildRefused", "Rebuilt", "rebuild"]
+
+
+class RebuildRefused(Exception):
+    """Another rebuild of the same view is running."""
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """What a rebuild did."""
+
+    view: str
+    events: int
+    position: int
+    seconds: float
+
+
+def rebuild(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    view: View,
+    *,
+    after: int = 0,
+    batch_size: int = 5000,
+    progress: Callable[[int], None] | None = None,
+) -> Rebuilt:
+    """Rebuild `view` from the events after position `after`, then swap it in.
+
+    `conn` must be in autocommit mode. Raises `RebuildRefused` when another rebuild
+    of the view runs, `RuntimeError` when an event stalls the rebuild (the live view
+    is left as it was).
+    """
+    started = time.perf_counter()
+    key = f"rebuild:{schema}.{view.name}"
+    taken = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
+    if not (taken and taken[0]):
+        raise RebuildRefused(f"a rebuild of view {view.name!r} is running already")
+    positions = Positions(schema)
+    live = ViewRunner(view, schema)
+    shadow = ViewRunner(view, schema, shadow=True, batch_size=batch_size)
+    try:
+        live.prepare(conn)
+        _drop(conn, shadow)
+        create_tables(conn, view, shadow.tables, indexes=False)  # indexes once filled
+        positions.reset(conn, shadow.key, after)
+        events = shadow.catch_up(conn, progress)
+        create_indexes(conn, view, shadow.tables)
+        with conn.transaction():
+            positions.lock(conn, view.name)
+            events += shadow.catch_up(conn, progress)
+            for table in view.tables:
+                old = f"{live.tables.bare(table.name)}__old"
+                conn.execute(
+                    SQL("ALTER TABLE {} RENAME TO {}").format(
+                        live.tables[table.name], Identifier(old)
+                    )
+                )
+                conn.execute(
+                    SQL("ALTER TABLE {} RENAME TO {}").format(
+                        shadow.tables[table.name], Identifier(live.tables.bare(table.name))
+                    )
+                )
+                conn.execute(SQL("DROP TABLE {}.{}").format(Identifier(schema), Identifier(old)))
+            position = positions.get(conn, shadow.key).position
+            positions.advance(conn, view.name, position)
+            positions.drop(conn, shadow.key)
+    except BaseException:
+        _drop(conn, shadow)
+        raise
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+    return Rebuilt(view.name, events, position, time.perf_counter() - started)
+
+
+def _drop(conn: psycopg.Connection[Any], shadow: ViewRunner) -> None:
+    """Remove a shadow's tables and position (of this rebuild, or one that died)."""
+    if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return
+    for table in shadow.view.tables:
+        conn.execute(SQL("DROP TABLE IF EXISTS {}").format(shadow.tables[table.name]))
+    shadow.positions.drop(conn, shadow.key)

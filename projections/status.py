@@ -1,0 +1,79 @@
+"""Where each view stands against the store: position, lag in events and seconds, state."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from pipeline.store.reader import EventReader
+
+from . import VIEWS
+from .positions import Positions
+from .view import SHADOW
+
+__all__ = ["ViewStatus", "view_status"]
+
+
+@dataclass(frozen=True)
+class ViewStatus:
+    """One view (or a rebuild in progress) against the head of the store."""
+
+    view: str
+    position: int
+    head: int
+    lag_events: int
+    lag_seconds: float
+    """Age of the oldest stored event the view has not reached (0 when it is current)."""
+    state: str
+    """`running`, `stalled`, `rebuilding` (a shadow) or `not started`."""
+    stalled_at: int | None
+    error: str | None
+    updated_at: datetime | None
+
+    def as_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (times in ISO 8601)."""
+        data = asdict(self)
+        data["updated_at"] = self.updated_at.isoformat() if self.updated_at else None
+        return data
+
+
+def view_status(conn: psycopg.Connection[Any], schema: str) -> list[ViewStatus]:
+    """Every view and rebuild in progress, by name."""
+    reader = EventReader(schema)
+    positions = Positions(schema)
+    positions.create(conn)
+    head = reader.head(conn)
+    rows = {p.view: p for p in positions.all(conn)}
+    now = datetime.now(UTC)
+    result = []
+    for name in sorted(set(VIEWS) | set(rows)):
+        row = rows.get(name)
+        position = row.position if row else 0
+        lag_s = 0.0
+        if position < head:
+            oldest = reader.first_after(conn, position)
+            if oldest is not None:
+                lag_s = max(0.0, (now - oldest.event.timestamp).total_seconds())
+        if row is None:
+            state = "not started"
+        elif name.endswith(SHADOW):
+            state = "rebuilding"
+        else:
+            state = row.state
+        result.append(
+            ViewStatus(
+                view=name,
+                position=position,
+                head=head,
+                lag_events=head - position,
+                lag_seconds=round(lag_s, 3),
+                state=state,
+                stalled_at=row.stalled_at if row else None,
+                error=row.error if row else None,
+                updated_at=row.updated_at if row else None,
+            )
+        )
+    return result
