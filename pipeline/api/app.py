@@ -5,8 +5,8 @@ names (`read` to query, `operate` to skip a poison event). Lists are paged with 
 cursor: pass a page's `next_cursor` as `cursor` to get the next one.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations,
+# which name types local to `create_app`.
 import hmac
 import time
 from collections.abc import Callable, Iterator

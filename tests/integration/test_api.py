@@ -1,0 +1,227 @@
+"""The query API over real views: auth, filters, cursor pages, events, positions, skip."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from pipeline.api import create_app
+from pipeline.settings import Settings
+from pipeline.store.eventstore import Accepted, EventStore
+from projections.service import ProjectionService
+from schemas import Domain
+
+from ..conftest import PG_DB, PG_HOST, make_settings, wait_until
+from .helpers import views_current, write_events
+
+READ = {"Authorization": "Bearer reader-token"}
+OPERATE = {"Authorization": "Bearer operator-token"}
+TOKENS = {"reader-token": ("read",), "operator-token": ("read", "operate")}
+
+
+@pytest.fixture
+def settings(pg_schema: str) -> Settings:
+    return make_settings("nats://unused", pg_schema, api_tokens=TOKENS, projections_poll_s=0.5)
+
+
+@pytest.fixture
+def events(settings: Settings, pg_schema: str) -> Iterator[list[Accepted]]:
+    """2,000 events stored and projected; the projections keep running."""
+    store = EventStore(settings.eventsourcing_env())
+    service = ProjectionService(settings)
+    service.start()
+    written = write_events(store, 2000, seed=21)
+    asyncio.run(wait_until(lambda: views_current(pg_schema), timeout_s=60))
+    yield written
+    service.stop()
+    store.close()
+
+
+@pytest.fixture
+def client(settings: Settings, events: list[Accepted]) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def _all_pages(client: TestClient, path: str, **params: Any) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = {**params, **({"cursor": cursor} if cursor else {})}
+        page = client.get(path, params=query, headers=READ)
+        assert page.status_code == 200, page.text
+        body = page.json()
+        items += body["items"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return items
+
+
+def test_no_token_a_wrong_token_or_scope_get_json_errors(client: TestClient) -> None:
+    none = client.get("/v1/security/events")
+    assert none.status_code == 401
+    assert none.json()["error"] == "unauthenticated"
+    assert none.headers["www-authenticate"] == "Bearer"
+    wrong = client.get("/v1/security/events", headers={"Authorization": "Bearer nope"})
+    assert (wrong.status_code, wrong.json()["error"]) == (401, "unauthenticated")
+    forbidden = client.post("/v1/projections/security/skip?position=1", headers=READ)
+    assert (forbidden.status_code, forbidden.json()["error"]) == (403, "forbidden")
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").json() == {"ready": True, "problems": []}
+    assert "pipeline_api_requests_total" in client.get("/metrics").text
+
+
+def test_security_events_page_through_every_event_once(
+    client: TestClient, events: list[Accepted]
+) -> None:
+    expected = {e.message_id for e in events if e.domain is Domain.SECURITY}
+    items = _all_pages(client, "/v1/security/events", limit=37)
+    assert [i["message_id"] for i in items if i["message_id"] in expected] == [
+        i["message_id"] for i in items
+    ]
+    assert len(items) == len(expected) == len({i["message_id"] for i in items})
+    keys = [(i["occurred_at"], i["position"]) for i in items]
+    assert keys == sorted(keys, reverse=True), "newest first"
+    high = _all_pages(client, "/v1/security/events", severity="high", limit=50)
+    assert {i["message_id"] for i in high} == {
+        e.message_id
+        for e in events
+        if e.domain is Domain.SECURITY and e.payload["severity"] == "high"
+    }
+    zone = events[0].payload.get("zone") if events[0].domain is Domain.SECURITY else "zone-1"
+    in_zone = _all_pages(client, "/v1/security/events", zone=zone)
+    assert in_zone and all(i["zone"] == zone for i in in_zone)
+    bad = client.get("/v1/security/events", params={"cursor": "not-a-cursor"}, headers=READ)
+    assert (bad.status_code, bad.json()["error"]) == (400, "bad_cursor")
+    invalid = client.get("/v1/security/events", params={"severity": "loud"}, headers=READ)
+    assert invalid.status_code == 422
+
+
+def test_counts_and_totals_add_up(client: TestClient, events: list[Accepted]) -> None:
+    security = [e for e in events if e.domain is Domain.SECURITY]
+    counts = _all_pages(client, "/v1/security/counts", limit=7)
+    assert sum(c["events"] for c in counts) == len(security)
+    totals = client.get("/v1/security/totals", params={"by": "zone"}, headers=READ).json()
+    assert sum(t["events"] for t in totals) == len(security)
+
+
+def test_services_metrics_and_cameras(client: TestClient, events: list[Accepted]) -> None:
+    services = _all_pages(client, "/v1/services", limit=2)
+    assert {(s["service"], s["instance"]) for s in services} == {
+        (e.payload["service"], e.payload["instance"])
+        for e in events
+        if e.domain is Domain.MONITORING
+    }
+    one = services[0]
+    detail = client.get(f"/v1/services/{one['service']}/{one['instance']}", headers=READ).json()
+    assert detail["status"] == one["status"] and detail["checks"]
+    missing = client.get("/v1/services/nobody/none", headers=READ)
+    assert (missing.status_code, missing.json()["error"]) == (404, "not_found")
+    transitions = _all_pages(client, "/v1/services/transitions", limit=25)
+    assert transitions and [t["position"] for t in transitions] == sorted(
+        (t["position"] for t in transitions), reverse=True
+    )
+    rollups = _all_pages(client, "/v1/metrics/rollups", name="cpu_usage", limit=3)
+    samples = sum(
+        1
+        for e in events
+        if e.domain is Domain.METRICS
+        for s in e.payload["samples"]
+        if s["name"] == "cpu_usage"
+    )
+    assert sum(r["samples"] for r in rollups) == samples
+    labelled = _all_pages(client, "/v1/metrics/rollups", name="queue_depth", limit=1)
+    assert labelled and all(r["labels"] == {"queue": "default"} for r in labelled)
+    totals = client.get("/v1/metrics/totals", params={"name": "cpu_usage"}, headers=READ).json()
+    assert sum(t["samples"] for t in totals) == samples
+    cameras = client.get("/v1/cameras", headers=READ).json()
+    frames = [e for e in events if e.domain is Domain.FRAMES]
+    assert sum(c["frames_analysed"] + c["frames_skipped"] for c in cameras) == len(frames)
+    detections = _all_pages(client, "/v1/cameras/detections", limit=5)
+    assert sum(d["detections"] for d in detections) == sum(
+        len(e.payload.get("detections", [])) for e in frames
+    )
+
+
+def test_one_event_by_event_id_or_message_id(client: TestClient, events: list[Accepted]) -> None:
+    chosen = events[5]
+    by_message = client.get(f"/v1/events/{chosen.message_id}", headers=READ).json()
+    by_event = client.get(f"/v1/events/{chosen.event_id}", headers=READ).json()
+    assert by_message == by_event
+    assert by_event["event_id"] == str(chosen.event_id)
+    assert by_event["domain"] == chosen.domain.value
+    assert by_event["position"] > 0
+    assert client.get("/v1/events/unknown-id", headers=READ).status_code == 404
+
+
+def test_positions_and_a_skip_that_is_refused(client: TestClient) -> None:
+    views = client.get("/v1/projections", headers=READ).json()
+    assert {v["view"] for v in views} == {"security", "health", "metrics", "cameras"}
+    assert all(v["lag_events"] == 0 and v["state"] == "running" for v in views)
+    refused = client.post("/v1/projections/security/skip?position=3", headers=OPERATE)
+    assert (refused.status_code, refused.json()["error"]) == (409, "not_stalled_there")
+    assert client.post("/v1/projections/nope/skip?position=3", headers=OPERATE).status_code == 404
+
+
+def test_openapi_is_served(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert "/v1/security/events" in spec["paths"]
+    assert "/v1/projections/{name}/skip" in spec["paths"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_api(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", "api"], env=env, stdout=out, stderr=out
+        )
+
+
+async def test_pipeline_run_api_serves_until_sigterm(
+    settings: Settings, events: list[Accepted], tmp_path: Path
+) -> None:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PIPELINE_POSTGRES_HOST": PG_HOST,
+        "PIPELINE_POSTGRES_DBNAME": PG_DB,
+        "PIPELINE_POSTGRES_SCHEMA": settings.postgres_schema,
+        "PIPELINE_API_PORT": str(port),
+        "PIPELINE_API_TOKENS": '{"reader-token": ["read"]}',
+    }
+    log = tmp_path / "api.log"
+    process = _start_api(env, log)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+
+            async def up() -> bool:
+                try:
+                    return (await http.get("/readyz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await wait_until(up, timeout_s=30)
+            page = await http.get("/v1/security/events", params={"limit": 5}, headers=READ)
+            assert page.status_code == 200 and len(page.json()["items"]) == 5
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "Traceback" not in log.read_text()
