@@ -19,7 +19,7 @@ import psycopg
 from psycopg.sql import SQL, Identifier
 
 from .positions import Positions
-from .runner import ViewRunner, create_indexes, create_tables
+from .runner import Connect, ViewRunner, create_indexes, create_tables
 from .view import View
 
 __all__ = ["RebuildRefused", "Rebuilt", "rebuild"]
@@ -47,12 +47,14 @@ def rebuild(
     after: int = 0,
     batch_size: int = 5000,
     progress: Callable[[int], None] | None = None,
+    read_ahead: Connect | None = None,
 ) -> Rebuilt:
     """Rebuild `view` from the events after position `after`, then swap it in.
 
-    `conn` must be in autocommit mode. Raises `RebuildRefused` when another rebuild
-    of the view runs, `RuntimeError` when an event stalls the rebuild (the live view
-    is left as it was).
+    `conn` must be in autocommit mode; `read_ahead` opens a second connection (like
+    `conn`) that reads the next events while a batch is applied. Raises
+    `RebuildRefused` when another rebuild of the view runs, `RuntimeError` when an
+    event stalls the rebuild (the live view is left as it was).
     """
     started = time.perf_counter()
     key = f"rebuild:{schema}.{view.name}"
@@ -67,8 +69,10 @@ def rebuild(
         _drop(conn, shadow)
         create_tables(conn, view, shadow.tables, indexes=False)  # indexes once filled
         positions.reset(conn, shadow.key, after)
-        events = shadow.catch_up(conn, progress)
-        create_indexes(conn, view, shadow.tables)
+        events = shadow.catch_up(conn, progress, read_ahead=read_ahead)
+        with conn.transaction():  # indexes of filled tables: sorts in memory where they fit
+            conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
+            create_indexes(conn, view, shadow.tables)
         with conn.transaction():
             positions.lock(conn, view.name)
             events += shadow.catch_up(conn, progress)

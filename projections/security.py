@@ -48,9 +48,7 @@ class SecurityView(View):
                 "occurred_at DESC, position DESC",
                 "source, occurred_at DESC, position DESC",
                 "zone, occurred_at DESC, position DESC",
-                "kind, occurred_at DESC, position DESC",
                 "severity, occurred_at DESC, position DESC",
-                "event_id",
             ),
         ),
         Table(

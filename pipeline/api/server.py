@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -15,7 +17,17 @@ __all__ = ["run_api"]
 log = logging.getLogger("pipeline")
 
 
-async def run_api(settings: Settings, stop: asyncio.Event) -> None:
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves the signals to the process: its caller stops it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def run_api(
+    settings: Settings, stop: asyncio.Event, started: asyncio.Event | None = None
+) -> None:
     """Serve the API on `PIPELINE_API_HOST:PIPELINE_API_PORT` until `stop` is set."""
     if not settings.api_tokens:
         log.warning("PIPELINE_API_TOKENS is empty: every /v1 request will be refused (401)")
@@ -27,12 +39,18 @@ async def run_api(settings: Settings, stop: asyncio.Event) -> None:
         access_log=False,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
-    # While it serves, uvicorn takes SIGINT and SIGTERM itself and shuts down gracefully.
+    server = _Server(config)
     task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if task.done():  # could not bind, or the application failed to start
+        await task
+        raise OSError(f"the API could not listen on {settings.api_host}:{settings.api_port}")
     log.info(
         "API on http://%s:%d (OpenAPI: /docs, /openapi.json)", settings.api_host, settings.api_port
     )
+    if started is not None:
+        started.set()
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True

@@ -10,6 +10,7 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,33 @@ async def _events(args: argparse.Namespace) -> None:
             stop=stop.is_set,
         )
     )
+
+
+def _time(value: str) -> datetime:
+    """ISO 8601 (UTC when no offset is given), or a duration ago: 90s, 15m, 2h, 1d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
+        return datetime.now(UTC) - timedelta(seconds=float(value[:-1]) * units[value[-1]])
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither an ISO 8601 time nor a duration such as 15m or 2h"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+async def _replay(args: argparse.Namespace) -> None:
+    from .replay import replay
+
+    done = await replay(_settings(), Domain(args.domain), args.since, args.until)
+    if args.json:
+        print(json.dumps(done.__dict__))
+    else:
+        print(
+            f"replayed {done.messages:,} {done.domain} messages: {done.stored:,} stored, "
+            f"{done.duplicates:,} stored already, {done.dead_lettered:,} dead-lettered"
+        )
 
 
 async def _demo(args: argparse.Namespace) -> None:
@@ -329,6 +357,15 @@ def _parser() -> argparse.ArgumentParser:
     events_get = events_sub.add_parser("get", help="one event by event id or message id")
     events_get.add_argument("id")
     events.set_defaults(func=_events)
+
+    replay = sub.add_parser(
+        "replay", help="re-drive messages a stream still holds through the pipeline"
+    )
+    replay.add_argument("domain", choices=[d.value for d in Domain if d is not Domain.FRAMES])
+    replay.add_argument("--since", type=_time, required=True, help="ISO 8601, or 15m, 2h...")
+    replay.add_argument("--until", type=_time, default=None, help="ISO 8601, or 15m, 2h...")
+    replay.add_argument("--json", action="store_true")
+    replay.set_defaults(func=_replay)
 
     demo = sub.add_parser("demo", help="embedded servers + worker + simulator, no setup")
     demo.add_argument("--data-dir", default=".pipeline-demo", help="where the servers keep data")

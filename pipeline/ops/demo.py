@@ -1,11 +1,12 @@
 """`pipeline demo`: embedded NATS and PostgreSQL, a worker with its detector pool on a
-local Ray, and simulated producers and cameras."""
+local Ray, the projections and the query API, and simulated producers and cameras."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -14,6 +15,9 @@ from pathlib import Path
 import anyio
 import nats
 
+from projections.service import ProjectionService
+
+from ..api.server import run_api
 from ..app import Worker
 from ..metrics import serve_metrics
 from ..settings import ALL_DOMAINS, EVENT_DOMAINS, Settings
@@ -60,7 +64,8 @@ async def run_demo(
     reverse order; the servers' own logs stay in files under `data_dir`.
     """
     # The demo's own lines are its output; the worker's routine INFO lines are not.
-    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    for name in ("pipeline", "projections"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     nats_server = EmbeddedNats(data_dir / "nats")
     postgres = EmbeddedPostgres(data_dir)
     async with contextlib.AsyncExitStack() as parts:
@@ -81,6 +86,8 @@ async def run_demo(
             postgres_dbname=address.dbname,
             metrics_port=metrics_port,
             consumer_lag_interval_s=1.0,
+            api_port=free_port(),
+            api_tokens={f"demo-{secrets.token_hex(8)}": ("read", "operate")},
             domains=ALL_DOMAINS if cameras else EVENT_DOMAINS,
         )
         if cameras:
@@ -91,6 +98,23 @@ async def run_demo(
         say(
             f"metrics on http://127.0.0.1:{metrics_port}/metrics "
             f"(health: /healthz, /readyz); Ctrl-C stops"
+        )
+        views = ProjectionService(settings)
+        await anyio.to_thread.run_sync(views.start)
+        parts.push_async_callback(anyio.to_thread.run_sync, lambda: views.stop())
+        api_stop, api_started = asyncio.Event(), asyncio.Event()
+        api = asyncio.create_task(run_api(settings, api_stop, api_started))
+        await asyncio.wait(
+            {api, asyncio.create_task(api_started.wait())}, return_when=asyncio.FIRST_COMPLETED
+        )
+        if api.done():
+            await api  # raises why it could not start
+        parts.push_async_callback(_stop_api, api, api_stop)
+        token = next(iter(settings.api_tokens))
+        say(
+            f"query API on http://127.0.0.1:{settings.api_port}/docs, e.g. curl -H "
+            f"'Authorization: Bearer {token}' "
+            f"'http://127.0.0.1:{settings.api_port}/v1/security/events?limit=5'"
         )
         await _simulate(
             settings,
@@ -103,6 +127,11 @@ async def run_demo(
             say=say,
         )
     say("stopped")
+
+
+async def _stop_api(api: asyncio.Task[None], stop: asyncio.Event) -> None:
+    stop.set()
+    await api
 
 
 async def _simulate(

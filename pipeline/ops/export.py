@@ -1,4 +1,5 @@
-"""Write the JSON Schema of every message model and the AsyncAPI document of the subscribers."""
+"""Write the JSON Schema of every message model, the AsyncAPI document of the subscribers and
+the OpenAPI document of the query API."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import handlers
 from schemas import SCHEMAS, Domain, FrameAnalyzedV1, FrameSkippedV1
 from streams import Subjects
 
+from ..api import create_app
 from ..ingest.intake import Delivery
 from ..settings import ALL_DOMAINS, EVENT_DOMAINS, Settings
 from ..store.domain import aggregate_class
@@ -39,8 +41,8 @@ def _version(domain: Domain, event: str) -> int:
 
 def export_schemas(directory: Path, settings: Settings) -> list[Path]:
     """Write `<domain>.v<major>.json` for every inbound model, `event.<Event>.v<N>.json` for
-    the stored events' payloads (N: the payload version) and `asyncapi.json`; returns the
-    paths."""
+    the stored events' payloads (N: the payload version), `asyncapi.json` (the subjects
+    consumed) and `openapi.json` (the query API); returns the paths."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for domain, schema in SCHEMAS.items():
@@ -73,5 +75,8 @@ def export_schemas(directory: Path, settings: Settings) -> list[Path]:
     )
     path = directory / "asyncapi.json"
     path.write_text(json.dumps(json.loads(spec.to_specification().to_json()), indent=2) + "\n")
+    written.append(path)
+    path = directory / "openapi.json"
+    path.write_text(json.dumps(create_app(settings).openapi(), indent=2) + "\n")
     written.append(path)
     return written

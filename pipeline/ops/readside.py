@@ -21,7 +21,7 @@ from schemas import Domain
 
 from ..metrics import serve_metrics
 from ..settings import Settings
-from ..store.domain import aggregate_class, topics_of
+from ..store.domain import domain_topics
 from ..store.reader import EventReader, Positioned
 from .progress import Progress
 
@@ -106,6 +106,7 @@ def projections_rebuild(
                 after=after,
                 batch_size=settings.projections_batch_size,
                 progress=lambda position: bar.update(position - after),
+                read_ahead=lambda: _connect(settings),
             )
         finally:
             bar.close()
@@ -157,15 +158,7 @@ def events_get(settings: Settings, ident: str, *, out: Print = print) -> bool:
 
 
 def _topics(domain: Domain | None) -> list[str] | None:
-    if domain is None:
-        return None
-    cls = aggregate_class(domain)
-    return [
-        topic
-        for event in vars(cls).values()
-        if isinstance(event, type) and hasattr(event, "payload")
-        for topic in topics_of(event)
-    ]
+    return domain_topics(domain) if domain is not None else None
 
 
 def events_tail(

@@ -35,6 +35,7 @@ __all__ = [
     "SecurityEvent",
     "aggregate_class",
     "domain_of",
+    "domain_topics",
     "event_id",
     "topics_of",
 ]
@@ -164,6 +165,11 @@ _DOMAIN_OF_EVENT: dict[type, Domain] = {
     for event in vars(cls).values()
     if isinstance(event, type) and issubclass(event, RecordedMessage.Recorded)
 }
+
+
+def domain_topics(domain: Domain) -> list[str]:
+    """Every topic the events of a domain are stored under."""
+    return [t for e, d in _DOMAIN_OF_EVENT.items() if d is domain for t in topics_of(e)]
 
 
 def domain_of(event: object) -> Domain:

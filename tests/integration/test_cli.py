@@ -119,8 +119,11 @@ def test_schemas_export_writes_json_schema_and_asyncapi(
         "metrics.v1.json",
         "monitoring.v1.json",
         "monitoring.v2.json",
+        "openapi.json",
         "security.v1.json",
     ]
+    openapi = json.loads((tmp_path / "openapi.json").read_text())
+    assert "/v1/security/events" in openapi["paths"]
     spec = json.loads((tmp_path / "asyncapi.json").read_text())
     addresses = {c["address"] for c in spec["channels"].values()}
     assert addresses == {"frames.>", "security.>", "monitoring.>", "metrics.>"}

@@ -83,7 +83,7 @@ async def test_views_hold_what_the_events_say(
         (e.message_id, e.payload["source"], e.payload["severity"], e.payload["zone"])
         for e in security
     )
-    counts = Counter()
+    counts: Counter[tuple[Any, ...]] = Counter()
     for e in security:
         minute = _time(e.payload["occurred_at"]).replace(second=0, microsecond=0)
         counts[(minute, e.payload["severity"], e.payload["zone"])] += 1

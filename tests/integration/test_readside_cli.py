@@ -1,0 +1,149 @@
+"""The read side's commands against real servers: projections, events, replay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from pipeline.app import apply_streams
+from pipeline.ingest.deadletter import DeadLetters
+from pipeline.ops.cli import main
+from pipeline.ops.embedded import EmbeddedNats
+from pipeline.ops.simulate import Expect, Outgoing, Traffic
+from pipeline.settings import Settings
+from pipeline.store.eventstore import EventStore
+from schemas import Domain
+from streams import Subjects
+
+from .helpers import positions, stored_ids, write_events
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> Settings:
+    """Point the CLI (which reads PIPELINE_* variables) at the test's servers."""
+    monkeypatch.setenv("PIPELINE_NATS_URL", settings.nats_url)
+    monkeypatch.setenv("PIPELINE_POSTGRES_DBNAME", settings.postgres_dbname)
+    monkeypatch.setenv("PIPELINE_POSTGRES_SCHEMA", settings.postgres_schema)
+    monkeypatch.chdir(Path(__file__).parent)  # no stray .env file
+    return settings
+
+
+def _json(capsys: pytest.CaptureFixture[str]) -> Any:
+    return json.loads(capsys.readouterr().out)
+
+
+def test_projections_status_rebuild_and_events(
+    env: Settings, pg_schema: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = EventStore(env.eventsourcing_env())
+    events = write_events(store, 1000, seed=31)
+    store.close()
+    assert main(["projections", "status", "--json"]) == 0
+    before = {row["view"]: row for row in _json(capsys)}
+    assert before["security"]["state"] == "not started"
+    assert before["security"]["lag_events"] == 1000
+    assert before["security"]["lag_seconds"] > 0
+
+    assert main(["projections", "rebuild", "security", "--json"]) == 0
+    rebuilt = _json(capsys)
+    assert rebuilt["position"] == 1000 and rebuilt["events"] > 0
+    assert main(["projections", "status"]) == 0
+    table = capsys.readouterr().out
+    assert "security" in table and "running" in table
+    assert positions(pg_schema)["security"] == (1000, "running")
+
+    assert main(["projections", "skip", "security", "5"]) == 1
+    assert "not stalled at position 5" in capsys.readouterr().err
+    assert main(["projections", "rebuild", "nope"]) == 1
+    assert "no view 'nope'" in capsys.readouterr().err
+
+    chosen = events[10]
+    assert main(["events", "get", chosen.message_id]) == 0
+    shown = _json(capsys)
+    assert shown["event_id"] == str(chosen.event_id)
+    assert main(["events", "get", "no-such-message"]) == 1
+    assert main(["events", "tail", "--domain", "security", "--limit", "5", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 5 and {line["domain"] for line in lines} == {"security"}
+    assert [line["position"] for line in lines] == sorted(line["position"] for line in lines)
+
+
+def test_a_database_that_does_not_answer_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PIPELINE_POSTGRES_PORT", "1")
+    monkeypatch.setenv("PIPELINE_POSTGRES_CONNECT_TIMEOUT_S", "1")
+    monkeypatch.chdir(Path(__file__).parent)
+    assert main(["projections", "status"]) == 1
+    assert "error talking to PostgreSQL" in capsys.readouterr().err
+
+
+def test_replay_stores_what_is_missing_once_and_leaves_later_messages(
+    env: Settings, nats_server: EmbeddedNats, pg_schema: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    subjects = Subjects()
+    traffic = Traffic(subjects, domains=(Domain.SECURITY,), seed=41, bad_ratio=0.0)
+    sent = [traffic.valid(Domain.SECURITY) for _ in range(300)]
+    bad = Outgoing(
+        subject=subjects.subject(Domain.SECURITY, 1, "door-7"),
+        body=b'{"id": "not-valid", "source": "door-7"}',
+        headers={"Nats-Msg-Id": "not-valid"},
+        domain=Domain.SECURITY,
+        message_id="not-valid",
+        expect=Expect.DEAD_LETTER,
+    )
+    later = [traffic.valid(Domain.SECURITY) for _ in range(20)]
+
+    async def publish() -> datetime:
+        nc = await nats.connect(nats_server.url)
+        await apply_streams(nc, env)
+        js = nc.jetstream()
+        for out in [*sent, bad]:
+            await js.publish(out.subject, out.body, headers=out.headers)
+        await asyncio.sleep(0.05)
+        cut = datetime.now(UTC)
+        await asyncio.sleep(0.05)
+        for out in later:
+            await js.publish(out.subject, out.body, headers=out.headers)
+        await nc.close()
+        return cut
+
+    cut = asyncio.run(publish())
+    since = (cut - timedelta(minutes=5)).isoformat()
+    assert main(["replay", "security", "--since", since, "--until", cut.isoformat(), "--json"]) == 0
+    first = _json(capsys)
+    assert first == {
+        "domain": "security",
+        "messages": 301,
+        "stored": 300,
+        "duplicates": 0,
+        "dead_lettered": 1,
+    }
+    assert len(stored_ids(pg_schema)) == 300
+    assert main(["replay", "security", "--since", "10m", "--json"]) == 0
+    again = _json(capsys)
+    assert again["stored"] == 20 and again["duplicates"] == 300
+    assert set(stored_ids(pg_schema).values()) == {1}
+
+    async def letters() -> int:
+        nc = await nats.connect(nats_server.url)
+        found = await DeadLetters(nc.jetstream(), subjects).list()
+        await nc.close()
+        return len(found)
+
+    assert asyncio.run(letters()) == 1, "the bad message is dead-lettered once"
+    with pytest.raises(SystemExit) as refused:
+        main(["replay", "frames", "--since", "1h"])
+    assert refused.value.code == 2
+
+
+def test_time_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["replay", "security", "--since", "yesterday"])
+    assert "neither an ISO 8601 time nor a duration" in capsys.readouterr().err
