@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Awaitable
 from types import TracebackType
 
 import anyio
@@ -219,7 +220,7 @@ class Worker:
             # Stop pulling (the batch in hand finishes), let the last commits ack,
             # then drain the connection.
             for subscriber in self._broker.subscribers:
-                await subscriber.stop()
+                await self._bounded(subscriber.stop(), "stopping a subscriber", 35.0)
             if self.pool is not None:
                 # Frames in the pool get a batch's time to be analysed and stored; then
                 # the pool stops and those still waiting for an actor are given back.
@@ -230,7 +231,11 @@ class Worker:
                     )
                 await self.pool.stop()
             for intake in self._intakes:
-                await intake.stop()
+                await self._bounded(
+                    intake.stop(),
+                    f"finishing the {intake.domain.value} batches in hand",
+                    self.settings.detector_batch_timeout_s + self.settings.ack_wait_s,
+                )
             self._intakes.clear()
             await self._broker.stop()
             self._broker = None
@@ -254,6 +259,18 @@ class Worker:
         if self.store is not None:
             await anyio.to_thread.run_sync(self.store.close)
             self.store = None
+
+    @staticmethod
+    async def _bounded(step: Awaitable[None], what: str, timeout_s: float) -> None:
+        """A shutdown step that may not hang the shutdown: what it held is redelivered."""
+        try:
+            await asyncio.wait_for(step, timeout_s)
+        except TimeoutError:
+            log.error(
+                "%s did not finish within %.0f s; going on (messages not acked are redelivered)",
+                what,
+                timeout_s,
+            )
 
     async def _stored_ids(self, ids: list[uuid.UUID]) -> set[uuid.UUID]:
         assert self.store is not None

@@ -19,7 +19,7 @@ from psycopg.rows import dict_row
 from psycopg.sql import SQL, Composable, Identifier
 from psycopg.types.json import Jsonb
 
-__all__ = ["BadCursor", "Page", "Queries"]
+__all__ = ["BadCursor", "Page", "Queries", "decode_cursor", "encode_cursor"]
 
 
 class BadCursor(ValueError):
@@ -34,12 +34,14 @@ class Page:
     next_cursor: str | None
 
 
-def _encode(values: Sequence[Any]) -> str:
+def encode_cursor(values: Sequence[Any]) -> str:
+    """The cursor of a row whose ordering key is `values`."""
     raw = json.dumps([v.isoformat() if isinstance(v, datetime) else v for v in values])
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def _decode(cursor: str, kinds: Sequence[type]) -> list[Any]:
+def decode_cursor(cursor: str, kinds: Sequence[type]) -> list[Any]:
+    """The key values of a cursor, checked against their `kinds`; else `BadCursor`."""
     try:
         raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         if not isinstance(raw, list) or len(raw) != len(kinds):
@@ -124,7 +126,7 @@ class Queries:
             rows = curs.fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
-        cursor = _encode([rows[-1][k] for k in key]) if more and rows else None
+        cursor = encode_cursor([rows[-1][k] for k in key]) if more and rows else None
         return Page([_jsonable(r) for r in rows], cursor)
 
     # -- security ----------------------------------------------------------------------
@@ -149,7 +151,7 @@ class Queries:
             f.equal(column, value)
         f.equal("severity", severity)
         key = ("occurred_at", "position")
-        f.after(key, _decode(cursor, (datetime, int)) if cursor else None)
+        f.after(key, decode_cursor(cursor, (datetime, int)) if cursor else None)
         return self._page(
             conn,
             "security_events",
@@ -177,7 +179,7 @@ class Queries:
         f.equal("zone", zone)
         f.equal("severity", severity)
         key = ("minute", "severity", "zone")
-        f.after(key, _decode(cursor, (datetime, str, str)) if cursor else None)
+        f.after(key, decode_cursor(cursor, (datetime, str, str)) if cursor else None)
         return self._page(conn, "security_counts", "minute, severity, zone, events", f, key, limit)
 
     def security_totals(
@@ -219,7 +221,7 @@ class Queries:
         f.equal("service", service)
         f.equal("status", status)
         key = ("service", "instance")
-        f.after(key, _decode(cursor, (str, str)) if cursor else None)
+        f.after(key, decode_cursor(cursor, (str, str)) if cursor else None)
         return self._page(
             conn,
             "service_status",
@@ -272,7 +274,7 @@ class Queries:
         f.equal("instance", instance)
         f.since("at", since, until)
         key = ("position",)
-        f.after(key, _decode(cursor, (int,)) if cursor else None)
+        f.after(key, decode_cursor(cursor, (int,)) if cursor else None)
         return self._page(
             conn,
             "service_transitions",
@@ -313,7 +315,7 @@ class Queries:
         f.equal("name", name)
         f.since("minute", since, until)
         key = ("minute", "service", "instance", "name", "labels")
-        after = _decode(cursor, (datetime, str, str, str, dict)) if cursor else None
+        after = decode_cursor(cursor, (datetime, str, str, str, dict)) if cursor else None
         f.after(key, [*after[:-1], Jsonb(after[-1])] if after else None)
         return self._page(
             conn,
@@ -386,7 +388,7 @@ class Queries:
         f.equal("label", label)
         f.since("minute", since, until)
         key = ("minute", "camera", "label")
-        f.after(key, _decode(cursor, (datetime, str, str)) if cursor else None)
+        f.after(key, decode_cursor(cursor, (datetime, str, str)) if cursor else None)
         return self._page(
             conn, "camera_detections", "minute, camera, label, detections, frames", f, key, limit
         )

@@ -73,6 +73,8 @@ def rebuild(
         with conn.transaction():  # indexes of filled tables: sorts in memory where they fit
             conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
             create_indexes(conn, view, shadow.tables)
+        for table in view.tables:  # statistics for the planner before the tables go live
+            conn.execute(SQL("ANALYZE {}").format(shadow.tables[table.name]))
         with conn.transaction():
             positions.lock(conn, view.name)
             events += shadow.catch_up(conn, progress)
