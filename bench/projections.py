@@ -24,6 +24,8 @@ The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 import random
@@ -174,7 +176,13 @@ def live_lag(settings: Settings, store: EventStore, rate: float, seconds: float)
     lags: list[float] = []
     lock = threading.Lock()
     done = threading.Event()
-    events = stored_events(int(rate * seconds) + 1000, seed=2)
+    # Made up front (making one costs more than storing it): copies of 10,000 messages
+    # under new ids.
+    templates = list(stored_events(10_000, seed=2))
+    events = (
+        dataclasses.replace(templates[n % len(templates)], message_id=f"live-{n}")
+        for n in itertools.count()
+    )
     positions = SQL("SELECT min(position) FROM {}.projection_positions WHERE view = ANY(%s)")
     query = positions.format(Identifier(settings.postgres_schema))
 
@@ -191,11 +199,13 @@ def live_lag(settings: Settings, store: EventStore, rate: float, seconds: float)
 
     try:
         with _connect(settings) as conn:
-            # Caught up before the clock starts.
+            # The process is up and has applied a first batch before the clock starts.
+            store.write([next(events) for _ in range(100)])
+            warm = reader.head(conn)
             while (row := conn.execute(query, (list(VIEWS),)).fetchone()) and (
-                row[0] is None or row[0] < reader.head(conn)
+                row[0] is None or row[0] < warm
             ):
-                time.sleep(0.1)
+                time.sleep(0.05)
             watcher = threading.Thread(target=watch)
             watcher.start()
             batch = 100
@@ -256,10 +266,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         lags = sorted(live_lag(settings, store, rate, args.live_seconds))
         lag50 = statistics.median(lags) if lags else float("nan")
         lag99 = lags[int(len(lags) * 0.99) - 1] if lags else float("nan")
+        achieved = 100 * len(lags) / args.live_seconds
         print(
-            f"(d) live, writing {rate:,.0f} events/s for {args.live_seconds:.0f} s: commit to "
-            f"every view committed: p50 {lag50:.0f} ms, p99 {lag99:.0f} ms ({len(lags)} writes, "
-            f"{100 * len(lags) / (rate * args.live_seconds):.0f}% of the rate)"
+            f"(d) live, writing at up to {rate:,.0f} events/s ({achieved:,.0f}/s achieved) for "
+            f"{args.live_seconds:.0f} s: commit to every view committed: p50 {lag50:.0f} ms, "
+            f"p99 {lag99:.0f} ms ({len(lags)} writes of 100 events)"
         )
     finally:
         store.close()
@@ -274,7 +285,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "rebuild": views,
         "api_p50_ms": round(p50, 2),
         "api_p99_ms": round(p99, 2),
-        "live_rate_events_per_s": round(rate),
+        "live_rate_events_per_s": round(achieved),
         "live_lag_p50_ms": round(lag50, 1),
         "live_lag_p99_ms": round(lag99, 1),
     }

@@ -96,7 +96,8 @@ class CameraView(View):
                 detections[(camera, d["label"], start)][0] += 1
         upsert(
             curs,
-            tables["camera_activity"],
+            tables,
+            "camera_activity",
             _ACTIVITY,
             ("camera",),
             _MERGE_ACTIVITY,
@@ -104,7 +105,8 @@ class CameraView(View):
         )
         upsert(
             curs,
-            tables["camera_detections"],
+            tables,
+            "camera_detections",
             _DETECTIONS,
             ("camera", "label", "minute"),
             "detections = t.detections + excluded.detections, frames = t.frames + excluded.frames",

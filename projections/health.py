@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL
@@ -13,7 +12,7 @@ from psycopg.sql import SQL
 from pipeline.store.domain import HealthReport
 from pipeline.store.reader import Positioned
 
-from .view import Table, Tables, View, copy_rows, parse_time, upsert
+from .view import Table, Tables, View, copy_rows, json, parse_time, upsert
 
 __all__ = ["HealthView"]
 
@@ -108,7 +107,7 @@ class HealthView(View):
                 before[1],
                 at,
                 p.get("message"),
-                orjson.dumps(checks).decode(),
+                json(checks),
                 before[2],
                 item.position,
             )
@@ -125,7 +124,8 @@ class HealthView(View):
         update_all = ", ".join(f"{c} = excluded.{c}" for c in _STATUS[2:])
         upsert(
             curs,
-            tables["service_status"],
+            tables,
+            "service_status",
             _STATUS,
             ("service", "instance"),
             update_all,
@@ -133,7 +133,8 @@ class HealthView(View):
         )
         upsert(
             curs,
-            tables["service_checks"],
+            tables,
+            "service_checks",
             _CHECK,
             ("service", "instance", "name"),
             ", ".join(f"{c} = excluded.{c}" for c in _CHECK[3:]),

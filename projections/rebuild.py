@@ -53,8 +53,8 @@ def rebuild(
 
     `conn` must be in autocommit mode; `read_ahead` opens a second connection (like
     `conn`) that reads the next events while a batch is applied. Raises
-    `RebuildRefused` when another rebuild of the view runs, `RuntimeError` when an
-    event stalls the rebuild (the live view is left as it was).
+    `RebuildRefused` when another rebuild of the view runs, `ViewStalled` when an
+    event stops the rebuild (the live view is left as it was).
     """
     started = time.perf_counter()
     key = f"rebuild:{schema}.{view.name}"

@@ -17,7 +17,7 @@ import psycopg
 from pipeline.store.domain import MetricsBatch
 from pipeline.store.reader import Positioned
 
-from .view import Table, Tables, View, add_exact, decimal, minute, parse_time, upsert
+from .view import Table, Tables, View, add_exact, decimal, json, minute, parse_time, upsert
 
 __all__ = ["RollupView"]
 
@@ -66,15 +66,15 @@ class RollupView(View):
     def apply(self, curs: psycopg.Cursor[Any], tables: Tables, batch: Sequence[Positioned]) -> None:
         """Roll the batch's samples up in memory, then merge them into the stored minutes."""
         rolled: dict[tuple[str, str, str, str, datetime], list[Any]] = {}
-        labels_of: dict[str, str] = {}
+        labels_of: dict[str, Any] = {}
         for item in batch:
             p = item.event.payload
             at = parse_time(p["collected_at"])
             start = minute(at)
             for sample in p["samples"]:
                 labels = sample.get("labels") or {}
-                raw = orjson.dumps(labels, option=orjson.OPT_SORT_KEYS).decode()
-                labels_key = labels_of.setdefault(raw, raw)
+                labels_key = orjson.dumps(labels, option=orjson.OPT_SORT_KEYS).decode()
+                labels_of.setdefault(labels_key, labels)
                 key = (p["service"], p["instance"], sample["name"], labels_key, start)
                 value = float(sample["value"])
                 row = rolled.get(key)
@@ -89,9 +89,13 @@ class RollupView(View):
                     row[4], row[5] = value, at
         upsert(
             curs,
-            tables["metric_rollups"],
+            tables,
+            "metric_rollups",
             _COLUMNS,
             _KEY,
             _MERGE,
-            [(*key, *row) for key, row in rolled.items()],
+            [
+                (s, i, n, json(labels_of[labels]), m, *row)
+                for (s, i, n, labels, m), row in rolled.items()
+            ],
         )

@@ -37,7 +37,7 @@ from pipeline.store.reader import EventReader
 from .positions import Positions
 from .view import SHADOW, Tables, View
 
-__all__ = ["Listener", "ViewRunner", "create_tables"]
+__all__ = ["Listener", "ViewRunner", "ViewStalled", "create_indexes", "create_tables"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,10 @@ class _CollectorPause:
 
 
 _COLLECTOR = _CollectorPause()
+
+
+class ViewStalled(Exception):
+    """A view met an event it cannot apply (while catching up on demand)."""
 
 
 class _Poison(Exception):
@@ -175,6 +179,7 @@ class ViewRunner:
         self._skipped: set[int] | None = None
         self._current_since = time.monotonic()
         self.stalled_at: int | None = None
+        self.stall_error = ""
         self._ahead: _ReadAhead | None = None
         self._window = _WINDOW[0]
 
@@ -270,7 +275,7 @@ class ViewRunner:
         error = f"{type(exc).__name__}: {exc}"
         with conn.transaction():
             self.positions.stall(conn, self.key, position, at, error)
-        self.stalled_at = at
+        self.stalled_at, self.stall_error = at, error
         self._limit = self.batch_size
         self.metrics.stalled.labels(self.view.name).set(1)
         log.error(
@@ -303,8 +308,9 @@ class ViewRunner:
             while True:
                 n = self.step(conn)
                 if self.stalled_at is not None:
-                    raise RuntimeError(
-                        f"view {self.key} stalled at position {self.stalled_at}: see the log"
+                    raise ViewStalled(
+                        f"view {self.key} stopped at position {self.stalled_at}, an event it "
+                        f"cannot apply: {self.stall_error}"
                     )
                 if n == 0:
                     return total

@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg.sql import SQL
 
 from pipeline.store.domain import SecurityEvent
 from pipeline.store.reader import Positioned
 
-from .view import Table, Tables, View, copy_rows, parse_time
+from .view import Table, Tables, View, copy_rows, json, parse_time
 
 __all__ = ["SecurityView"]
 
@@ -76,7 +75,7 @@ class SecurityView(View):
                     p.get("location"),
                     parse_time(p["occurred_at"]),
                     event.timestamp,
-                    orjson.dumps(p.get("attributes") or {}).decode(),
+                    json(p.get("attributes") or {}),
                 )
             )
         copy_rows(curs, tables["security_events"], _COLUMNS, rows)

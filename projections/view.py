@@ -16,8 +16,10 @@ from datetime import datetime
 from decimal import Context, Decimal
 from typing import Any, ClassVar
 
+import orjson
 import psycopg
 from psycopg.sql import SQL, Composed, Identifier
+from psycopg.types.json import Jsonb
 
 from pipeline.store.domain import topics_of
 from pipeline.store.reader import Positioned
@@ -30,6 +32,7 @@ __all__ = [
     "add_exact",
     "copy_rows",
     "decimal",
+    "json",
     "minute",
     "parse_time",
     "upsert",
@@ -114,35 +117,57 @@ def copy_rows(
     columns: Sequence[str],
     rows: Iterable[Sequence[Any]],
 ) -> None:
-    """Append rows to `table` with COPY (the fastest way in)."""
+    """Append rows to `table` with a binary COPY (the fastest way in).
+
+    Values must be of the columns' types (jsonb values wrapped with `json`).
+    """
     names = SQL(", ").join(Identifier(c) for c in columns)
-    with curs.copy(SQL("COPY {} ({}) FROM STDIN").format(table, names)) as copy:
+    key = (table.as_string(curs), tuple(columns))
+    types = _TYPES.get(key)
+    if types is None:
+        curs.execute(SQL("SELECT {} FROM {} LIMIT 0").format(names, table))
+        types = _TYPES[key] = [column.type_code for column in curs.description or ()]
+    with curs.copy(SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(table, names)) as copy:
+        copy.set_types(types)
         for row in rows:
             copy.write_row(row)
 
 
+_TYPES: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+"""Column types of the tables copied into, by name (a rebuilt table keeps its types)."""
+
+
+def json(value: Any) -> Jsonb:
+    """A value for a jsonb column (encoded by orjson)."""
+    return Jsonb(value, dumps=orjson.dumps)
+
+
 def upsert(
     curs: psycopg.Cursor[Any],
-    table: Composed,
+    tables: Tables,
+    name: str,
     columns: Sequence[str],
     key: Sequence[str],
     update: str,
     rows: Sequence[Sequence[Any]],
 ) -> None:
-    """Insert `rows`, or merge each into the row with the same `key` by `update` (SQL).
+    """Insert `rows` into table `name`, or merge each into the row with the same `key`.
 
-    The rows go through a temporary table by COPY, then one INSERT ... ON CONFLICT;
-    `update` reads the new values as `excluded.<column>` and the stored ones as `t.<column>`.
+    `update` (SQL) reads the new values as `excluded.<column>` and the stored ones as
+    `t.<column>`. The rows go by COPY into a temporary table of the session (made once,
+    emptied at each commit), then one INSERT ... ON CONFLICT merges them. One upsert
+    per table per transaction.
     """
     if not rows:
         return
-    staging = Identifier("staging")
+    table = tables[name]
+    staging = Identifier(f"staging_{tables.bare(name)}")
     curs.execute(
         SQL(
-            "CREATE TEMPORARY TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP"
+            "CREATE TEMPORARY TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) "
+            "ON COMMIT DELETE ROWS"
         ).format(staging, table)
     )
-    curs.execute(SQL("TRUNCATE {}").format(staging))
     copy_rows(curs, staging, columns, rows)
     names = SQL(", ").join(Identifier(c) for c in columns)
     curs.execute(
@@ -157,4 +182,3 @@ def upsert(
             update=SQL(update),  # the views' own constant SQL
         )
     )
-    curs.execute(SQL("DROP TABLE {}").format(staging))

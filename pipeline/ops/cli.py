@@ -94,6 +94,7 @@ async def _run(args: argparse.Namespace) -> None:
 async def _projections(args: argparse.Namespace) -> None:
     from projections.positions import SkipRefused
     from projections.rebuild import RebuildRefused
+    from projections.runner import ViewStalled
 
     from . import readside
 
@@ -109,7 +110,7 @@ async def _projections(args: argparse.Namespace) -> None:
             readside.projections_skip(
                 settings, args.name, args.position, note=args.note, as_json=args.json
             )
-    except (KeyError, SkipRefused, RebuildRefused) as exc:
+    except (KeyError, SkipRefused, RebuildRefused, ViewStalled) as exc:
         raise PipelineError(str(exc).strip("'\"")) from None
 
 

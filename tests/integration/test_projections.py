@@ -22,6 +22,7 @@ from pipeline.store.eventstore import Accepted, EventStore
 from projections import VIEWS, SecurityView
 from projections.positions import Positions, SkipRefused
 from projections.rebuild import rebuild
+from projections.runner import ViewStalled
 from projections.service import ProjectionService
 from schemas import Domain
 
@@ -249,6 +250,12 @@ async def test_a_poison_event_stops_its_view_only_until_it_is_skipped(
         assert row.error is not None and "source" in row.error
         with pytest.raises(SkipRefused):
             Positions(pg_schema).skip(conn, "security", at + 1)
+        # A rebuild meets the same event: it stops, and leaves the live view as it was.
+        before = view_rows(pg_schema, SecurityView)
+        with pytest.raises(ViewStalled, match=f"position {at}"):
+            rebuild(conn, pg_schema, SecurityView())
+        assert view_rows(pg_schema, SecurityView) == before
+        assert "security__next" not in positions(pg_schema)
         Positions(pg_schema).skip(conn, "security", at, note="test: payload without source")
     await wait_until(lambda: views_current(pg_schema))
     assert runner.metrics.stalled.labels("security")._value.get() == 0
