@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,7 @@ def rebuild_all(settings: Settings) -> dict[str, dict[str, float]]:
 
 def api_latency(settings: Settings, requests: int) -> tuple[float, float]:
     """p50 and p99 (ms) of the main list query, through the ASGI application."""
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
     from fastapi.testclient import TestClient
 
     from pipeline.api import create_app
