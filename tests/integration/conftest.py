@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.ops.embedded import EmbeddedPostgres
+from pipeline.settings import Settings
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -22,3 +23,13 @@ def embedded_pg(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
     server = EmbeddedPostgres(tmp_path)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> Settings:
+    """Point the CLI (which reads PIPELINE_* variables) at the test's servers."""
+    monkeypatch.setenv("PIPELINE_NATS_URL", settings.nats_url)
+    monkeypatch.setenv("PIPELINE_POSTGRES_DBNAME", settings.postgres_dbname)
+    monkeypatch.setenv("PIPELINE_POSTGRES_SCHEMA", settings.postgres_schema)
+    monkeypatch.chdir(Path(__file__).parent)  # no stray .env file
+    return settings

@@ -22,16 +22,6 @@ from ..conftest import wait_until
 from .helpers import stored_rows
 
 
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> Settings:
-    """Point the CLI (which reads PIPELINE_* variables) at the test's servers."""
-    monkeypatch.setenv("PIPELINE_NATS_URL", settings.nats_url)
-    monkeypatch.setenv("PIPELINE_POSTGRES_DBNAME", settings.postgres_dbname)
-    monkeypatch.setenv("PIPELINE_POSTGRES_SCHEMA", settings.postgres_schema)
-    monkeypatch.chdir(Path(__file__).parent)  # no stray .env file
-    return settings
-
-
 def test_streams_apply_is_idempotent_and_reports_drift(
     env: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -24,16 +24,6 @@ from streams import Subjects
 from .helpers import positions, stored_ids, write_events
 
 
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> Settings:
-    """Point the CLI (which reads PIPELINE_* variables) at the test's servers."""
-    monkeypatch.setenv("PIPELINE_NATS_URL", settings.nats_url)
-    monkeypatch.setenv("PIPELINE_POSTGRES_DBNAME", settings.postgres_dbname)
-    monkeypatch.setenv("PIPELINE_POSTGRES_SCHEMA", settings.postgres_schema)
-    monkeypatch.chdir(Path(__file__).parent)  # no stray .env file
-    return settings
-
-
 def _json(capsys: pytest.CaptureFixture[str]) -> Any:
     return json.loads(capsys.readouterr().out)
 
