@@ -107,11 +107,20 @@ class Worker:
     """A pipeline worker: consumes every enabled domain until stopped.
 
     Use as `async with Worker(settings) as worker: ...`; leaving the block finishes the
-    batches in hand, drains NATS and closes the stores, in reverse order of start.
+    batches in hand, drains NATS and closes the stores, in reverse order of start. With
+    `consume=False` it builds the same intakes (`worker.intakes`) without subscribing
+    them, for a caller that feeds them itself (`pipeline replay`).
     """
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        *,
+        consume: bool = True,
+    ) -> None:
         self.settings = settings
+        self.consume = consume
         self.subjects = Subjects(settings.namespace)
         self.metrics = Metrics(registry)
         self.store: EventStore | None = None
@@ -120,7 +129,7 @@ class Worker:
         self._broker: NatsBroker | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._store_problem = ""
-        self._intakes: list[Intake] = []
+        self.intakes: dict[Domain, Intake] = {}
         self.pauses = Pauses(self.metrics, max_s=settings.pause_probe_max_s)
         self._writer: GroupWriter | None = None
         self.pool: DetectorPool | None = None
@@ -168,12 +177,6 @@ class Worker:
         self._writer = GroupWriter(self.store)
         self._writer.start()
         ensure_fetch_timeout_contract()
-        # FastStream logs each batch at INFO; only its warnings and errors are wanted.
-        broker_log = logging.getLogger("pipeline.broker")
-        broker_log.setLevel(logging.WARNING)
-        self._broker = NatsBroker(
-            s.nats_url, logger=broker_log, graceful_timeout=30.0, max_reconnect_attempts=-1
-        )
         if Domain.FRAMES in s.domains:
             await self._start_pool()
         services: IntakeServices = {
@@ -196,14 +199,24 @@ class Worker:
                     max_age_s=s.frames_max_age_s,
                     max_pixels=s.frames_max_pixels,
                     stored=self._stored_ids,
+                    look_up_all=not self.consume,  # a replay: most frames are stored already
                     max_message_bytes=s.max_frame_bytes,
                     **services,
                 )
             else:
                 intake = Intake(domain, max_message_bytes=s.max_message_bytes, **services)
-            handlers.register(self._broker, intake, s, self.subjects)
-            self._intakes.append(intake)
-        await self._broker.start()
+            self.intakes[domain] = intake
+        if not self.consume:
+            return
+        # FastStream logs each batch at INFO; only its warnings and errors are wanted.
+        broker_log = logging.getLogger("pipeline.broker")
+        broker_log.setLevel(logging.WARNING)
+        self._broker = broker = NatsBroker(
+            s.nats_url, logger=broker_log, graceful_timeout=30.0, max_reconnect_attempts=-1
+        )
+        for intake in self.intakes.values():
+            handlers.register(broker, intake, s, self.subjects)
+        await broker.start()
         self._watch_task = asyncio.create_task(self._watch())
         log.info("worker consuming %s from %s", [d.value for d in s.domains], s.nats_url)
 
@@ -221,22 +234,23 @@ class Worker:
             # then drain the connection.
             for subscriber in self._broker.subscribers:
                 await self._bounded(subscriber.stop(), "stopping a subscriber", 35.0)
-            if self.pool is not None:
-                # Frames in the pool get a batch's time to be analysed and stored; then
-                # the pool stops and those still waiting for an actor are given back.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        asyncio.gather(*(i.flush() for i in self._intakes)),
-                        self.settings.detector_batch_timeout_s,
-                    )
-                await self.pool.stop()
-            for intake in self._intakes:
-                await self._bounded(
-                    intake.stop(),
-                    f"finishing the {intake.domain.value} batches in hand",
-                    self.settings.detector_batch_timeout_s + self.settings.ack_wait_s,
+        if self.pool is not None and self.intakes:
+            # Frames in the pool get a batch's time to be analysed and stored; then
+            # the pool stops and those still waiting for an actor are given back.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(i.flush() for i in self.intakes.values())),
+                    self.settings.detector_batch_timeout_s,
                 )
-            self._intakes.clear()
+            await self.pool.stop()
+        for intake in self.intakes.values():
+            await self._bounded(
+                intake.stop(),
+                f"finishing the {intake.domain.value} batches in hand",
+                self.settings.detector_batch_timeout_s + self.settings.ack_wait_s,
+            )
+        self.intakes.clear()
+        if self._broker is not None:
             await self._broker.stop()
             self._broker = None
         if self.pool is not None:

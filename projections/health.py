@@ -12,7 +12,7 @@ from psycopg.sql import SQL
 from pipeline.store.domain import HealthReport
 from pipeline.store.reader import Positioned
 
-from .view import Table, Tables, View, copy_rows, json, parse_time, upsert
+from .view import Table, Tables, View, copy_rows, json, parse_time, text, upsert
 
 __all__ = ["HealthView"]
 
@@ -106,18 +106,19 @@ class HealthView(View):
                 p["status"],
                 before[1],
                 at,
-                p.get("message"),
+                text(p.get("message")),
                 json(checks),
                 before[2],
                 item.position,
             )
             for check in checks:
-                check_rows[(*key, check["name"])] = (
+                check_name = text(check["name"]) or ""
+                check_rows[(*key, check_name)] = (
                     *key,
-                    check["name"],
+                    check_name,
                     check["status"],
                     check.get("latency_ms"),
-                    check.get("detail"),
+                    text(check.get("detail")),
                     at,
                     item.position,
                 )

@@ -17,7 +17,6 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.sql import SQL, Composable, Identifier
-from psycopg.types.json import Jsonb
 
 __all__ = ["BadCursor", "Page", "Queries", "decode_cursor", "encode_cursor"]
 
@@ -147,8 +146,12 @@ class Queries:
         """Security events, newest first (by when they occurred)."""
         f = _Filters()
         f.since("occurred_at", since, until)
-        for column, value in (("source", source), ("zone", zone), ("kind", kind)):
+        for column, value in (("source", source), ("kind", kind)):
             f.equal(column, value)
+        if zone == "":  # as in the counts: "" is "no zone"
+            f.clauses.append(SQL("zone IS NULL"))
+        else:
+            f.equal("zone", zone)
         f.equal("severity", severity)
         key = ("occurred_at", "position")
         f.after(key, decode_cursor(cursor, (datetime, int)) if cursor else None)
@@ -314,13 +317,12 @@ class Queries:
         f.equal("instance", instance)
         f.equal("name", name)
         f.since("minute", since, until)
-        key = ("minute", "service", "instance", "name", "labels")
-        after = decode_cursor(cursor, (datetime, str, str, str, dict)) if cursor else None
-        f.after(key, [*after[:-1], Jsonb(after[-1])] if after else None)
+        key = ("minute", "service", "instance", "name", "labels_hash")
+        f.after(key, decode_cursor(cursor, (datetime, str, str, str, str)) if cursor else None)
         return self._page(
             conn,
             "metric_rollups",
-            "minute, service, instance, name, labels, samples, "
+            "minute, service, instance, name, labels_hash, labels, samples, "
             "sum::float8 AS sum, min, max, last, last_at",
             f,
             key,
@@ -349,8 +351,8 @@ class Queries:
                     "SELECT service, instance, labels, sum(samples)::bigint AS samples, "
                     "sum(sum)::float8 AS sum, min(min) AS min, max(max) AS max, "
                     "(array_agg(last ORDER BY last_at DESC))[1] AS last, max(last_at) AS last_at "
-                    "FROM {} {} GROUP BY service, instance, labels "
-                    "ORDER BY service, instance, labels"
+                    "FROM {} {} GROUP BY service, instance, labels_hash, labels "
+                    "ORDER BY service, instance, labels_hash"
                 ).format(self._table("metric_rollups"), f.where()),
                 f.params,
             )

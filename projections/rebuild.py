@@ -10,6 +10,7 @@ the shadow's. Positions skipped on purpose in the live view are skipped again.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ def rebuild(
             create_indexes(conn, view, shadow.tables)
         for table in view.tables:  # statistics for the planner before the tables go live
             conn.execute(SQL("ANALYZE {}").format(shadow.tables[table.name]))
+        # What arrived meanwhile, in committed batches: the swap applies only the rest.
+        events += shadow.catch_up(conn, progress, read_ahead=read_ahead)
         with conn.transaction():
             positions.lock(conn, view.name)
             events += shadow.catch_up(conn, progress)
@@ -98,7 +101,8 @@ def rebuild(
         _drop(conn, shadow)
         raise
     finally:
-        conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+        with contextlib.suppress(psycopg.Error):  # a broken connection released it already
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
     return Rebuilt(view.name, events, position, time.perf_counter() - started)
 
 

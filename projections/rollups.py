@@ -7,6 +7,7 @@ batches, and a rebuild must give what the live run gave.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -26,6 +27,7 @@ _COLUMNS = (
     "service",
     "instance",
     "name",
+    "labels_hash",
     "labels",
     "minute",
     "samples",
@@ -35,7 +37,7 @@ _COLUMNS = (
     "last",
     "last_at",
 )
-_KEY = ("service", "instance", "name", "labels", "minute")
+_KEY = ("service", "instance", "name", "labels_hash", "minute")
 # `last` is the value collected last; of two collected at the same time, the one stored last.
 _MERGE = (
     "samples = t.samples + excluded.samples, sum = t.sum + excluded.sum, "
@@ -43,6 +45,11 @@ _MERGE = (
     "last = CASE WHEN excluded.last_at >= t.last_at THEN excluded.last ELSE t.last END, "
     "last_at = greatest(t.last_at, excluded.last_at)"
 )
+
+
+def _hash(labels: str) -> str:
+    """The key of a label set (its sorted JSON): a label set may be too large for an index."""
+    return hashlib.sha256(labels.encode()).hexdigest()[:32]
 
 
 class RollupView(View):
@@ -55,10 +62,12 @@ class RollupView(View):
         Table(
             "metric_rollups",
             "service text NOT NULL, instance text NOT NULL, name text NOT NULL, "
-            "labels jsonb NOT NULL, minute timestamptz NOT NULL, samples bigint NOT NULL, "
+            "labels_hash text NOT NULL, labels jsonb NOT NULL, minute timestamptz NOT NULL, "
+            "samples bigint NOT NULL, "
             "sum numeric NOT NULL, min double precision NOT NULL, "
             "max double precision NOT NULL, last double precision NOT NULL, "
-            "last_at timestamptz NOT NULL, PRIMARY KEY (service, instance, name, labels, minute)",
+            "last_at timestamptz NOT NULL, "
+            "PRIMARY KEY (service, instance, name, labels_hash, minute)",
             indexes=("name, minute DESC", "minute DESC"),
         ),
     )
@@ -95,7 +104,7 @@ class RollupView(View):
             _KEY,
             _MERGE,
             [
-                (s, i, n, json(labels_of[labels]), m, *row)
+                (s, i, n, _hash(labels), json(labels_of[labels]), m, *row)
                 for (s, i, n, labels, m), row in rolled.items()
             ],
         )

@@ -37,12 +37,37 @@ from pipeline.store.reader import EventReader
 from .positions import Positions
 from .view import SHADOW, Tables, View
 
-__all__ = ["Listener", "ViewRunner", "ViewStalled", "create_indexes", "create_tables"]
+__all__ = [
+    "Listener",
+    "ViewRunner",
+    "ViewStalled",
+    "create_indexes",
+    "create_tables",
+    "is_outage",
+]
 
 log = logging.getLogger(__name__)
 
 Connect = Callable[[], "psycopg.Connection[Any]"]
-_OUTAGE = (psycopg.OperationalError, psycopg.InterfaceError)
+_OUTAGE_STATES = ("08", "53", "57P", "40001", "40P01", "55P03", "25006")
+"""SQLSTATEs of a server that is away, restarting, out of resources, read-only or busy
+(connection exception, insufficient resources, operator intervention, serialization
+failure, deadlock, lock not available, read-only transaction): not the events' fault."""
+
+
+def is_outage(exc: BaseException, conn: psycopg.Connection[Any] | None = None) -> bool:
+    """Whether `exc` says the database is away (retry later) rather than refusing the data."""
+    if conn is not None and (conn.closed or conn.broken):
+        return True
+    if isinstance(exc, psycopg.InterfaceError):
+        return True
+    if isinstance(exc, psycopg.Error):
+        state = exc.sqlstate or ""
+        # No SQLSTATE: the client lost the connection (or never had one).
+        return not state or state.startswith(_OUTAGE_STATES)
+    return False
+
+
 _WINDOW = (4, 64)
 """A batch reads at most this many times its size of positions (of any topic): it starts
 at the first and doubles, up to the second, while the view's events are sparser."""
@@ -212,11 +237,11 @@ class ViewRunner:
         m, name = self.metrics, self.view.name
         with conn.transaction():
             row = self.positions.lock(conn, self.key)
-            if row.state == "stalled":
-                if not self._retry_stall:
-                    return 0
-                self._retry_stall = False
-            elif self.stalled_at is not None:  # skipped on purpose: going on
+            if row.state == "stalled" and not self._retry_stall:
+                self.stalled_at, self.stall_error = row.stalled_at, row.error or ""
+                m.stalled.labels(name).set(1)
+                return 0
+            if row.state == "running" and self.stalled_at is not None:  # skipped on purpose
                 log.info("view %s: going on after position %d", name, row.position)
                 self.stalled_at, self._skipped = None, None
                 m.stalled.labels(name).set(0)
@@ -247,12 +272,13 @@ class ViewRunner:
                     if batch:
                         with conn.cursor() as curs:
                             self.view.apply(curs, self.tables, batch)
-            except _OUTAGE:
-                raise
             except Exception as exc:
+                if is_outage(exc, conn):
+                    raise
                 raise _Poison(rows, row.position, exc) from exc
             self.positions.advance(conn, self.key, upto)
         self._limit = min(self.batch_size, self._limit * 2)
+        self._retry_stall = False  # a stall met again from now on stops the view
         m.applied.labels(name).inc(len(rows))
         m.batch_seconds.labels(name).observe(time.perf_counter() - started)
         self._observe(upto, head, caught_up=upto == head)
@@ -277,6 +303,7 @@ class ViewRunner:
             self.positions.stall(conn, self.key, position, at, error)
         self.stalled_at, self.stall_error = at, error
         self._limit = self.batch_size
+        self._retry_stall = False
         self.metrics.stalled.labels(self.view.name).set(1)
         log.error(
             "view %s stalled at position %d (%s): %s; the other views go on. Fix the view "
@@ -352,7 +379,7 @@ class ViewRunner:
                     self.wake.wait(self.poll_s)
                 delay = 0.5
             except Exception as exc:
-                if isinstance(exc, _OUTAGE):
+                if is_outage(exc, conn):
                     log.warning("view %s: database away (%s); again in %.1f s", name, exc, delay)
                 else:  # a bug, or a table changed under it: not the events' fault
                     log.exception("view %s: unexpected error; again in %.1f s", name, delay)
@@ -388,9 +415,12 @@ class Listener:
                     while not stop.is_set():
                         for _ in conn.notifies(timeout=0.5, stop_after=1):
                             self._wake()
-            except _OUTAGE as exc:
+            except Exception as exc:
                 self.connected.clear()
-                log.warning("not listening for new events (%s); retrying in %.1f s", exc, delay)
+                if is_outage(exc):
+                    log.warning("not listening for new events (%s); again in %.1f s", exc, delay)
+                else:
+                    log.exception("listener: unexpected error; again in %.1f s", delay)
                 stop.wait(delay)
                 delay = min(delay * 2, 10.0)
         self.connected.clear()

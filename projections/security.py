@@ -11,7 +11,7 @@ from psycopg.sql import SQL
 from pipeline.store.domain import SecurityEvent
 from pipeline.store.reader import Positioned
 
-from .view import Table, Tables, View, copy_rows, json, parse_time
+from .view import Table, Tables, View, copy_rows, json, parse_time, text
 
 __all__ = ["SecurityView"]
 
@@ -71,8 +71,8 @@ class SecurityView(View):
                     p["source"],
                     p["kind"],
                     p["severity"],
-                    p.get("zone"),
-                    p.get("location"),
+                    text(p.get("zone")),
+                    text(p.get("location")),
                     parse_time(p["occurred_at"]),
                     event.timestamp,
                     json(p.get("attributes") or {}),

@@ -28,7 +28,8 @@ class ViewStatus:
     lag_seconds: float
     """Age of the oldest stored event the view has not reached (0 when it is current)."""
     state: str
-    """`running`, `stalled`, `rebuilding` (a shadow) or `not started`."""
+    """`running`, `stalled`, `not started`; for a rebuild's shadow `rebuilding`, or
+    `rebuild abandoned` (its process died; the next rebuild of the view clears it)."""
     stalled_at: int | None
     error: str | None
     updated_at: datetime | None
@@ -60,7 +61,7 @@ def view_status(conn: psycopg.Connection[Any], schema: str) -> list[ViewStatus]:
         if row is None:
             state = "not started"
         elif name.endswith(SHADOW):
-            state = "rebuilding"
+            state = "rebuilding" if _rebuilding(conn, schema, name) else "rebuild abandoned"
         else:
             state = row.state
         result.append(
@@ -77,3 +78,13 @@ def view_status(conn: psycopg.Connection[Any], schema: str) -> list[ViewStatus]:
             )
         )
     return result
+
+
+def _rebuilding(conn: psycopg.Connection[Any], schema: str, shadow: str) -> bool:
+    """Whether a process holds the rebuild lock of a shadow's view (see `rebuild`)."""
+    key = f"rebuild:{schema}.{shadow.removesuffix(SHADOW)}"
+    row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
+    if row and row[0]:
+        conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+        return False
+    return True

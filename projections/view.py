@@ -9,6 +9,7 @@ rebuild gives what the live run gives.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ __all__ = [
     "json",
     "minute",
     "parse_time",
+    "text",
     "upsert",
 ]
 
@@ -138,8 +140,27 @@ _TYPES: dict[tuple[str, tuple[str, ...]], list[int]] = {}
 
 
 def json(value: Any) -> Jsonb:
-    """A value for a jsonb column (encoded by orjson)."""
-    return Jsonb(value, dumps=orjson.dumps)
+    """A value for a jsonb column (encoded by orjson; NUL characters replaced, see `text`)."""
+    return Jsonb(value, dumps=_dumps)
+
+
+# "\u0000" as JSON writes a NUL character: not after an odd number of backslashes.
+_NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _dumps(value: Any) -> bytes:
+    data = orjson.dumps(value)
+    if b"\\u0000" in data:
+        data = _NUL_ESCAPE.sub(rb"\1\\ufffd", data)
+    return data
+
+
+def text(value: str | None) -> str | None:
+    """Free text for a text column: PostgreSQL's text and jsonb cannot hold NUL, which a
+    valid message may carry; it becomes U+FFFD in the view (the store keeps it)."""
+    if value is not None and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
 
 
 def upsert(
@@ -154,9 +175,8 @@ def upsert(
     """Insert `rows` into table `name`, or merge each into the row with the same `key`.
 
     `update` (SQL) reads the new values as `excluded.<column>` and the stored ones as
-    `t.<column>`. The rows go by COPY into a temporary table of the session (made once,
-    emptied at each commit), then one INSERT ... ON CONFLICT merges them. One upsert
-    per table per transaction.
+    `t.<column>`. The rows go by COPY into a temporary table of the session (made once),
+    then one INSERT ... ON CONFLICT merges them, and the temporary table is emptied.
     """
     if not rows:
         return
@@ -182,3 +202,5 @@ def upsert(
             update=SQL(update),  # the views' own constant SQL
         )
     )
+    # Emptied now too: several batches may share one transaction (a rebuild's swap).
+    curs.execute(SQL("DELETE FROM {}").format(staging))

@@ -180,7 +180,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         limit: Limit = 100,
         cursor: Cursor = None,
     ) -> Page:
-        """Security events, the latest occurred first."""
+        """Security events, the latest occurred first (`zone=` with no value: no zone)."""
         return queries.security_events(
             conn,
             since=since,

@@ -64,11 +64,13 @@ class FrameIntake(Intake):
         max_age_s: float = 0.0,
         max_pixels: int = 7680 * 4320,
         stored: Callable[[list[uuid.UUID]], Awaitable[set[uuid.UUID]]] | None = None,
+        look_up_all: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(Domain.FRAMES, **kwargs)
         self._pool = pool
         self._stored = stored
+        self._look_up_all = look_up_all
         self._max_age_s = max_age_s
         self._max_pixels = max_pixels
         self._tasks: set[asyncio.Task[None]] = set()
@@ -143,9 +145,10 @@ class FrameIntake(Intake):
     ) -> list[tuple[Delivery, FrameMetaV1]]:
         """Ack frames already stored, without running the model on them again.
 
-        Frames the Redis cache knows (when there is one) and redelivered frames (a worker
-        died after the commit, before the ack) are looked up in the store, which has the
-        last word: a cache entry alone never acks a frame. Anything not found here is
+        Frames the Redis cache knows (when there is one), redelivered frames (a worker
+        died after the commit, before the ack) and, with `look_up_all` (a replay), every
+        frame are looked up in the store, which has the last word: a cache entry alone
+        never acks a frame. Anything not found here is
         still caught by the store when it is written.
         """
         ids = {meta.id: event_id(Domain.FRAMES, meta.id) for _, meta in fresh}
@@ -155,7 +158,7 @@ class FrameIntake(Intake):
         look_up = [
             ids[meta.id]
             for msg, meta in fresh
-            if ids[meta.id] in known or delivery_info(msg).delivered > 1
+            if self._look_up_all or ids[meta.id] in known or delivery_info(msg).delivered > 1
         ]
         found: set[uuid.UUID] = set()
         if look_up and self._stored is not None:

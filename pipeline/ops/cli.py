@@ -362,7 +362,7 @@ def _parser() -> argparse.ArgumentParser:
     replay = sub.add_parser(
         "replay", help="re-drive messages a stream still holds through the pipeline"
     )
-    replay.add_argument("domain", choices=[d.value for d in Domain if d is not Domain.FRAMES])
+    replay.add_argument("domain", choices=[d.value for d in Domain])
     replay.add_argument("--since", type=_time, required=True, help="ISO 8601, or 15m, 2h...")
     replay.add_argument("--until", type=_time, default=None, help="ISO 8601, or 15m, 2h...")
     replay.add_argument("--json", action="store_true")

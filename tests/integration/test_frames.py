@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from pipeline.app import Worker
+from pipeline.app import Worker, apply_streams
 from pipeline.ingest.deadletter import DeadLetters
 from pipeline.ops.embedded import EmbeddedNats
+from pipeline.ops.replay import replay
 from pipeline.ops.simulate import Cameras, Outgoing
 from pipeline.settings import Settings
 from schemas import Domain, FrameMetaV1
@@ -262,3 +263,21 @@ def _duplicates(worker: Worker, found_in: str) -> float:
 def _frames(worker: Worker, outcome: str) -> float:
     value = worker.metrics.registry.get_sample_value("pipeline_frames_total", {"outcome": outcome})
     return value or 0.0
+
+
+async def test_replayed_frames_are_stored_once_and_analysed_only_when_missing(
+    nats_server: EmbeddedNats, pg_schema: str, nc: Client, model_dir: Path
+) -> None:
+    """`pipeline replay frames`: frames the store lacks are analysed; the rest only acked."""
+    settings = _settings(nats_server.url, pg_schema, model_dir)
+    await apply_streams(nc, settings)
+    cameras = Cameras(Subjects(), width=320, height=240, variants=2, seed=9)
+    sent = [cameras.frame() for _ in range(6)]
+    await _publish(nc, sent)
+    since = datetime.now(UTC) - timedelta(minutes=5)
+    first = await replay(settings, Domain.FRAMES, since)
+    assert (first.messages, first.stored, first.duplicates) == (6, 6, 0)
+    assert set(stored_ids(pg_schema)) == ids_of(Domain.FRAMES, [f.message_id for f in sent])
+    again = await replay(settings, Domain.FRAMES, since)
+    assert (again.messages, again.stored, again.duplicates) == (6, 0, 6)
+    assert Counter(stored_ids(pg_schema).values()) == Counter({1: 6})

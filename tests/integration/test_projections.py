@@ -256,6 +256,19 @@ async def test_a_poison_event_stops_its_view_only_until_it_is_skipped(
             rebuild(conn, pg_schema, SecurityView())
         assert view_rows(pg_schema, SecurityView) == before
         assert "security__next" not in positions(pg_schema)
+    # A restart tries the event once more, meets it again and stays stalled, visibly.
+    service.stop()
+    restarted = ProjectionService(settings)
+    restarted.start()
+    try:
+        again = next(r for r in restarted.runners if r.view.name == "security")
+        await wait_until(lambda: again.stalled_at == at)
+        assert again.metrics.stalled.labels("security")._value.get() == 1
+        assert positions(pg_schema)["security"][1] == "stalled"
+    finally:
+        restarted.stop()
+    service.start()
+    with _connect() as conn:
         Positions(pg_schema).skip(conn, "security", at, note="test: payload without source")
     await wait_until(lambda: views_current(pg_schema))
     assert runner.metrics.stalled.labels("security")._value.get() == 0
@@ -429,3 +442,108 @@ async def test_views_ride_out_a_database_restart(embedded_pg: Any) -> None:
         ).fetchone()
         rows = conn.execute("SELECT count(DISTINCT position) FROM security_events").fetchone()
     assert rows == security
+
+
+async def test_a_rebuild_takes_in_events_stored_while_it_builds_its_indexes(
+    settings: Settings,
+    store: EventStore,
+    service: ProjectionService,
+    pg_schema: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Many batches arrive between the first catch-up and the swap: each applied once."""
+    import projections.rebuild as module
+
+    write_events(store, 1000, seed=15)
+    build_indexes = module.create_indexes
+
+    def meanwhile(*args: Any, **kwargs: Any) -> None:
+        write_events(store, 1500, seed=16)
+        build_indexes(*args, **kwargs)
+
+    monkeypatch.setattr(module, "create_indexes", meanwhile)
+    with _connect() as conn:
+        for cls in VIEWS.values():
+            rebuild(conn, pg_schema, cls(), batch_size=100)
+    monkeypatch.setattr(module, "create_indexes", build_indexes)
+    await wait_until(lambda: views_current(pg_schema), timeout_s=60)
+    rebuilt = {name: view_rows(pg_schema, cls) for name, cls in VIEWS.items()}
+    with _connect() as conn:
+        for name, cls in VIEWS.items():
+            rebuild(conn, pg_schema, cls())
+            assert view_rows(pg_schema, cls) == rebuilt[name], name
+
+
+async def test_batches_sharing_a_transaction_merge_once(
+    settings: Settings, store: EventStore, pg_schema: str
+) -> None:
+    """Several batches in one transaction (as in a rebuild's swap) add up, once each."""
+    from projections.runner import ViewRunner
+
+    write_events(store, 600, seed=17)
+    runner = ViewRunner(VIEWS["metrics"](), pg_schema, batch_size=50)
+    with _connect() as conn:
+        runner.prepare(conn)
+        with conn.transaction():
+            assert runner.catch_up(conn) > 50
+    samples = _query(f'SELECT sum(samples) FROM "{pg_schema}".metric_rollups')[0][0]
+    expected = sum(
+        len(e.payload["samples"]) for e in stored_events(600, seed=17) if e.domain is Domain.METRICS
+    )
+    assert samples == expected
+
+
+async def test_valid_messages_the_tables_could_not_hold_do_not_stop_a_view(
+    settings: Settings, store: EventStore, service: ProjectionService, pg_schema: str
+) -> None:
+    """NUL characters (text and jsonb refuse them) and a label set too large for an index."""
+    events = list(stored_events(200, seed=18))
+    security = next(e for e in events if e.domain is Domain.SECURITY)
+    metrics = next(e for e in events if e.domain is Domain.METRICS)
+    health = next(e for e in events if e.domain is Domain.MONITORING)
+    huge = {f"k{i:02d}-{'x' * 60}": "v" * 256 for i in range(32)}
+    odd = [
+        Accepted(
+            **{
+                **security.__dict__,
+                "message_id": "nul-1",
+                "payload": {
+                    **security.payload,
+                    "zone": "a\x00b",
+                    "attributes": {"k\x00": "v\x00", "t": "\\u0000"},
+                },
+            }
+        ),
+        Accepted(
+            **{
+                **metrics.__dict__,
+                "message_id": "huge-labels",
+                "payload": {
+                    **metrics.payload,
+                    "samples": [{"name": "wide", "value": 1.0, "labels": huge}],
+                },
+            }
+        ),
+        Accepted(
+            **{
+                **health.__dict__,
+                "message_id": "nul-2",
+                "payload": {**health.payload, "instance": "odd-0", "message": "down\x00"},
+            }
+        ),
+    ]
+    store.write(events + odd)
+    await wait_until(lambda: views_current(pg_schema), timeout_s=30)
+    assert all(state == "running" for _, state in positions(pg_schema).values())
+    zone, attributes = _query(
+        f'SELECT zone, attributes FROM "{pg_schema}".security_events WHERE message_id = %s',
+        "nul-1",
+    )[0]
+    assert zone == "a\ufffdb"
+    assert attributes == {"k\ufffd": "v\ufffd", "t": "\\u0000"}
+    assert _query(f'SELECT labels FROM "{pg_schema}".metric_rollups WHERE name = %s', "wide") == [
+        (huge,)
+    ]
+    assert _query(
+        f'SELECT message FROM "{pg_schema}".service_status WHERE instance = %s', "odd-0"
+    ) == [("down\ufffd",)]
