@@ -8,10 +8,12 @@ import logging
 import uuid
 from collections.abc import Awaitable
 from types import TracebackType
+from typing import Any
 
 import anyio
 import nats
 from faststream.nats import NatsBroker
+from faststream.security import BaseSecurity, SASLPlaintext
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
@@ -49,6 +51,7 @@ async def connect_nats(settings: Settings) -> Client:
     async def quiet(exc: Exception) -> None:
         log.debug("NATS connect attempt failed: %r", exc)
 
+    options = settings.nats_options()
     try:
         probe = await nats.connect(
             settings.nats_url,
@@ -57,13 +60,33 @@ async def connect_nats(settings: Settings) -> Client:
             max_reconnect_attempts=1,
             reconnect_time_wait=0.1,
             error_cb=quiet,
+            **options,
         )
     except (OSError, nats.errors.Error, TimeoutError) as exc:
+        hint = (
+            " (check PIPELINE_NATS_USER/PASSWORD, _CREDS_FILE or _NKEY_SEED_FILE)"
+            if "authorization" in str(exc).lower()
+            else ""
+        )
         raise ConfigError(
-            "PIPELINE_NATS_URL", f"cannot connect to NATS at {settings.nats_url}: {exc!r}"
+            "PIPELINE_NATS_URL", f"cannot connect to NATS at {settings.nats_url}: {exc!r}{hint}"
         ) from exc
     await probe.close()
-    return await nats.connect(settings.nats_url, connect_timeout=5, max_reconnect_attempts=-1)
+    return await nats.connect(
+        settings.nats_url, connect_timeout=5, max_reconnect_attempts=-1, **options
+    )
+
+
+def broker_options(settings: Settings) -> dict[str, Any]:
+    """The authentication and TLS of `Settings.nats_options`, as FastStream takes them."""
+    options = settings.nats_options()
+    tls = options.pop("tls", None)
+    user, password = options.pop("user", ""), options.pop("password", "")
+    if user:
+        options["security"] = SASLPlaintext(username=user, password=password, ssl_context=tls)
+    elif tls is not None:
+        options["security"] = BaseSecurity(ssl_context=tls)
+    return options
 
 
 async def apply_streams(nc: Client, settings: Settings) -> list[Applied]:
@@ -154,6 +177,7 @@ class Worker:
     async def start(self) -> None:
         """Connect, apply streams, open the event store, start consuming."""
         s = self.settings
+        s.refuse_unsafe(nats=True)
         self._admin = await connect_nats(s)
         _check_max_payload(self._admin.max_payload, s)
         for result in await apply_streams(self._admin, s):
@@ -212,7 +236,11 @@ class Worker:
         broker_log = logging.getLogger("pipeline.broker")
         broker_log.setLevel(logging.WARNING)
         self._broker = broker = NatsBroker(
-            s.nats_url, logger=broker_log, graceful_timeout=30.0, max_reconnect_attempts=-1
+            s.nats_url,
+            logger=broker_log,
+            graceful_timeout=30.0,
+            max_reconnect_attempts=-1,
+            **broker_options(s),
         )
         for intake in self.intakes.values():
             handlers.register(broker, intake, s, self.subjects)
@@ -361,5 +389,5 @@ def _check_max_payload(max_payload: int, settings: Settings) -> None:
                 f"the NATS server at {settings.nats_url} takes messages of at most "
                 f"{max_payload} bytes (its max_payload), less than {name} ({limit}) plus "
                 f"{HEADER_ROOM} bytes of headers: raise max_payload in the server's "
-                f"configuration (deploy/nats.conf sets 9MB) or lower {name}",
+                f"configuration (deploy/nats/nats.conf sets 9MB) or lower {name}",
             )

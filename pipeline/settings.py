@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import ssl
+from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import Domain
 
+from .errors import ConfigError
+
 __all__ = ["ALL_DOMAINS", "EVENT_DOMAINS", "Settings"]
+
+_SECRETS = ("nats_password", "postgres_password", "redis_url", "api_tokens")
+"""Settings that may come from a file named by `PIPELINE_<NAME>_FILE`."""
 
 EVENT_DOMAINS = (Domain.SECURITY, Domain.MONITORING, Domain.METRICS)
 """The domains of JSON messages; frames are the fourth."""
@@ -23,8 +32,20 @@ class Settings(BaseSettings):
         env_prefix="PIPELINE_", env_file=".env", extra="forbid", frozen=True
     )
 
+    # Where this runs: `production` refuses to start without authentication and passwords
+    env: Literal["development", "production"] = "development"
+
     # NATS JetStream
     nats_url: str = "nats://127.0.0.1:4222"
+    # Authentication: user and password, a credentials (.creds) file, or an NKey seed file
+    nats_user: str = ""
+    nats_password: str = ""
+    nats_creds_file: str = ""
+    nats_nkey_seed_file: str = ""
+    # TLS: the CA that signed the server's certificate; a client certificate if required
+    nats_tls_ca_file: str = ""
+    nats_tls_cert_file: str = ""
+    nats_tls_key_file: str = ""
     namespace: str = Field("", description="prefix of every subject and stream; empty for none")
     stream_replicas: Annotated[int, Field(ge=1, le=5)] = 1
     frames_max_bytes: Annotated[int, Field(ge=1024**2)] = 2 * 1024**3
@@ -105,6 +126,35 @@ class Settings(BaseSettings):
     # Logging
     log_format: Literal["text", "json"] = "text"
 
+    # Secrets read from files (a mounted secret) instead of the variables above
+    nats_password_file: str = ""
+    postgres_password_file: str = ""
+    redis_url_file: str = ""
+    api_tokens_file: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name in _SECRETS:
+            path = data.get(f"{name}_file")
+            if not path:
+                continue
+            if data.get(name):
+                raise ValueError(
+                    f"PIPELINE_{name.upper()} and PIPELINE_{name.upper()}_FILE are both set; "
+                    "set one of them"
+                )
+            try:
+                content = Path(path).read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(
+                    f"PIPELINE_{name.upper()}_FILE: cannot read {path}: {exc.strerror}"
+                ) from None
+            data = {**data, name: json.loads(content) if name == "api_tokens" else content}
+        return data
+
     @field_validator("redis_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
@@ -124,6 +174,64 @@ class Settings(BaseSettings):
                 f"the retry backoff ({redelivery:.0f} s)"
             )
         return self
+
+    def refuse_unsafe(self, *, nats: bool = False, api: bool = False) -> None:
+        """Raise `ConfigError` naming each secret a production process lacks (see below)."""
+        missing = self.unsafe_for_production(nats=nats, api=api)
+        if missing:
+            raise ConfigError(
+                "PIPELINE_ENV=production", "refusing to start without " + "; ".join(missing)
+            )
+
+    def unsafe_for_production(self, *, nats: bool = False, api: bool = False) -> list[str]:
+        """What a production process using NATS (`nats`) or serving the API (`api`) lacks.
+
+        Empty outside production. Each entry names the setting to set.
+        """
+        if self.env != "production":
+            return []
+        missing = []
+        if nats and not (
+            (self.nats_user and self.nats_password)
+            or self.nats_creds_file
+            or self.nats_nkey_seed_file
+        ):
+            missing.append(
+                "NATS authentication: PIPELINE_NATS_USER and PIPELINE_NATS_PASSWORD(_FILE), "
+                "PIPELINE_NATS_CREDS_FILE or PIPELINE_NATS_NKEY_SEED_FILE"
+            )
+        if not self.postgres_password:
+            missing.append("a database password: PIPELINE_POSTGRES_PASSWORD(_FILE)")
+        if nats and self.redis_url and not urlsplit(self.redis_url).password:
+            missing.append("a Redis password in PIPELINE_REDIS_URL(_FILE): redis://:PASSWORD@host")
+        if api and not self.api_tokens:
+            missing.append("API tokens: PIPELINE_API_TOKENS(_FILE)")
+        return missing
+
+    def nats_options(self) -> dict[str, Any]:
+        """Authentication and TLS keyword arguments of `nats.connect`."""
+        options: dict[str, Any] = {}
+        if self.nats_user:
+            options.update(user=self.nats_user, password=self.nats_password)
+        if self.nats_creds_file:
+            options["user_credentials"] = self.nats_creds_file
+        if self.nats_nkey_seed_file:
+            options["nkeys_seed"] = self.nats_nkey_seed_file
+        tls = self.nats_tls()
+        if tls is not None:
+            options["tls"] = tls
+        return options
+
+    def nats_tls(self) -> ssl.SSLContext | None:
+        """The TLS context for NATS: when a CA or client certificate is set, or the URL
+        says `tls://`; None for a plain connection."""
+        wanted = self.nats_tls_ca_file or self.nats_tls_cert_file
+        if not wanted and not self.nats_url.startswith("tls://"):
+            return None
+        context = ssl.create_default_context(cafile=self.nats_tls_ca_file or None)
+        if self.nats_tls_cert_file:
+            context.load_cert_chain(self.nats_tls_cert_file, self.nats_tls_key_file or None)
+        return context
 
     def retry_delay(self, delivered: int) -> float:
         """Seconds to wait before redelivery after the `delivered`-th failed attempt."""

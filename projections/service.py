@@ -55,6 +55,7 @@ class ProjectionService:
 
     def start(self) -> None:
         """Make sure the event table exists, then start the threads."""
+        self.settings.refuse_unsafe()
         EventStore(self.settings.eventsourcing_env()).close()  # creates the table if missing
         self._stop.clear()
         self._threads = [

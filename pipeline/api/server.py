@@ -29,6 +29,7 @@ async def run_api(
     settings: Settings, stop: asyncio.Event, started: asyncio.Event | None = None
 ) -> None:
     """Serve the API on `PIPELINE_API_HOST:PIPELINE_API_PORT` until `stop` is set."""
+    settings.refuse_unsafe(api=True)
     if not settings.api_tokens:
         log.warning("PIPELINE_API_TOKENS is empty: every /v1 request will be refused (401)")
     config = uvicorn.Config(

