@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
@@ -136,6 +137,26 @@ async def _events(args: argparse.Namespace) -> None:
             stop=stop.is_set,
         )
     )
+
+
+async def _healthcheck(args: argparse.Namespace) -> None:
+    """Exit 0 if a process of this host answers `/healthz` (the container's HEALTHCHECK)."""
+    settings = _settings()
+    ports = [settings.metrics_port, settings.projections_metrics_port, settings.api_port]
+    for port in (p for p in ports if p):
+        url = f"http://127.0.0.1:{port}/healthz"
+        if await anyio.to_thread.run_sync(_alive, url):
+            print(f"{url}: alive")
+            return
+    raise PipelineError(f"no /healthz answered on 127.0.0.1 ports {ports}")
+
+
+def _alive(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
 
 
 def _time(value: str) -> datetime:
@@ -367,6 +388,9 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--until", type=_time, default=None, help="ISO 8601, or 15m, 2h...")
     replay.add_argument("--json", action="store_true")
     replay.set_defaults(func=_replay)
+
+    health = sub.add_parser("healthcheck", help="exit 0 if a local process answers /healthz")
+    health.set_defaults(func=_healthcheck)
 
     demo = sub.add_parser("demo", help="embedded servers + worker + simulator, no setup")
     demo.add_argument("--data-dir", default=".pipeline-demo", help="where the servers keep data")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
+import yaml
 
 from pipeline.app import HEADER_ROOM
 from pipeline.ops.embedded import nats_server_binary
@@ -82,3 +86,60 @@ def test_nats_conf_max_payload_carries_the_default_frame_limit() -> None:
     max_payload = int(match.group(1)) * _UNITS[match.group(2) or ""]
     assert max_payload >= Settings(_env_file=None).max_frame_bytes + HEADER_ROOM
     assert "sync_interval: always" in NATS_CONF.read_text()
+
+
+DEPLOY = Path(__file__).parents[2] / "deploy"
+BIN = Path(sys.executable).parent
+
+
+def test_the_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run(
+        [str(BIN / "hadolint"), str(DEPLOY / "Dockerfile")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "USER 10001" in text and "HEALTHCHECK" in text and "AS build" in text
+
+
+def test_the_compose_file_follows_the_compose_specification() -> None:
+    result = subprocess.run(
+        [
+            str(BIN / "check-jsonschema"),
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(DEPLOY / "docker-compose.yml"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_pipeline_variable_the_compose_file_sets_is_a_setting() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    names = {
+        name
+        for service in compose["services"].values()
+        for name in (service.get("environment") or {})
+        if name.startswith("PIPELINE_")
+    }
+    assert names, "the compose file configures the pipeline"
+    assert names <= {f"PIPELINE_{field.upper()}" for field in Settings.model_fields}
+
+
+def test_the_healthcheck_command_finds_a_live_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.metrics import Metrics, serve_metrics
+    from pipeline.ops.cli import main
+    from pipeline.ops.embedded import free_port
+
+    monkeypatch.chdir(DEPLOY)  # no stray .env file
+    for name in ("METRICS_PORT", "PROJECTIONS_METRICS_PORT", "API_PORT"):
+        monkeypatch.setenv(f"PIPELINE_{name}", str(free_port()))
+    assert main(["healthcheck"]) == 1
+    port = free_port()
+    monkeypatch.setenv("PIPELINE_PROJECTIONS_METRICS_PORT", str(port))
+    server = serve_metrics(Metrics(), "127.0.0.1", port)
+    try:
+        assert main(["healthcheck"]) == 0
+    finally:
+        server.shutdown()
