@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -143,3 +146,49 @@ def test_the_healthcheck_command_finds_a_live_process(monkeypatch: pytest.Monkey
         assert main(["healthcheck"]) == 0
     finally:
         server.shutdown()
+
+
+PROMETHEUS = DEPLOY / "prometheus"
+
+
+def _promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        if os.environ.get("PIPELINE_TESTS_REQUIRE_PROMTOOL"):
+            pytest.fail("promtool is missing (Debian: apt-get install prometheus)")
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    return found
+
+
+def test_the_alert_rules_and_prometheus_config_pass_promtool() -> None:
+    promtool = _promtool()
+    for args in (
+        ["check", "config", "prometheus.yml"],
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ):
+        result = subprocess.run([promtool, *args], cwd=PROMETHEUS, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_runbook_and_names_only_exported_metrics() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pipeline.metrics import Metrics, ProjectionMetrics, serve_metrics
+    from pipeline.ops.embedded import free_port
+
+    rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"][0]["rules"]
+    assert all(rule["annotations"].get("runbook") for rule in rules)
+    named = {m for rule in rules for m in re.findall(r"\bpipeline_[a-z_]+", rule["expr"])}
+    exported: set[str] = set()
+    for metrics in (Metrics(), ProjectionMetrics()):  # scraped as Prometheus would
+        port = free_port()
+        server = serve_metrics(metrics, "127.0.0.1", port)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as answer:
+                text = answer.read().decode()
+        finally:
+            server.shutdown()
+        for family in text_string_to_metric_families(text):
+            exported |= {family.name, f"{family.name}_total"}
+    assert named and named <= exported, named - exported
