@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -171,7 +172,38 @@ def test_the_alert_rules_and_prometheus_config_pass_promtool() -> None:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_every_alert_has_a_runbook_and_names_only_exported_metrics() -> None:
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "pipeline.json"
+
+
+def _dashboard_queries() -> list[str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [target["expr"] for panel in panels for target in panel["targets"]]
+
+
+def test_the_dashboard_queries_are_promql(tmp_path: Path) -> None:
+    """Each query of the dashboard parses (as a recording rule checked by promtool)."""
+    promtool = _promtool()
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query{i}", "expr": expr}
+                    for i, expr in enumerate(_dashboard_queries())
+                ],
+            }
+        ]
+    }
+    (tmp_path / "dashboard.yml").write_text(yaml.safe_dump(rules))
+    result = subprocess.run(
+        [promtool, "check", "rules", str(tmp_path / "dashboard.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alerts_have_runbooks_and_alerts_and_dashboard_name_exported_metrics() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     from pipeline.metrics import Metrics, ProjectionMetrics, serve_metrics
@@ -179,7 +211,8 @@ def test_every_alert_has_a_runbook_and_names_only_exported_metrics() -> None:
 
     rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"][0]["rules"]
     assert all(rule["annotations"].get("runbook") for rule in rules)
-    named = {m for rule in rules for m in re.findall(r"\bpipeline_[a-z_]+", rule["expr"])}
+    queries = [rule["expr"] for rule in rules] + _dashboard_queries()
+    named = {m for expr in queries for m in re.findall(r"\bpipeline_[a-z_]+", expr)}
     exported: set[str] = set()
     for metrics in (Metrics(), ProjectionMetrics()):  # scraped as Prometheus would
         port = free_port()
@@ -190,5 +223,5 @@ def test_every_alert_has_a_runbook_and_names_only_exported_metrics() -> None:
         finally:
             server.shutdown()
         for family in text_string_to_metric_families(text):
-            exported |= {family.name, f"{family.name}_total"}
+            exported |= {family.name, f"{family.name}_total", f"{family.name}_bucket"}
     assert named and named <= exported, named - exported
