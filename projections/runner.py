@@ -393,6 +393,10 @@ class ViewRunner:
             conn.close()
 
 
+_LISTENER_CHECK_S = 10.0
+"""How often the listener checks that its connection still answers."""
+
+
 class Listener:
     """Wakes runners when the store notifies a commit; reconnects after a failure."""
 
@@ -412,9 +416,15 @@ class Listener:
                     self.connected.set()
                     delay = 0.5
                     self._wake()  # anything stored while not listening
+                    checked = time.monotonic()
                     while not stop.is_set():
                         for _ in conn.notifies(timeout=0.5, stop_after=1):
                             self._wake()
+                        if time.monotonic() - checked > _LISTENER_CHECK_S:
+                            # A connection that died silently delivers nothing and
+                            # raises nothing: ask the server now and then.
+                            conn.execute("SELECT 1")
+                            checked = time.monotonic()
             except Exception as exc:
                 self.connected.clear()
                 if is_outage(exc):
