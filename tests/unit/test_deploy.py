@@ -225,3 +225,24 @@ def test_alerts_have_runbooks_and_alerts_and_dashboard_name_exported_metrics() -
         for family in text_string_to_metric_families(text):
             exported |= {family.name, f"{family.name}_total", f"{family.name}_bucket"}
     assert named and named <= exported, named - exported
+
+
+WORKFLOW = Path(__file__).parents[2] / ".github" / "workflows" / "ci.yml"
+
+
+def test_the_hosted_ci_workflow_passes_actionlint_and_its_schema() -> None:
+    for command in (
+        [str(BIN / "actionlint"), str(WORKFLOW)],
+        [
+            str(BIN / "check-jsonschema"),
+            "--builtin-schema",
+            "vendor.github-workflows",
+            str(WORKFLOW),
+        ],
+    ):
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+    steps = yaml.safe_load(WORKFLOW.read_text())["jobs"]["test"]["steps"]
+    assert any(step.get("run") == ".venv/bin/python -m pytest" for step in steps), (
+        "the workflow runs the README's test command"
+    )
