@@ -139,6 +139,18 @@ async def _events(args: argparse.Namespace) -> None:
     )
 
 
+async def _licences(args: argparse.Namespace) -> None:
+    from .licences import ALLOWED, dependency_licences
+
+    found = dependency_licences()
+    if args.json:
+        print(json.dumps([entry.as_json() for entry in found], indent=2))
+        return
+    for entry in found:
+        mark = "" if entry.identifiers() <= ALLOWED else "   <- not on the project's list"
+        print(f"{entry.name:<32} {entry.version:<14} {entry.licence}{mark}")
+
+
 async def _healthcheck(args: argparse.Namespace) -> None:
     """Exit 0 if a process of this host answers `/healthz` (the container's HEALTHCHECK)."""
     settings = _settings()
@@ -388,6 +400,10 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--until", type=_time, default=None, help="ISO 8601, or 15m, 2h...")
     replay.add_argument("--json", action="store_true")
     replay.set_defaults(func=_replay)
+
+    licences = sub.add_parser("licences", help="the licence of every package installed for it")
+    licences.add_argument("--json", action="store_true")
+    licences.set_defaults(func=_licences)
 
     health = sub.add_parser("healthcheck", help="exit 0 if a local process answers /healthz")
     health.set_defaults(func=_healthcheck)

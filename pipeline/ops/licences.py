@@ -1,0 +1,127 @@
+"""`pipeline licences`: the licence of every package the pipeline installs (its own included).
+
+The dependency closure of `event-pipeline` as installed (extras not asked for left out),
+each with the licence its metadata declares, read as SPDX identifiers where it gives
+them (`License-Expression`), else from its classifiers or `License` field. Images ship
+this report (`/opt/pipeline/licences.json`); a test fails when a dependency's licence is
+not one of `ALLOWED`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import re
+from dataclasses import asdict, dataclass
+
+from packaging.requirements import Requirement
+
+__all__ = ["ALLOWED", "Licence", "dependency_licences"]
+
+ALLOWED = frozenset(
+    {
+        "0BSD",
+        "AGPL-3.0-only",  # Ultralytics: it governs any image or distribution that ships it
+        "AGPL-3.0-or-later",
+        "Apache-2.0",
+        "Apache-2.0 WITH LLVM-exception",
+        "BSD-2-Clause",
+        "BSD-3-Clause",
+        "BSL-1.0",
+        "CC0-1.0",
+        "LGPL-3.0-only",  # psycopg, used as a library
+        "LicenseRef-NVIDIA-Proprietary",  # CUDA libraries of the GPU build of PyTorch
+        "MIT",
+        "MIT-CMU",
+        "MPL-2.0",
+        "PSF-2.0",
+        "Unlicense",
+        "Zlib",
+    }
+)
+"""Licences the project accepts in its dependencies (SPDX identifiers)."""
+
+# What metadata says instead of an SPDX identifier, and the identifier it means.
+_NAMES = {
+    "apache software license": "Apache-2.0",
+    "apache 2.0": "Apache-2.0",
+    "apache-2.0": "Apache-2.0",
+    "bsd license": "BSD-3-Clause",
+    "bsd": "BSD-3-Clause",
+    "3-clause bsd license": "BSD-3-Clause",
+    "bsd-3-clause": "BSD-3-Clause",
+    "mit license": "MIT",
+    "mit": "MIT",
+    "mozilla public license 2.0 (mpl 2.0)": "MPL-2.0",
+    "python software foundation license": "PSF-2.0",
+    "gnu affero general public license v3 or later (agplv3+)": "AGPL-3.0-or-later",
+    "gnu affero general public license v3": "AGPL-3.0-only",
+    "nvidia proprietary software": "LicenseRef-NVIDIA-Proprietary",
+    "other/proprietary license": "LicenseRef-NVIDIA-Proprietary",
+}
+
+
+_UNDECLARED = {
+    # A meta-package of NVIDIA's CUDA libraries (their EULA), declaring no licence itself.
+    "cuda-toolkit": "LicenseRef-NVIDIA-Proprietary",
+}
+
+
+@dataclass(frozen=True)
+class Licence:
+    """One installed package and its licence."""
+
+    name: str
+    version: str
+    licence: str
+    """SPDX expression (`AND`/`OR`/`WITH` of identifiers), or `unknown: <what it says>`."""
+
+    def identifiers(self) -> set[str]:
+        """The licences the expression names (`WITH` exceptions kept with theirs)."""
+        cleaned = self.licence.replace("(", " ").replace(")", " ")
+        parts = re.split(r"\s+(?:AND|OR)\s+", cleaned.strip())
+        return {" ".join(part.split()) for part in parts if part.strip()}
+
+    def as_json(self) -> dict[str, str]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def _licence(dist: metadata.Distribution) -> str:
+    meta = dist.metadata
+    expression = meta["License-Expression"]
+    if expression:
+        return str(expression)
+    classifiers = [
+        c.split("::")[-1].strip()
+        for c in meta.get_all("Classifier") or []
+        if c.startswith("License ::") and c.split("::")[-1].strip() != "OSI Approved"
+    ]
+    field = str(meta["License"] or "").strip()
+    said = classifiers or ([field.splitlines()[0]] if field else [])
+    known = [_NAMES.get(s.lower()) for s in said]
+    if said and all(known):
+        return " AND ".join(sorted({k for k in known if k}))
+    if not said and dist.metadata["Name"].lower() in _UNDECLARED:
+        return _UNDECLARED[dist.metadata["Name"].lower()]
+    return f"unknown: {'; '.join(said) or 'nothing declared'}"
+
+
+def dependency_licences(root: str = "event-pipeline") -> list[Licence]:
+    """The licence of `root` and of every package it needs, as installed, by name."""
+    found: dict[str, metadata.Distribution] = {}
+    todo = [root]
+    while todo:
+        name = todo.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in found:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue  # a dependency of another platform or Python
+        found[key] = dist
+        for line in dist.requires or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return [Licence(key, found[key].version, _licence(found[key])) for key in sorted(found)]
