@@ -96,13 +96,15 @@ DEPLOY = Path(__file__).parents[2] / "deploy"
 BIN = Path(sys.executable).parent
 
 
-def test_the_dockerfile_passes_hadolint() -> None:
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_the_dockerfiles_pass_hadolint(name: str) -> None:
     result = subprocess.run(
-        [str(BIN / "hadolint"), str(DEPLOY / "Dockerfile")], capture_output=True, text=True
+        [str(BIN / "hadolint"), str(DEPLOY / name)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    text = (DEPLOY / "Dockerfile").read_text()
+    text = (DEPLOY / name).read_text()
     assert "USER 10001" in text and "HEALTHCHECK" in text and "AS build" in text
+    assert "licences.json" in text, "the image ships its dependency licence report"
 
 
 def test_the_compose_file_follows_the_compose_specification() -> None:
