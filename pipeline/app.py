@@ -22,6 +22,7 @@ import handlers
 from schemas import Domain
 from streams import Applied, ConsumerLimits, Subjects, apply, consumer_config, stream_configs
 
+from . import tracing
 from .detection.detector import DetectorConfig
 from .detection.frames import FrameIntake
 from .detection.pool import DetectorPool, PoolConfig, connect_ray
@@ -178,6 +179,7 @@ class Worker:
         """Connect, apply streams, open the event store, start consuming."""
         s = self.settings
         s.refuse_unsafe(nats=True)
+        tracing.configure_tracing(s.otel_exporter_otlp_endpoint, s.otel_service_name)
         self._admin = await connect_nats(s)
         _check_max_payload(self._admin.max_payload, s)
         for result in await apply_streams(self._admin, s):

@@ -14,7 +14,16 @@ from typing import Any
 
 __all__ = ["FIELDS", "JsonFormatter", "TextFormatter", "configure_logging"]
 
-FIELDS = ("domain", "subject", "stream_seq", "message_id", "reason", "cause", "count")
+FIELDS = (
+    "domain",
+    "subject",
+    "stream_seq",
+    "message_id",
+    "trace_id",
+    "reason",
+    "cause",
+    "count",
+)
 """Structured fields the pipeline puts on its log lines, when they apply."""
 
 

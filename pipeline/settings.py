@@ -126,6 +126,10 @@ class Settings(BaseSettings):
     # Logging
     log_format: Literal["text", "json"] = "text"
 
+    # Tracing (OpenTelemetry): spans exported over OTLP/HTTP when an endpoint is set
+    otel_exporter_otlp_endpoint: str = ""
+    otel_service_name: str = "event-pipeline"
+
     # Secrets read from files (a mounted secret) instead of the variables above
     nats_password_file: str = ""
     postgres_password_file: str = ""

@@ -36,6 +36,7 @@ from schemas import (
 )
 from streams import SubjectError
 
+from .. import tracing
 from ..errors import DetectionFailed, Reason, Rejected, RetryLater, Unavailable
 from ..ingest.codec import validation_summary
 from ..ingest.deadletter import DeadLetter
@@ -302,4 +303,5 @@ class FrameIntake(Intake):
             received_at=received_at,
             payload=payload.model_dump(mode="json"),
             event="FrameAnalyzed" if isinstance(payload, FrameAnalyzedV1) else "FrameSkipped",
+            trace_id=tracing.trace_id(msg.headers),
         )

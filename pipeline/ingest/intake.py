@@ -25,10 +25,12 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol, TypedDict
 
 import nats.errors
+from opentelemetry.trace import Span
 
 from schemas import Domain
 from streams import Subjects
 
+from .. import tracing
 from ..errors import Reason, Rejected, RetryLater
 from ..metrics import Metrics
 from ..store.eventstore import Accepted, WriteResult
@@ -100,12 +102,16 @@ def message_fields(domain: Domain, msg: Delivery) -> dict[str, Any]:
     The message id is the producer's `Nats-Msg-Id` (the same as the body's `id` for a
     well-behaved producer; a message that cannot be decoded has no other).
     """
-    return {
+    fields = {
         "domain": domain.value,
         "subject": msg.subject,
         "stream_seq": delivery_info(msg).stream_seq,
         "message_id": (msg.headers or {}).get("Nats-Msg-Id", ""),
     }
+    traced = tracing.trace_id(msg.headers)
+    if traced:
+        fields["trace_id"] = traced
+    return fields
 
 
 class Writer(Protocol):
@@ -163,6 +169,8 @@ class Intake:
         self._held: dict[int, tuple[float, Sequence[Delivery]]] = {}
         self._progress_every = ack_wait_s / 3
         self._keeper: asyncio.Task[None] | None = None
+        # Root spans of the traced messages in hand (see `pipeline.tracing`), by id(msg).
+        self._traces: dict[int, Span] = {}
 
     def _received(self, batch: Sequence[Delivery]) -> tuple[float, datetime]:
         """Count a pulled batch; (start of its handling, when it arrived)."""
@@ -180,11 +188,16 @@ class Intake:
             accepted: dict[str, Accepted] = {}
             deliveries: dict[str, list[Delivery]] = {}
             for msg in batch:
+                root = self._trace(msg)
+                check = tracing.child(root, "validate") if root is not None else None
                 try:
                     item = self._accept(msg, received_at)
                 except Rejected as exc:
                     rejected.append((msg, self._dead_letter(msg, exc.reason, exc.detail)))
                     continue
+                finally:
+                    if check is not None:
+                        check.end()
                 accepted.setdefault(item.message_id, item)
                 deliveries.setdefault(item.message_id, []).append(msg)
 
@@ -270,7 +283,47 @@ class Intake:
             schema_version=decoded.schema_version,
             received_at=received_at,
             payload=decoded.payload,
+            trace_id=tracing.trace_id(msg.headers),
         )
+
+    def _trace(self, msg: Delivery) -> Span | None:
+        """Start the root span of a message its producer traced; None for the others."""
+        headers = msg.headers
+        if not headers or "traceparent" not in headers:
+            return None
+        root = tracing.receive(
+            f"{self._label} receive",
+            headers,
+            {
+                "messaging.system": "nats",
+                "messaging.destination.name": msg.subject,
+                "messaging.message.id": headers.get("Nats-Msg-Id", ""),
+                "pipeline.stream_seq": delivery_info(msg).stream_seq,
+            },
+        )
+        if root is not None:
+            self._traces[id(msg)] = root
+        return root
+
+    def _end_trace(self, msg: Delivery, outcome: str) -> None:
+        """End a traced message's root span with how it ended (acked, dead-lettered...)."""
+        root = self._traces.pop(id(msg), None)
+        if root is not None:
+            root.set_attribute("pipeline.outcome", outcome)
+            root.end()
+
+    async def _ack(self, msg: Delivery, outcome: str = "stored") -> None:
+        """Ack a message (in an `ack` span when it is traced) and end its trace."""
+        root = self._traces.get(id(msg))
+        if root is None:
+            await self._settle(msg.ack())
+            return
+        span = tracing.child(root, "ack")
+        try:
+            await self._settle(msg.ack())
+        finally:
+            span.end()
+            self._end_trace(msg, outcome)
 
     def _dead_letter(self, msg: Delivery, reason: Reason, detail: str) -> DeadLetter:
         stream, stream_seq, delivered, stored_ns = delivery_info(msg)
@@ -296,9 +349,10 @@ class Intake:
         except Stopping:
             for msg, _ in rejected:  # the worker stops: another one takes them
                 await self._settle(msg.nak())
+                self._end_trace(msg, "given back")
             return
         for msg, letter in rejected:
-            await self._settle(msg.ack())
+            await self._ack(msg, f"dead-lettered: {letter.reason.value}")
             self._metrics.dead_lettered.labels(self._label, letter.reason.value).inc()
             log.info(
                 "dead-lettered (%s): %s",
@@ -320,6 +374,12 @@ class Intake:
         # Hints only: the store confirms every id the cache calls stored.
         known = await self._cache.known([a.event_id for a in batch]) if self._cache else set()
         started = time.perf_counter()
+        commits = [
+            tracing.child(self._traces[id(m)], "commit")
+            for ms in deliveries.values()
+            for m in ms
+            if id(m) in self._traces
+        ]
         try:
             result = await self._pauses.until_available(
                 self._label, lambda: self._writer.write(batch, known)
@@ -328,6 +388,7 @@ class Intake:
             for msgs in deliveries.values():  # the worker stops: another one takes them
                 for msg in msgs:
                     await self._settle(msg.nak())
+                    self._end_trace(msg, "given back")
             self._observe(batch_started)
             return
         except Exception as exc:  # a bug, not bad input: retried, then dead-lettered
@@ -336,6 +397,9 @@ class Intake:
             await self._retry(msgs, RetryLater(f"unexpected error: {exc!r}"))
             self._observe(batch_started)
             return
+        finally:
+            for span in commits:
+                span.end()
         self._metrics.commit_seconds.labels(self._label).observe(time.perf_counter() - started)
         self._count(result, known)
         unstorable: list[tuple[Delivery, DeadLetter]] = []
@@ -343,7 +407,7 @@ class Intake:
             error = result.unstorable.get(accepted[message_id].event_id)
             for msg in msgs:
                 if error is None:
-                    await self._settle(msg.ack())
+                    await self._ack(msg)
                 else:
                     unstorable.append((msg, self._dead_letter(msg, Reason.UNSTORABLE, error)))
         if unstorable:
@@ -387,6 +451,7 @@ class Intake:
                 )
             else:
                 await self._settle(msg.nak(delay=self._retry_delay(delivered)))
+                self._end_trace(msg, f"retried: {exc}")
                 self._metrics.retried.labels(self._label, type(exc).__name__).inc()
                 log.warning(
                     "will be redelivered: %s",

@@ -62,6 +62,9 @@ class RecordedMessage(Aggregate):
         stream_seq: int
         schema_version: str
         payload: dict[str, Any]
+        trace_id: str = ""
+        """The producer's trace (W3C trace id), when it sent one; events stored before
+        trace ids were kept read as "" (this default)."""
 
     def __init__(
         self,
@@ -70,12 +73,14 @@ class RecordedMessage(Aggregate):
         stream_seq: int,
         schema_version: str,
         payload: dict[str, Any],
+        trace_id: str = "",
     ) -> None:
         self.message_id = message_id
         self.subject = subject
         self.stream_seq = stream_seq
         self.schema_version = schema_version
         self.payload = payload
+        self.trace_id = trace_id
 
     @property
     def received_at(self) -> datetime:

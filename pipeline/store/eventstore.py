@@ -89,6 +89,8 @@ class Accepted:
     payload: dict[str, Any]
     event: str = "Recorded"
     """Name of the event class on the domain's aggregate (frames: FrameAnalyzed, FrameSkipped)."""
+    trace_id: str = ""
+    """The producer's trace id (from its `traceparent` header), if it sent one."""
 
     @cached_property
     def event_id(self) -> uuid.UUID:
@@ -294,5 +296,6 @@ class EventStore:
             stream_seq=accepted.stream_seq,
             schema_version=accepted.schema_version,
             payload=accepted.payload,
+            trace_id=accepted.trace_id,
         )
         return self._mapper.to_stored_event(event)

@@ -49,6 +49,7 @@ class Positioned:
             "stream_seq": e.stream_seq,
             "schema_version": e.schema_version,
             "received_at": e.timestamp.isoformat(),
+            "trace_id": e.trace_id,
             "payload": e.payload,
         }
 

@@ -9,7 +9,13 @@ import pytest
 
 ROOT = Path(__file__).parents[2]
 PACKAGES = ("schemas", "streams", "pipeline", "handlers", "projections")
-GROUND = ("pipeline.settings", "pipeline.errors", "pipeline.metrics", "pipeline.logs")
+GROUND = (
+    "pipeline.settings",
+    "pipeline.errors",
+    "pipeline.metrics",
+    "pipeline.logs",
+    "pipeline.tracing",
+)
 ROOMS = ("pipeline.store", "pipeline.ingest", "pipeline.detection", "pipeline.ops")
 COMPOSITION_ROOTS = ("pipeline.app", "pipeline.api", "pipeline.ops")
 

@@ -39,3 +39,23 @@ def test_the_format_is_chosen_by_the_setting(fmt: str, kind: type) -> None:
     finally:
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
+
+
+def test_lines_about_a_traced_message_carry_its_trace_id() -> None:
+    from types import SimpleNamespace
+
+    from pipeline.ingest.intake import message_fields
+    from schemas import Domain
+
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    msg = SimpleNamespace(
+        subject="security.v1.door-7",
+        reply="$JS.ACK.SECURITY.pipeline-security.1.42.42.1700000000000000000.0",
+        headers={"Nats-Msg-Id": "m-1", "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+    )
+    fields = message_fields(Domain.SECURITY, msg)  # type: ignore[arg-type]
+    assert fields["trace_id"] == trace_id and fields["stream_seq"] == 42
+    line = json.loads(JsonFormatter().format(_record(**fields)))
+    assert line["trace_id"] == trace_id
+    untraced = SimpleNamespace(subject=msg.subject, reply=msg.reply, headers={})
+    assert "trace_id" not in message_fields(Domain.SECURITY, untraced)  # type: ignore[arg-type]

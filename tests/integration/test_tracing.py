@@ -1,0 +1,83 @@
+"""A message its producer traced gets spans in the producer's trace; its event the trace id."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import pytest
+from nats.aio.client import Client
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from pipeline.app import Worker
+from pipeline.settings import Settings
+from pipeline.store.domain import event_id
+from schemas import Domain
+
+from ..conftest import wait_until
+from .helpers import security_body, stored_rows
+
+
+@pytest.fixture(scope="module")
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Spans of this process, in memory (a process sets its tracer provider once)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    yield exporter
+    exporter.clear()
+
+
+async def test_a_traced_message_is_followed_from_pull_to_ack(
+    settings: Settings, nc: Client, pg_schema: str, spans: InMemorySpanExporter
+) -> None:
+    trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+    bad_trace = secrets.token_hex(16)
+    js = nc.jetstream()
+    async with Worker(settings) as worker:
+        subject = worker.subjects.subject(Domain.SECURITY, 1, "door-7")
+        await js.publish(
+            subject,
+            security_body("traced-1"),
+            headers={"Nats-Msg-Id": "traced-1", "traceparent": f"00-{trace_id}-{parent}-01"},
+        )
+        await js.publish(subject, security_body("plain-1"), headers={"Nats-Msg-Id": "plain-1"})
+        await js.publish(
+            subject,
+            b'{"id": "bad-1"}',
+            headers={"Nats-Msg-Id": "bad-1", "traceparent": f"00-{bad_trace}-{parent}-01"},
+        )
+        await wait_until(lambda: len(stored_rows(pg_schema)) == 2)
+        await wait_until(lambda: worker.metrics.total("pipeline_dead_lettered") == 1)
+
+    def of(trace_hex: str) -> dict[str, object]:
+        return {
+            s.name: s
+            for s in spans.get_finished_spans()
+            if format(s.context.trace_id, "032x") == trace_hex
+        }
+
+    stored = of(trace_id)
+    assert set(stored) == {"security receive", "validate", "commit", "ack"}
+    root = stored["security receive"]
+    assert root.parent is not None and format(root.parent.span_id, "016x") == parent
+    assert root.attributes["pipeline.outcome"] == "stored"
+    assert root.attributes["messaging.message.id"] == "traced-1"
+    for name in ("validate", "commit", "ack"):
+        assert stored[name].parent.span_id == root.context.span_id, name
+    assert root.start_time <= stored["validate"].start_time
+    assert stored["ack"].end_time <= root.end_time
+
+    rejected = of(bad_trace)
+    assert set(rejected) == {"security receive", "validate", "ack"}
+    assert str(rejected["security receive"].attributes["pipeline.outcome"]).startswith(
+        "dead-lettered"
+    )
+
+    states = {row[0]: row[3] for row in stored_rows(pg_schema)}
+    assert states[event_id(Domain.SECURITY, "traced-1")]["trace_id"] == trace_id
+    assert states[event_id(Domain.SECURITY, "plain-1")]["trace_id"] == ""
