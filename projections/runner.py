@@ -215,8 +215,10 @@ class ViewRunner:
         create_tables(conn, self.view, self.tables)
         self.positions.start(conn, self.key, start)
 
-    def step(self, conn: psycopg.Connection[Any]) -> int:
-        """Apply the next batch; the number of events applied (0: nothing to do now).
+    def step(self, conn: psycopg.Connection[Any]) -> int | None:
+        """Apply the next batch; the number of events applied, or None when there is
+        nothing to do now (at the head, or stalled). A batch may move the position over
+        events of other views only (0 applied).
 
         Raises psycopg's `OperationalError` or `InterfaceError` when the database is
         away; nothing is committed then.
@@ -231,16 +233,16 @@ class ViewRunner:
                     self._limit = max(1, len(rows) // 2)  # find the one that fails
                     continue
                 self._stall(conn, position, rows[0], exc)
-                return 0
+                return None
 
-    def _step(self, conn: psycopg.Connection[Any], started: float) -> int:
+    def _step(self, conn: psycopg.Connection[Any], started: float) -> int | None:
         m, name = self.metrics, self.view.name
         with conn.transaction():
             row = self.positions.lock(conn, self.key)
             if row.state == "stalled" and not self._retry_stall:
                 self.stalled_at, self.stall_error = row.stalled_at, row.error or ""
                 m.stalled.labels(name).set(1)
-                return 0
+                return None
             if row.state == "running" and self.stalled_at is not None:  # skipped on purpose
                 log.info("view %s: going on after position %d", name, row.position)
                 self.stalled_at, self._skipped = None, None
@@ -265,7 +267,7 @@ class ViewRunner:
                 rows = [r for r in rows if r[0] not in self._skipped]
             self._observe(row.position, head, caught_up=upto == row.position)
             if upto == row.position:
-                return 0
+                return None
             try:
                 with _COLLECTOR:
                     batch = self.reader.decode(rows)
@@ -282,7 +284,7 @@ class ViewRunner:
         m.applied.labels(name).inc(len(rows))
         m.batch_seconds.labels(name).observe(time.perf_counter() - started)
         self._observe(upto, head, caught_up=upto == head)
-        return max(len(rows), 1)
+        return len(rows)
 
     def _observe(self, position: int, head: int, *, caught_up: bool) -> None:
         m, name = self.metrics, self.view.name
@@ -339,7 +341,7 @@ class ViewRunner:
                         f"view {self.key} stopped at position {self.stalled_at}, an event it "
                         f"cannot apply: {self.stall_error}"
                     )
-                if n == 0:
+                if n is None:
                     return total
                 total += n
                 if progress is not None:
@@ -375,7 +377,7 @@ class ViewRunner:
                     self.metrics.active.labels(name).set(1)
                     log.info("view %s: kept by this process", name)
                 self.wake.clear()
-                if self.step(conn) == 0:
+                if self.step(conn) is None:
                     self.wake.wait(self.poll_s)
                 delay = 0.5
             except Exception as exc:

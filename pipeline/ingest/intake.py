@@ -208,6 +208,8 @@ class Intake:
             await self.flush()
         except BaseException:
             self._release(hold)
+            for msg in batch:  # unsettled: redelivered after the ack wait
+                self._end_trace(msg, "given back")
             raise
         if not accepted:
             self._release(hold)
