@@ -23,7 +23,7 @@ from .positions import Positions
 from .runner import Connect, ViewRunner, create_indexes, create_tables
 from .view import View
 
-__all__ = ["RebuildRefused", "Rebuilt", "rebuild"]
+__all__ = ["RebuildRefused", "Rebuilt", "rebuild", "rebuild_lock"]
 
 
 class RebuildRefused(Exception):
@@ -58,7 +58,7 @@ def rebuild(
     event stops the rebuild (the live view is left as it was).
     """
     started = time.perf_counter()
-    key = f"rebuild:{schema}.{view.name}"
+    key = rebuild_lock(schema, view.name)
     taken = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
     if not (taken and taken[0]):
         raise RebuildRefused(f"a rebuild of view {view.name!r} is running already")
@@ -104,6 +104,11 @@ def rebuild(
         with contextlib.suppress(psycopg.Error):  # a broken connection released it already
             conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
     return Rebuilt(view.name, events, position, time.perf_counter() - started)
+
+
+def rebuild_lock(schema: str, view: str) -> str:
+    """The advisory lock a rebuild of `view` holds (one rebuild of a view at a time)."""
+    return f"rebuild:{schema}.{view}"
 
 
 def _drop(conn: psycopg.Connection[Any], shadow: ViewRunner) -> None:

@@ -12,6 +12,7 @@ from pipeline.store.reader import EventReader
 
 from . import VIEWS
 from .positions import Positions
+from .rebuild import rebuild_lock
 from .view import SHADOW
 
 __all__ = ["ViewStatus", "view_status"]
@@ -82,7 +83,7 @@ def view_status(conn: psycopg.Connection[Any], schema: str) -> list[ViewStatus]:
 
 def _rebuilding(conn: psycopg.Connection[Any], schema: str, shadow: str) -> bool:
     """Whether a process holds the rebuild lock of a shadow's view (see `rebuild`)."""
-    key = f"rebuild:{schema}.{shadow.removesuffix(SHADOW)}"
+    key = rebuild_lock(schema, shadow.removesuffix(SHADOW))
     row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
     if row and row[0]:
         conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))

@@ -69,7 +69,6 @@ class EventReader:
             "AND topic = ANY(%s) ORDER BY notification_id LIMIT %s"
         ).format(columns, self.table)
         self._by_id = SQL("SELECT {} FROM {} WHERE originator_id = %s").format(columns, self.table)
-        self._at = SQL("SELECT {} FROM {} WHERE notification_id = %s").format(columns, self.table)
         self._next = SQL(
             "SELECT {} FROM {} WHERE notification_id > %s ORDER BY notification_id LIMIT 1"
         ).format(columns, self.table)
@@ -139,13 +138,6 @@ class EventReader:
             if found is not None:
                 return found
         return None
-
-    def at(self, conn: psycopg.Connection[Any], position: int) -> Positioned | None:
-        """The event at this position, or None."""
-        with conn.cursor(binary=True, row_factory=tuple_row) as curs:
-            curs.execute(self._at, (position,))
-            rows = curs.fetchall()
-        return self.decode(rows)[0] if rows else None
 
     def first_after(self, conn: psycopg.Connection[Any], position: int) -> Positioned | None:
         """The first event after `position` (of any topic), or None."""
