@@ -77,7 +77,7 @@ class _CollectorPause:
     """Python's cyclic garbage collector off while any runner applies a batch.
 
     A batch makes tens of thousands of short-lived objects without cycles (freed by
-    reference counting); the collections they would trigger cost a third of a rebuild's
+    reference counting); the collections they would trigger cost 15 to 25 % of a rebuild's
     time. Collection resumes between batches.
     """
 
