@@ -152,6 +152,7 @@ class Worker:
         self._admin: Client | None = None
         self._broker: NatsBroker | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._watch_stop = asyncio.Event()
         self._store_problem = ""
         self.intakes: dict[Domain, Intake] = {}
         self.pauses = Pauses(self.metrics, max_s=settings.pause_probe_max_s)
@@ -253,6 +254,7 @@ class Worker:
     async def stop(self) -> None:
         """Finish the batches in hand, drain NATS, close the stores."""
         if self._watch_task is not None:
+            self._watch_stop.set()
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
@@ -355,7 +357,10 @@ class Worker:
         """Every `consumer_lag_interval_s`: consumer lag to the metrics, the store's health."""
         assert self._admin is not None and self.store is not None
         jsm = self._admin.jsm()
-        while True:
+        # Ends on `_watch_stop`, not only on cancellation: Python 3.11's `wait_for` (in
+        # nats-py's requests) can swallow a cancellation that meets a reply, and the loop
+        # would go on for ever under a stopping worker.
+        while not self._watch_stop.is_set():
             for domain in self.settings.domains:
                 try:
                     info = await jsm.consumer_info(
@@ -372,7 +377,10 @@ class Worker:
                 self._store_problem = ""
             except StoreUnavailable as exc:
                 self._store_problem = str(exc)
-            await asyncio.sleep(self.settings.consumer_lag_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._watch_stop.wait(), self.settings.consumer_lag_interval_s
+                )
 
 
 HEADER_ROOM = 16 * 1024
