@@ -94,8 +94,6 @@ async def _run(args: argparse.Namespace) -> None:
 
 async def _projections(args: argparse.Namespace) -> None:
     from projections.positions import SkipRefused
-    from projections.rebuild import RebuildRefused
-    from projections.runner import ViewStalled
 
     from . import readside
 
@@ -104,14 +102,16 @@ async def _projections(args: argparse.Namespace) -> None:
         if args.action == "status":
             readside.projections_status(settings, as_json=args.json)
         elif args.action == "rebuild":
+            if bool(args.names) == args.all:
+                raise PipelineError("name the views to rebuild, or give --all")
             readside.projections_rebuild(
-                settings, args.name, after=args.from_position, as_json=args.json
+                settings, args.names, after=args.from_position, jobs=args.jobs, as_json=args.json
             )
         else:
             readside.projections_skip(
                 settings, args.name, args.position, note=args.note, as_json=args.json
             )
-    except (KeyError, SkipRefused, RebuildRefused, ViewStalled) as exc:
+    except (KeyError, SkipRefused, readside.RebuildError) as exc:
         raise PipelineError(str(exc).strip("'\"")) from None
 
 
@@ -363,9 +363,16 @@ def _parser() -> argparse.ArgumentParser:
     proj_status = proj_sub.add_parser("status", help="position, lag and state of each view")
     proj_status.add_argument("--json", action="store_true")
     proj_rebuild = proj_sub.add_parser(
-        "rebuild", help="rebuild a view beside the live one, then swap it in"
+        "rebuild", help="rebuild views beside the live ones, then swap them in"
     )
-    proj_rebuild.add_argument("name")
+    proj_rebuild.add_argument("names", nargs="*", metavar="NAME", help="the views to rebuild")
+    proj_rebuild.add_argument("--all", action="store_true", help="rebuild every view")
+    proj_rebuild.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="views rebuilt at once, each in a process (default: one per core)",
+    )
     proj_rebuild.add_argument(
         "--from",
         dest="from_position",

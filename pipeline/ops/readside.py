@@ -6,15 +6,15 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
 import psycopg
 
-from projections import VIEWS, view
+from projections import VIEWS
 from projections.positions import Positions
-from projections.rebuild import rebuild
+from projections.rebuild import rebuild_views
 from projections.service import ProjectionService
 from projections.status import ViewStatus, view_status
 from schemas import Domain
@@ -26,6 +26,7 @@ from ..store.reader import EventReader, Positioned
 from .progress import Progress
 
 __all__ = [
+    "RebuildError",
     "events_get",
     "events_tail",
     "projections_rebuild",
@@ -37,6 +38,10 @@ __all__ = [
 log = logging.getLogger("pipeline")
 
 Print = Callable[[str], None]
+
+
+class RebuildError(Exception):
+    """One or more views were not rebuilt (each named, with why)."""
 
 
 def _connect(settings: Settings) -> psycopg.Connection[Any]:
@@ -91,43 +96,85 @@ def projections_status(
 
 
 def projections_rebuild(
-    settings: Settings, name: str, *, after: int, as_json: bool, out: Print = print
+    settings: Settings,
+    names: Sequence[str],
+    *,
+    after: int,
+    jobs: int | None = None,
+    as_json: bool,
+    out: Print = print,
 ) -> None:
-    """Rebuild a view beside the live one and swap it in."""
-    chosen = view(name)
+    """Rebuild views beside the live ones and swap them in (several at once in processes).
+
+    Raises `RebuildError` naming each view that did not finish (the others are swapped in).
+    """
+    names = list(dict.fromkeys(names)) or list(VIEWS)
     with _connect(settings) as conn:
         head = EventReader(settings.postgres_schema).head(conn)
-        bar = Progress(f"rebuilding {name}", head - after)
-        try:
-            done = rebuild(
-                conn,
-                settings.postgres_schema,
-                chosen,
-                after=after,
-                batch_size=settings.projections_batch_size,
-                progress=lambda position: bar.update(position - after),
-                read_ahead=lambda: _connect(settings),
-            )
-        finally:
-            bar.close()
-    rate = done.events / done.seconds if done.seconds else 0.0
-    if as_json:
-        out(
-            json.dumps(
-                {
-                    "view": done.view,
-                    "events": done.events,
-                    "position": done.position,
-                    "seconds": round(done.seconds, 3),
-                    "events_per_s": round(rate),
-                }
-            )
+    span = max(head - after, 0)
+    bar = Progress(f"rebuilding {', '.join(names)}", span * len(names))
+    done_by_view = dict.fromkeys(names, 0)
+
+    def progress(name: str, position: int) -> None:
+        done_by_view[name] = min(position - after, span)
+        bar.update(sum(done_by_view.values()))
+
+    started = time.perf_counter()
+    try:
+        results = rebuild_views(
+            settings.postgres_connection(),
+            settings.postgres_schema,
+            names,
+            after=after,
+            batch_size=settings.projections_batch_size,
+            jobs=jobs,
+            progress=progress,
         )
-    else:
-        out(
-            f"rebuilt {done.view}: {done.events:,} events in {done.seconds:.1f} s "
-            f"({rate:,.0f}/s), now at position {done.position}"
-        )
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+    failed = []
+    for name, result in results.items():
+        if isinstance(result, Exception):
+            failed.append(f"{name}: {result}")
+            continue
+        rate = result.events / result.seconds if result.seconds else 0.0
+        if as_json:
+            out(
+                json.dumps(
+                    {
+                        "view": result.view,
+                        "events": result.events,
+                        "position": result.position,
+                        "seconds": round(result.seconds, 3),
+                        "events_per_s": round(rate),
+                    }
+                )
+            )
+        else:
+            out(
+                f"rebuilt {result.view}: {result.events:,} events in {result.seconds:.1f} s "
+                f"({rate:,.0f}/s), now at position {result.position}"
+            )
+    rebuilt = [r for r in results.values() if not isinstance(r, Exception)]
+    if len(rebuilt) > 1:
+        events = sum(r.events for r in rebuilt)
+        rate = events / seconds if seconds else 0.0
+        if as_json:
+            out(
+                json.dumps(
+                    {
+                        "views": [r.view for r in rebuilt],
+                        "events": events,
+                        "seconds": round(seconds, 3),
+                        "events_per_s": round(rate),
+                    }
+                )
+            )
+        else:
+            out(f"all {len(rebuilt)} views: {events:,} events in {seconds:.1f} s ({rate:,.0f}/s)")
+    if failed:
+        raise RebuildError("not rebuilt (the live view is unchanged): " + "; ".join(failed))
 
 
 def projections_skip(

@@ -21,7 +21,7 @@ from pipeline.store.domain import event_id
 from pipeline.store.eventstore import Accepted, EventStore
 from projections import VIEWS, SecurityView
 from projections.positions import Positions, SkipRefused
-from projections.rebuild import rebuild
+from projections.rebuild import Rebuilt, rebuild, rebuild_views
 from projections.runner import ViewStalled
 from projections.service import ProjectionService
 from schemas import Domain
@@ -163,6 +163,12 @@ async def test_a_rebuild_gives_what_the_live_run_gave(
                 done = rebuild(conn, pg_schema, cls(), batch_size=5000)
                 assert done.position == head(pg_schema)
                 assert view_rows(pg_schema, cls) == live[name], f"view {name}"
+        # All at once, each view in a process of its own: the same again.
+        rebuilt = rebuild_views(settings.postgres_connection(), pg_schema, list(VIEWS), jobs=2)
+        for name, cls in VIEWS.items():
+            done = rebuilt[name]
+            assert isinstance(done, Rebuilt) and done.position == head(pg_schema), done
+            assert view_rows(pg_schema, cls) == live[name], f"view {name} (in processes)"
         # The live runners go on from the rebuilt views.
         write_events(store, 300, seed=99)
         await wait_until(lambda: views_current(pg_schema), timeout_s=60)
@@ -256,6 +262,13 @@ async def test_a_poison_event_stops_its_view_only_until_it_is_skipped(
             rebuild(conn, pg_schema, SecurityView())
         assert view_rows(pg_schema, SecurityView) == before
         assert "security__next" not in positions(pg_schema)
+    # In processes, the stalled rebuild is reported and the other view still swaps in.
+    results = rebuild_views(settings.postgres_connection(), pg_schema, ["security", "health"])
+    assert isinstance(results["security"], ViewStalled), results
+    assert f"position {at}" in str(results["security"])
+    assert isinstance(results["health"], Rebuilt) and results["health"].position == top
+    assert view_rows(pg_schema, SecurityView) == before
+    assert not {"security__next", "health__next"} & set(positions(pg_schema))
     # A restart tries the event once more, meets it again and stays stalled, visibly.
     service.stop()
     restarted = ProjectionService(settings)

@@ -18,6 +18,7 @@ from pipeline.ops.embedded import EmbeddedNats
 from pipeline.ops.simulate import Expect, Outgoing, Traffic
 from pipeline.settings import Settings
 from pipeline.store.eventstore import EventStore
+from projections import VIEWS
 from schemas import Domain
 from streams import Subjects
 
@@ -52,6 +53,16 @@ def test_projections_status_rebuild_and_events(
     assert "not stalled at position 5" in capsys.readouterr().err
     assert main(["projections", "rebuild", "nope"]) == 1
     assert "no view 'nope'" in capsys.readouterr().err
+    assert main(["projections", "rebuild"]) == 1
+    assert "name the views to rebuild, or give --all" in capsys.readouterr().err
+
+    # Every view at once, two processes: a line per view, then the whole.
+    assert main(["projections", "rebuild", "--all", "--jobs", "2", "--json"]) == 0
+    *views, whole = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [v["view"] for v in views] == whole["views"] == list(VIEWS)
+    assert {v["position"] for v in views} == {1000}
+    assert whole["events"] == sum(v["events"] for v in views) == 1000
+    assert set(positions(pg_schema).values()) == {(1000, "running")}
 
     chosen = events[10]
     assert main(["events", "get", chosen.message_id]) == 0

@@ -12,8 +12,9 @@ import psycopg
 import pytest
 
 from pipeline.settings import EVENT_DOMAINS
-from pipeline.store.domain import SecurityEvent, aggregate_class, event_id
+from pipeline.store.domain import SecurityEvent, aggregate_class, event_id, topics_of
 from pipeline.store.eventstore import Accepted, EventStore
+from pipeline.store.reader import EventReader
 from schemas import SCHEMAS, Domain
 
 from ..conftest import PG_DB, PG_HOST, make_settings
@@ -125,3 +126,25 @@ def test_a_version_added_later_reads_every_stored_v1_and_v2_event(
     expected = {k: v for k, v in PAYLOAD.items() if k != "zone"} | {"site": "north", "area": None}
     assert _read(store, v1).payload == expected
     assert _read(store, v2).payload == expected
+    assert [e.payload for e in _read_all(pg_schema)] == [expected, expected]
+
+
+def _read_all(schema: str) -> list[Any]:
+    """Every stored event, as the read side reads them (EventReader)."""
+    reader = EventReader(schema)
+    with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True) as conn:
+        rows = reader.rows(conn, 0, reader.head(conn), topics_of(SecurityEvent.Recorded), 100)
+    return [p.event for p in reader.decode(rows)]
+
+
+def test_the_read_side_decodes_events_as_the_event_store_does(
+    store: EventStore, pg_schema: str
+) -> None:
+    ids = [_insert_v1(pg_schema, "m-1"), _store_v2(store, "m-2")]
+    ids.append(_store_v2(store, "m-3\x00 \u2603"))
+    read = _read_all(pg_schema)
+    assert [e.originator_id for e in read] == ids
+    for event, originator_id in zip(read, ids, strict=True):
+        stored = _read(store, originator_id)  # through the Journal's mapper
+        assert type(event) is type(stored)
+        assert event.__dict__ == stored.__dict__

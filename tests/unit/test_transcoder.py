@@ -56,6 +56,15 @@ def test_decoding_matches_the_stock_transcoder(state: dict[str, Any]) -> None:
     assert fast.decode(data) == stock.decode(data)
 
 
+@given(st.dictionaries(st.text(max_size=8), _plain, max_size=4), _typed)
+def test_events_with_a_typed_timestamp_decode_as_with_the_stock_transcoder(
+    state: dict[str, Any], stamp: Any
+) -> None:
+    stock, fast = _pair()
+    data = stock.encode({**state, "timestamp": stamp})
+    assert fast.decode(data) == stock.decode(data)
+
+
 def test_text_that_looks_like_a_transcoded_value_is_text() -> None:
     stock, fast = _pair()
     data = json.dumps(
