@@ -2,7 +2,12 @@
 
 A message whose producer sent a W3C `traceparent` header gets spans in the producer's
 trace: `<domain> receive` from the pull to the settlement, and under it `validate`,
-`commit` and `ack` (or the message's end as a dead letter or a retry). Messages without
+`commit` and `ack` (or the message's end as a dead letter or a retry). A frame analysed
+by the detector also gets `detect queue` (waiting for a batch and a free actor) and
+`detect` (the Ray call to the actor that decoded and analysed it, with the model's time
+in the actor as `pipeline.detector.inference_ms`); the actors export no spans of their
+own (a batch serves frames of many traces), so these are recorded by the worker from
+the times the call was sent and answered. Messages without
 the header get none, so the untraced path costs one look at the headers. The trace id
 is stored with the event (`trace_id`) and put on the log lines about the message.
 Spans are exported over OTLP/HTTP when `PIPELINE_OTEL_EXPORTER_OTLP_ENDPOINT` is set;
@@ -20,7 +25,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-__all__ = ["child", "configure_tracing", "receive", "trace_id", "tracer"]
+__all__ = ["child", "configure_tracing", "receive", "record", "trace_id", "tracer"]
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +76,10 @@ def child(parent: Span, name: str) -> Span:
     """A span under `parent` (end it with `.end()`)."""
     context: Context = trace.set_span_in_context(parent)
     return tracer.start_span(name, context=context)
+
+
+def record(parent: Span, name: str, start_ns: int, end_ns: int, attributes: dict[str, Any]) -> None:
+    """A span under `parent` of work timed elsewhere (from `start_ns` to `end_ns`, Unix ns)."""
+    context: Context = trace.set_span_in_context(parent)
+    span = tracer.start_span(name, context=context, start_time=start_ns, attributes=attributes)
+    span.end(end_time=end_ns)

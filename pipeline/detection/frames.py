@@ -86,6 +86,8 @@ class FrameIntake(Intake):
         except BaseException:
             # Stopping while the pool is full: unacked, these are redelivered later.
             self._release(hold)
+            for msg in batch:
+                self._end_trace(msg, "given back")
             raise
         if task is None:
             self._release(hold)
@@ -103,11 +105,16 @@ class FrameIntake(Intake):
         stale: list[tuple[Delivery, Accepted]] = []
         fresh: list[tuple[Delivery, FrameMetaV1]] = []
         for msg in batch:
+            root = self._trace(msg)
+            check = tracing.child(root, "validate") if root is not None else None
             try:
                 meta = self._meta(msg)
             except Rejected as exc:
                 rejected.append((msg, self._dead_letter(msg, exc.reason, exc.detail)))
                 continue
+            finally:
+                if check is not None:
+                    check.end()
             age = (received_at - meta.captured_at).total_seconds()
             if self._max_age_s and age > self._max_age_s:
                 payload = FrameSkippedV1(frame=meta, reason="too_old", age_s=round(age, 3))
@@ -176,7 +183,7 @@ class FrameIntake(Intake):
         for msg, meta in fresh:
             i = ids[meta.id]
             if i in found:
-                await self._settle(msg.ack())
+                await self._ack(msg, "stored already")
                 self._metrics.duplicates.labels(
                     self._label, "cache" if i in known else "store"
                 ).inc()
@@ -223,6 +230,7 @@ class FrameIntake(Intake):
                     model=provenance,
                 )
                 item = self._accepted(msg, meta, received_at, payload)
+                self._trace_detection(msg, outcome)
                 accepted.setdefault(item.message_id, item)
                 deliveries.setdefault(item.message_id, []).append(msg)
             else:
@@ -252,6 +260,26 @@ class FrameIntake(Intake):
             await self._store_all(accepted, deliveries, started)
         else:
             self._observe(started)
+
+    def _trace_detection(self, msg: Delivery, analysis: Analysis) -> None:
+        """A traced frame's `detect queue` and `detect` spans, from the pool's times."""
+        root = self._traces.get(id(msg))
+        if root is None or not analysis.sent_ns:
+            return
+        queued_ns = analysis.sent_ns - int(analysis.queue_s * 1e9)
+        tracing.record(root, "detect queue", queued_ns, analysis.sent_ns, {})
+        tracing.record(
+            root,
+            "detect",
+            analysis.sent_ns,
+            analysis.answered_ns,
+            {
+                "pipeline.detector.actor": analysis.actor,
+                "pipeline.detector.batch_size": analysis.batch_size,
+                "pipeline.detector.inference_ms": round(1000 * analysis.batch_inference_s, 3),
+                "pipeline.detections": len(analysis.detections),
+            },
+        )
 
     def _meta(self, msg: Delivery) -> FrameMetaV1:
         """The frame's metadata, or `Rejected` with the reason to dead-letter it."""

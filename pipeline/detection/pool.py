@@ -74,7 +74,15 @@ class Analysis:
     detections: list[Detection]
     batch_size: int
     batch_inference_s: float
+    """The model's time for the whole batch, in the actor."""
     queue_s: float
+    """From the frame's submission to its batch's call to an actor."""
+    sent_ns: int = 0
+    """When the batch was sent to the actor (Unix time, ns)."""
+    answered_ns: int = 0
+    """When the actor's answer came back (Unix time, ns)."""
+    actor: int = 0
+    """Which actor of the pool (its index)."""
 
 
 @dataclass(frozen=True)
@@ -456,7 +464,7 @@ class DetectorPool:
 
     async def _call(self, actor: _Actor, batch: list[_Pending]) -> None:
         m = self.metrics
-        sent = time.perf_counter()
+        sent, sent_ns = time.perf_counter(), time.time_ns()
         for pending in batch:
             m.detector_queue_seconds.observe(sent - pending.enqueued)
         m.detector_batch_size.observe(len(batch))
@@ -479,6 +487,7 @@ class DetectorPool:
         finally:
             actor.load -= 1
             self._slots.release()
+        answered_ns = time.time_ns()
         m.detector_inference_seconds.observe(inference_s)
         analysed = sum(1 for r in results if isinstance(r, list))
         if analysed:
@@ -490,7 +499,15 @@ class DetectorPool:
                 for detection in result:
                     m.detections.labels(detection.label).inc()
                 pending.future.set_result(
-                    Analysis(result, len(batch), inference_s, sent - pending.enqueued)
+                    Analysis(
+                        result,
+                        len(batch),
+                        inference_s,
+                        sent - pending.enqueued,
+                        sent_ns,
+                        answered_ns,
+                        self._actors.index(actor) if actor in self._actors else -1,
+                    )
                 )
             else:
                 pending.future.set_result(Unreadable(Reason(result[0]), result[1]))

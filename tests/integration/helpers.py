@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from pipeline.settings import Settings
 from pipeline.store.domain import event_id
 from schemas import Domain
 
-from ..conftest import PG_DB, PG_HOST
+from ..conftest import PG_DB, PG_HOST, make_settings
 
 
 def stored_rows(schema: str) -> list[tuple[uuid.UUID, int, str, dict[str, Any]]]:
@@ -100,3 +102,17 @@ def views_current(schema: str, names: Any = None) -> bool:
     at = positions(schema)
     top = head(schema)
     return all(at.get(name, (-1, ""))[0] == top for name in (names or VIEWS))
+
+
+def frames_settings(nats_url: str, schema: str, model_dir: Path, **overrides: object) -> Settings:
+    """A worker of frames only, on the test model (random weights, 320 px)."""
+    values: dict[str, object] = {
+        "domains": (Domain.FRAMES,),
+        "detector_model": str(model_dir / "yolov8n.onnx"),
+        "detector_imgsz": 320,
+        "detector_conf": 1e-5,  # random weights: keep their faint boxes
+        "detector_num_cpus": 0.5,
+        "detector_max_wait_ms": 20,
+        **overrides,
+    }
+    return make_settings(nats_url, schema, **values)

@@ -19,27 +19,13 @@ from pipeline.ingest.deadletter import DeadLetters
 from pipeline.ops.embedded import EmbeddedNats
 from pipeline.ops.replay import replay
 from pipeline.ops.simulate import Cameras, Outgoing
-from pipeline.settings import Settings
 from schemas import Domain, FrameMetaV1
 from streams import Subjects
 
-from ..conftest import REDIS_URL, make_settings, wait_until
-from .helpers import ids_of, stored_ids, stored_rows
+from ..conftest import REDIS_URL, wait_until
+from .helpers import frames_settings, ids_of, stored_ids, stored_rows
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-
-
-def _settings(nats_url: str, schema: str, model_dir: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "domains": (Domain.FRAMES,),
-        "detector_model": str(model_dir / "yolov8n.onnx"),
-        "detector_imgsz": 320,
-        "detector_conf": 1e-5,  # random weights: keep their faint boxes
-        "detector_num_cpus": 0.5,
-        "detector_max_wait_ms": 20,
-        **overrides,
-    }
-    return make_settings(nats_url, schema, **values)
 
 
 async def _publish(nc: Client, messages: list[Outgoing]) -> None:
@@ -57,7 +43,7 @@ def _jpeg_header(width: int, height: int) -> bytes:
 async def test_frames_are_stored_once_with_detections_and_bad_ones_dead_lettered(
     nats_server: EmbeddedNats, pg_schema: str, nc: Client, model_dir: Path
 ) -> None:
-    settings = _settings(nats_server.url, pg_schema, model_dir)
+    settings = frames_settings(nats_server.url, pg_schema, model_dir)
     async with Worker(settings) as worker:
         cameras = Cameras(worker.subjects, width=320, height=240, variants=4, seed=1)
         good = [cameras.frame() for _ in range(20)]
@@ -135,7 +121,7 @@ async def test_frames_are_stored_once_with_detections_and_bad_ones_dead_lettered
 async def test_frames_older_than_the_limit_are_recorded_as_skipped(
     nats_server: EmbeddedNats, pg_schema: str, nc: Client, model_dir: Path
 ) -> None:
-    settings = _settings(nats_server.url, pg_schema, model_dir, frames_max_age_s=30)
+    settings = frames_settings(nats_server.url, pg_schema, model_dir, frames_max_age_s=30)
     async with Worker(settings) as worker:
         cameras = Cameras(worker.subjects, width=320, height=240, variants=2, seed=2)
         live = cameras.frame()
@@ -171,7 +157,7 @@ async def test_frames_older_than_the_limit_are_recorded_as_skipped(
 async def test_killing_the_detector_actor_loses_no_frame_and_stores_none_twice(
     nats_server: EmbeddedNats, pg_schema: str, nc: Client, model_dir: Path
 ) -> None:
-    settings = _settings(
+    settings = frames_settings(
         nats_server.url, pg_schema, model_dir, detector_max_batch=4, max_deliver=20
     )
     async with Worker(settings) as worker:
@@ -197,7 +183,7 @@ async def test_frames_waiting_for_a_slow_detector_are_not_redelivered(
     nats_server: EmbeddedNats, pg_schema: str, nc: Client, model_dir: Path
 ) -> None:
     """Frames in hand longer than the ack wait are marked in progress, not redelivered."""
-    settings = _settings(
+    settings = frames_settings(
         nats_server.url,
         pg_schema,
         model_dir,
@@ -224,7 +210,7 @@ async def test_frames_already_stored_are_acked_without_running_the_model(
     nats_server: EmbeddedNats, pg_schema: str, nc: Client, model_dir: Path
 ) -> None:
     """Known via Redis, or (for a redelivery) via the store: acked, counted, not analysed."""
-    settings = _settings(
+    settings = frames_settings(
         nats_server.url, pg_schema, model_dir, redis_url=REDIS_URL, namespace="known"
     )
     js = nc.jetstream()
@@ -269,7 +255,7 @@ async def test_replayed_frames_are_stored_once_and_analysed_only_when_missing(
     nats_server: EmbeddedNats, pg_schema: str, nc: Client, model_dir: Path
 ) -> None:
     """`pipeline replay frames`: frames the store lacks are analysed; the rest only acked."""
-    settings = _settings(nats_server.url, pg_schema, model_dir)
+    settings = frames_settings(nats_server.url, pg_schema, model_dir)
     await apply_streams(nc, settings)
     cameras = Cameras(Subjects(), width=320, height=240, variants=2, seed=9)
     sent = [cameras.frame() for _ in range(6)]

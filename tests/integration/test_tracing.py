@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client
@@ -13,12 +16,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from pipeline.app import Worker
+from pipeline.ops.embedded import EmbeddedNats
+from pipeline.ops.simulate import Cameras
 from pipeline.settings import Settings
 from pipeline.store.domain import event_id
 from schemas import Domain
 
 from ..conftest import wait_until
-from .helpers import security_body, stored_rows
+from .helpers import frames_settings, security_body, stored_rows
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +86,71 @@ async def test_a_traced_message_is_followed_from_pull_to_ack(
     states = {row[0]: row[3] for row in stored_rows(pg_schema)}
     assert states[event_id(Domain.SECURITY, "traced-1")]["trace_id"] == trace_id
     assert states[event_id(Domain.SECURITY, "plain-1")]["trace_id"] == ""
+
+
+@pytest.mark.usefixtures("ray_cluster")
+async def test_a_traced_frame_is_followed_through_the_detector(
+    nats_server: EmbeddedNats,
+    nc: Client,
+    pg_schema: str,
+    model_dir: Path,
+    spans: InMemorySpanExporter,
+) -> None:
+    settings = frames_settings(nats_server.url, pg_schema, model_dir, frames_max_age_s=30)
+    traces = {name: secrets.token_hex(16) for name in ("live", "old", "bad")}
+    js = nc.jetstream()
+    async with Worker(settings) as worker:
+        cameras = Cameras(worker.subjects, width=320, height=240, variants=2, seed=3)
+        live, old, bad = cameras.frame(), cameras.frame(), cameras.frame()
+        hour_ago = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+        for name, frame, changes, body in (
+            ("live", live, {}, live.body),
+            ("old", old, {"Frame-Captured-At": hour_ago}, old.body),
+            ("bad", bad, {}, b"not an image"),
+        ):
+            traceparent = f"00-{traces[name]}-{secrets.token_hex(8)}-01"
+            headers = {**frame.headers, **changes, "traceparent": traceparent}
+            await js.publish(frame.subject, body, headers=headers)
+        await wait_until(lambda: len(stored_rows(pg_schema)) == 2, timeout_s=60)
+        await wait_until(lambda: worker.metrics.total("pipeline_dead_lettered") == 1)
+
+    def of(name: str) -> dict[str, Any]:
+        return {
+            s.name: s
+            for s in spans.get_finished_spans()
+            if format(s.context.trace_id, "032x") == traces[name]
+        }
+
+    analysed = of("live")
+    assert set(analysed) == {
+        "frames receive",
+        "validate",
+        "detect queue",
+        "detect",
+        "commit",
+        "ack",
+    }
+    root = analysed["frames receive"]
+    assert root.attributes["pipeline.outcome"] == "stored"
+    detect = analysed["detect"]
+    assert detect.parent.span_id == root.context.span_id
+    assert detect.attributes["pipeline.detector.batch_size"] >= 1
+    assert (
+        0
+        < detect.attributes["pipeline.detector.inference_ms"] * 1e6
+        <= (detect.end_time - detect.start_time)
+    )
+    assert analysed["detect queue"].end_time == detect.start_time
+    assert root.start_time <= analysed["detect queue"].start_time
+    assert detect.end_time <= analysed["commit"].start_time <= analysed["ack"].start_time
+    assert analysed["ack"].end_time <= root.end_time
+
+    assert set(of("old")) == {"frames receive", "validate", "commit", "ack"}  # skipped
+    rejected = of("bad")
+    assert set(rejected) == {"frames receive", "validate", "ack"}
+    assert rejected["frames receive"].attributes["pipeline.outcome"] == (
+        "dead-lettered: undecodable_image"
+    )
+    states = {row[0]: row[3] for row in stored_rows(pg_schema)}
+    for name, frame in (("live", live), ("old", old)):
+        assert states[event_id(Domain.FRAMES, frame.message_id)]["trace_id"] == traces[name]
