@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -16,6 +21,9 @@ CHART = Path(__file__).parents[2] / "deploy" / "helm" / "event-pipeline"
 ALERTS = Path(__file__).parents[2] / "deploy" / "prometheus" / "alerts.yml"
 KUBERNETES = "1.31.0"
 CUSTOM = {"ServiceMonitor", "PrometheusRule", "RayCluster", "ScaledObject"}
+CRDS = Path(__file__).parents[1] / "crds"
+"""The custom resources' schemas: the operators' CRDs as kubernetes-models publishes them
+(npm; `npm ci --prefix tests/crds`), and RayCluster's written from KubeRay's reference."""
 
 
 def _render(values_file: str | None) -> list[dict[str, Any]]:
@@ -33,10 +41,64 @@ def test_the_chart_lints_and_every_manifest_validates(values_file: str | None) -
     kinds = {m["kind"] for m in manifests}
     assert {"Deployment", "PodDisruptionBudget", "Service"} <= kinds
     for manifest in manifests:
-        if manifest["kind"] in CUSTOM:
-            assert manifest["apiVersion"] and manifest["spec"], manifest
-            continue
-        kubernetes_validate.validate(manifest, KUBERNETES, strict=True)
+        if manifest["kind"] not in CUSTOM:
+            kubernetes_validate.validate(manifest, KUBERNETES, strict=True)
+    _validate_custom([m for m in manifests if m["kind"] in CUSTOM])
+
+
+def _validate_custom(manifests: list[dict[str, Any]]) -> None:
+    """Custom resources against their CRD schemas; RayCluster's pod templates as core ones."""
+    operators = [m for m in manifests if m["kind"] != "RayCluster"]
+    if operators:
+        assert _operator_errors(operators) == [""] * len(operators)
+    schema = json.loads((CRDS / "raycluster.schema.json").read_text())
+    for cluster in (m for m in manifests if m["kind"] == "RayCluster"):
+        jsonschema.validate(cluster, schema)
+        spec = cluster["spec"]
+        for group in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]:
+            template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}}
+            kubernetes_validate.validate(
+                {**template, "template": group["template"]}, KUBERNETES, strict=True
+            )
+
+
+def _operator_errors(manifests: list[dict[str, Any]]) -> list[str]:
+    """Per manifest, what the operator's schema refuses ("" when valid)."""
+    node = shutil.which("node")
+    if node is None or not (CRDS / "node_modules").is_dir():
+        if os.environ.get("PIPELINE_TESTS_REQUIRE_CRDS"):
+            pytest.fail("the CRD schemas are missing: npm ci --prefix tests/crds (Node.js 18+)")
+        pytest.skip("the CRD schemas are not installed: npm ci --prefix tests/crds")
+    done = subprocess.run(
+        [node, "validate.mjs"],
+        cwd=CRDS,
+        input=json.dumps(manifests),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    errors: list[str] = json.loads(done.stdout)
+    return errors
+
+
+def test_the_crd_schemas_refuse_what_an_operator_would() -> None:
+    """The schemas are the operators': wrong types, patterns and unknown Ray fields fail."""
+    [monitor] = [m for m in _render("values-prod.yaml") if m["kind"] == "ServiceMonitor"]
+    [scaler] = [m for m in _render("values-prod.yaml") if m["kind"] == "ScaledObject"]
+    bad_interval = json.loads(json.dumps(monitor))
+    bad_interval["spec"]["endpoints"][0]["interval"] = "15 seconds"
+    bad_count = json.loads(json.dumps(scaler))
+    bad_count["spec"]["minReplicaCount"] = "1"
+    errors = _operator_errors([monitor, bad_interval, bad_count])
+    assert errors[0] == ""
+    assert "interval must match pattern" in errors[1]
+    assert "minReplicaCount must be integer" in errors[2]
+    [cluster] = [m for m in _render("values-prod.yaml") if m["kind"] == "RayCluster"]
+    _validate_custom([cluster])
+    cluster["spec"]["workerGroupSpecs"][0]["maxReplica"] = 2
+    with pytest.raises(jsonschema.ValidationError, match="maxReplica"):
+        _validate_custom([cluster])
 
 
 def test_production_values_bring_the_operators_resources() -> None:
