@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import nats
 from faststream.nats import NatsBroker
-from faststream.security import BaseSecurity, SASLPlaintext
+from faststream.nats.security import NatsCredentials, NatsNKey, NatsSecurity, NatsUserPassword
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
@@ -80,14 +80,19 @@ async def connect_nats(settings: Settings) -> Client:
 
 def broker_options(settings: Settings) -> dict[str, Any]:
     """The authentication and TLS of `Settings.nats_options`, as FastStream takes them."""
-    options = settings.nats_options()
-    tls = options.pop("tls", None)
-    user, password = options.pop("user", ""), options.pop("password", "")
-    if user:
-        options["security"] = SASLPlaintext(username=user, password=password, ssl_context=tls)
+    tls = settings.nats_tls()
+    security: NatsSecurity
+    if settings.nats_creds_file:
+        security = NatsCredentials.from_file(settings.nats_creds_file, ssl_context=tls)
+    elif settings.nats_nkey_seed_file:
+        security = NatsNKey.from_file(settings.nats_nkey_seed_file, ssl_context=tls)
+    elif settings.nats_user:
+        security = NatsUserPassword(settings.nats_user, settings.nats_password, ssl_context=tls)
     elif tls is not None:
-        options["security"] = BaseSecurity(ssl_context=tls)
-    return options
+        security = NatsSecurity(ssl_context=tls)
+    else:
+        return {}
+    return {"security": security}
 
 
 async def apply_streams(nc: Client, settings: Settings) -> list[Applied]:

@@ -170,6 +170,21 @@ class Settings(BaseSettings):
         return None if value == "" else value
 
     @model_validator(mode="after")
+    def _one_nats_authentication(self) -> Settings:
+        given = [
+            name
+            for name, value in (
+                ("PIPELINE_NATS_USER", self.nats_user),
+                ("PIPELINE_NATS_CREDS_FILE", self.nats_creds_file),
+                ("PIPELINE_NATS_NKEY_SEED_FILE", self.nats_nkey_seed_file),
+            )
+            if value
+        ]
+        if len(given) > 1:
+            raise ValueError(f"set one way to authenticate to NATS, not {' and '.join(given)}")
+        return self
+
+    @model_validator(mode="after")
     def _cache_outlives_redelivery(self) -> Settings:
         redelivery = self.ack_wait_s * self.max_deliver + sum(self.retry_backoff_s)
         if self.dedup_ttl_s <= redelivery:

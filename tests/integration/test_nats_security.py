@@ -4,17 +4,22 @@ nobody anonymous, TLS only; and the pipeline working end to end with its own cre
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import ipaddress
+import json
 import os
 import secrets
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nats
+import nkeys
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -230,3 +235,165 @@ async def test_a_wrong_password_is_a_clear_error(secure_nats: SecureNats, pg_sch
         async with Worker(settings):
             pass
     await asyncio.sleep(0)
+
+
+def _nkey_user() -> tuple[str, str]:
+    """A new NKey user: (seed, public key)."""
+    seed, pair = _nkey(nkeys.PREFIX_BYTE_USER)
+    return seed, pair.public_key.decode()
+
+
+def _nkey(prefix: int) -> tuple[str, Any]:
+    """A new NKey of a role (operator, account, user): (seed, key pair)."""
+    seed = nkeys.encode_seed(secrets.token_bytes(32), prefix)
+    return seed.decode(), nkeys.from_seed(bytearray(seed))
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _jwt(issuer: Any, subject: Any, name: str, claims: dict[str, Any]) -> str:
+    """A NATS JWT (v2) about `subject`, signed by `issuer` (NKey pairs)."""
+    body = {
+        "jti": _b64(secrets.token_bytes(24)),
+        "iat": int(time.time()),
+        "iss": issuer.public_key.decode(),
+        "sub": subject.public_key.decode(),
+        "name": name,
+        "nats": {**claims, "version": 2},
+    }
+    header = {"typ": "JWT", "alg": "ed25519-nkey"}
+    signed = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(body).encode())}"
+    return f"{signed}.{_b64(issuer.sign(signed.encode()))}"
+
+
+@pytest.fixture
+def operator_nats(tmp_path: Path) -> Iterator[tuple[str, dict[str, Path]]]:
+    """nats-server in operator mode (decentralized JWT authentication, as NGS and nsc set
+    up): one account with JetStream, a worker and a producer user, each with a .creds file."""
+    _, operator = _nkey(nkeys.PREFIX_BYTE_OPERATOR)
+    _, account = _nkey(nkeys.PREFIX_BYTE_ACCOUNT)
+    _, system = _nkey(nkeys.PREFIX_BYTE_ACCOUNT)
+    unlimited = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1}
+    unlimited |= {"wildcards": True, "conn": -1, "leaf": -1}
+    jetstream = {"mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
+    accounts = {
+        account: _jwt(
+            operator, account, "PIPELINE", {"type": "account", "limits": unlimited | jetstream}
+        ),
+        system: _jwt(operator, system, "SYS", {"type": "account", "limits": unlimited}),
+    }
+    creds = {}
+    for role in ("worker", "producer"):
+        seed, user = _nkey(nkeys.PREFIX_BYTE_USER)
+        token = _jwt(
+            account,
+            user,
+            role,
+            {"type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1},
+        )
+        creds[role] = tmp_path / f"{role}.creds"
+        creds[role].write_text(
+            f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n"
+            f"-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        )
+        creds[role].chmod(0o600)
+    preload = "\n".join(f"  {a.public_key.decode()}: {j}" for a, j in accounts.items())
+    port = free_port()
+    conf = tmp_path / "operator.conf"
+    conf.write_text(
+        f"listen: 127.0.0.1:{port}\n"
+        f"operator: {_jwt(operator, operator, 'operator', {'type': 'operator'})}\n"
+        f"system_account: {system.public_key.decode()}\n"
+        f"resolver: MEMORY\nresolver_preload: {{\n{preload}\n}}\n"
+        f"jetstream {{ store_dir: {str(tmp_path / 'jetstream')!r} }}\n"
+    )
+    with (tmp_path / "nats.log").open("wb") as log:
+        server = subprocess.Popen(
+            [str(nats_server_binary()), "-c", str(conf)], stdout=log, stderr=log
+        )
+    try:
+        wait_for_port("127.0.0.1", port, timeout_s=10, process=server)
+        yield f"nats://127.0.0.1:{port}", creds
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture
+def nkey_nats(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """nats-server whose users are NKeys (a worker and a producer); (url, seeds by role)."""
+    users = {role: _nkey_user() for role in ("worker", "producer")}
+    listed = ", ".join(f"{{nkey: {public}}}" for _, public in users.values())
+    port = free_port()
+    conf = tmp_path / "nkeys.conf"
+    conf.write_text(
+        f"listen: 127.0.0.1:{port}\n"
+        f"jetstream {{ store_dir: {str(tmp_path / 'jetstream')!r} }}\n"
+        f"authorization {{ users = [{listed}] }}\n"
+    )
+    with (tmp_path / "nats.log").open("wb") as log:
+        server = subprocess.Popen(
+            [str(nats_server_binary()), "-c", str(conf)], stdout=log, stderr=log
+        )
+    try:
+        wait_for_port("127.0.0.1", port, timeout_s=10, process=server)
+        yield f"nats://127.0.0.1:{port}", {role: seed for role, (seed, _) in users.items()}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+async def test_the_pipeline_runs_with_an_nkey(
+    nkey_nats: tuple[str, dict[str, str]], pg_schema: str, tmp_path: Path
+) -> None:
+    url, seeds = nkey_nats
+    files = {}
+    for role, seed in seeds.items():
+        files[role] = tmp_path / f"{role}.nk"
+        files[role].write_text(seed + "\n")
+        files[role].chmod(0o600)
+    with pytest.raises(nats.errors.Error, match=r"[Aa]uthorization"):
+        await nats.connect(url, allow_reconnect=False)  # no key: refused
+    settings = make_settings(
+        url, pg_schema, nats_nkey_seed_file=str(files["worker"]), domains=(Domain.SECURITY,)
+    )
+    producer = await nats.connect(url, nkeys_seed=str(files["producer"]))
+    traffic = Traffic(Subjects(), domains=(Domain.SECURITY,), seed=4, bad_ratio=0.0)
+    sent = [traffic.valid(Domain.SECURITY) for _ in range(20)]
+    async with Worker(settings):
+        js = producer.jetstream()
+        for out in sent:
+            await js.publish(out.subject, out.body, headers=out.headers)
+        await wait_until(lambda: len(stored_ids(pg_schema)) == 20, timeout_s=30)
+    assert set(stored_ids(pg_schema)) == ids_of(Domain.SECURITY, [o.message_id for o in sent])
+    await producer.close()
+
+    stranger, _ = _nkey_user()  # a valid key the server does not know
+    (tmp_path / "stranger.nk").write_text(stranger)
+    unknown = settings.model_copy(update={"nats_nkey_seed_file": str(tmp_path / "stranger.nk")})
+    with pytest.raises(ConfigError, match="PIPELINE_NATS_USER/PASSWORD, _CREDS_FILE or _NKEY"):
+        async with Worker(unknown):
+            pass
+
+
+async def test_the_pipeline_runs_with_a_credentials_file(
+    operator_nats: tuple[str, dict[str, Path]], pg_schema: str
+) -> None:
+    url, creds = operator_nats
+    with pytest.raises(nats.errors.Error, match=r"[Aa]uthorization"):
+        await nats.connect(url, allow_reconnect=False)  # no credentials: refused
+    settings = make_settings(
+        url, pg_schema, nats_creds_file=str(creds["worker"]), domains=(Domain.SECURITY,)
+    )
+    producer = await nats.connect(url, user_credentials=str(creds["producer"]))
+    traffic = Traffic(Subjects(), domains=(Domain.SECURITY,), seed=5, bad_ratio=0.0)
+    sent = [traffic.valid(Domain.SECURITY) for _ in range(20)]
+    async with Worker(settings):
+        js = producer.jetstream()
+        for out in sent:
+            await js.publish(out.subject, out.body, headers=out.headers)
+        await wait_until(lambda: len(stored_ids(pg_schema)) == 20, timeout_s=30)
+    assert set(stored_ids(pg_schema)) == ids_of(Domain.SECURITY, [o.message_id for o in sent])
+    await producer.close()

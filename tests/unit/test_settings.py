@@ -116,3 +116,25 @@ def test_nats_options_carry_authentication_and_tls(tmp_path: Path) -> None:
     assert options["tls"].verify_mode.name == "CERT_REQUIRED"
     creds = Settings(_env_file=None, nats_creds_file="/run/w.creds").nats_options()
     assert creds == {"user_credentials": "/run/w.creds"}
+
+
+def test_one_way_to_authenticate_to_nats() -> None:
+    with pytest.raises(ValidationError, match="PIPELINE_NATS_USER and PIPELINE_NATS_NKEY"):
+        Settings(_env_file=None, nats_user="w", nats_password="p", nats_nkey_seed_file="/k.nk")
+
+
+def test_the_broker_authenticates_as_the_connections_do(tmp_path: Path) -> None:
+    from faststream.nats.security import NatsCredentials, NatsNKey, NatsUserPassword
+
+    from pipeline.app import broker_options
+
+    assert broker_options(Settings(_env_file=None)) == {}
+    user = broker_options(Settings(_env_file=None, nats_user="w", nats_password="p"))
+    assert isinstance(user["security"], NatsUserPassword)
+    nkey = broker_options(Settings(_env_file=None, nats_nkey_seed_file="/run/w.nk"))
+    assert isinstance(nkey["security"], NatsNKey) and nkey["security"].seed == "/run/w.nk"
+    creds = broker_options(
+        Settings(_env_file=None, nats_creds_file="/run/w.creds", nats_url="tls://nats:4222")
+    )
+    assert isinstance(creds["security"], NatsCredentials)
+    assert creds["security"].ssl_context is not None
