@@ -320,6 +320,7 @@ class DetectorPool:
         self._room = asyncio.Semaphore(config.max_queued)
         self._slots = asyncio.Semaphore(config.actors * config.max_inflight)
         self._batcher: asyncio.Task[None] | None = None
+        self._stopping = False
         self._calls: set[asyncio.Task[None]] = set()
         self._repairs: set[asyncio.Task[None]] = set()
         self.max_inflight_seen = 0
@@ -338,6 +339,7 @@ class DetectorPool:
                 f"the detector actors could not load {self.detector.model!r}: {_cause(exc)}",
             ) from exc
         self.provenance = provenances[0]
+        self._stopping = False
         self._batcher = asyncio.create_task(self._run())
         log.info(
             "detector pool: %d actor(s), %s (%s, sha256 %s...)",
@@ -350,7 +352,14 @@ class DetectorPool:
     async def stop(self) -> None:
         """Finish the batches in hand, then remove the actors (frames still queued fail)."""
         if self._batcher is not None:
-            self._batcher.cancel()
+            # Cancelled, and told: Python 3.11's asyncio.wait_for can swallow a
+            # cancellation, so the batcher also ends on the flag, woken up here.
+            self._stopping = True
+            while not self._batcher.done():
+                self._batcher.cancel()
+                self._added.set()
+                self._actor_up.set()
+                await asyncio.wait({self._batcher}, timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._batcher
             self._batcher = None
@@ -408,9 +417,12 @@ class DetectorPool:
     # -- batching --------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await self._slots.acquire()
             batch = await self._collect()
+            if not batch:  # stopping: what is queued fails in `stop`
+                self._slots.release()
+                return
             try:
                 actor = await self._pick()
             except asyncio.CancelledError:  # stopping while no actor is up
@@ -427,16 +439,20 @@ class DetectorPool:
     async def _collect(self) -> list[_Pending]:
         """Up to `max_batch` frames, or fewer once the oldest has waited `max_wait_s`."""
         while not self._queue:
+            if self._stopping:
+                return []
             self._added.clear()
             await self._added.wait()
         deadline = self._queue[0].enqueued + self.config.max_wait_s
-        while len(self._queue) < self.config.max_batch:
+        while len(self._queue) < self.config.max_batch and not self._stopping:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
             self._added.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._added.wait(), remaining)
+        if self._stopping:
+            return []
         batch = [self._queue.popleft() for _ in range(min(self.config.max_batch, len(self._queue)))]
         for pending in batch:
             if pending.attempts == 0:  # a frame sent back after a failure has no room of its own
@@ -451,6 +467,8 @@ class DetectorPool:
                 up = [a for a in self._actors if a.up.is_set()]
                 if up:
                     return min(up, key=lambda a: a.load)
+                if self._stopping:
+                    raise asyncio.CancelledError  # the batch's frames fail, as on a cancel
                 if not paused and self._pauses is not None:
                     self._pauses.enter(
                         Domain.FRAMES.value, DetectorUnavailable("no detector actor is up")

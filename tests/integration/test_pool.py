@@ -178,3 +178,23 @@ async def test_large_jpegs_are_decoded_reduced_and_boxes_scaled_back(make_pool) 
     assert wrong == Unreadable(
         Reason.DIMENSION_MISMATCH, "image is 1280x960, metadata says 1280x720"
     )
+
+
+async def test_stopping_ends_even_when_a_cancellation_is_swallowed(make_pool) -> None:
+    """Python 3.11's asyncio.wait_for can lose a cancellation; the pool stops regardless."""
+    pool = await make_pool()
+    wait = pool._added.wait
+    swallowed = 0
+
+    async def swallowing_wait() -> bool:
+        nonlocal swallowed
+        try:
+            return await wait()
+        except asyncio.CancelledError:
+            swallowed += 1
+            return True  # as a wait_for whose inner wait finished at the cancel
+
+    pool._added.wait = swallowing_wait  # type: ignore[method-assign]
+    await asyncio.sleep(0.1)  # the batcher waits for frames
+    await asyncio.wait_for(pool.stop(), timeout=10)
+    assert swallowed >= 1
