@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +171,8 @@ def rebuild_views(
                 results[name] = future.result()
             except (RebuildRefused, ViewStalled, RebuildFailed) as exc:
                 results[name] = exc
+            except BrokenExecutor as exc:  # a process killed (the shadow tables are left)
+                results[name] = RebuildFailed(f"its process ended: {exc}")
     return results
 
 
