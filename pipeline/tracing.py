@@ -3,11 +3,12 @@
 A message whose producer sent a W3C `traceparent` header gets spans in the producer's
 trace: `<domain> receive` from the pull to the settlement, and under it `validate`,
 `commit` and `ack` (or the message's end as a dead letter or a retry). A frame analysed
-by the detector also gets `detect queue` (waiting for a batch and a free actor) and
-`detect` (the Ray call to the actor that decoded and analysed it, with the model's time
-in the actor as `pipeline.detector.inference_ms`); the actors export no spans of their
-own (a batch serves frames of many traces), so these are recorded by the worker from
-the times the call was sent and answered. Messages without
+by the detector also gets `detect queue` (waiting for a batch and a free actor),
+`detect` (the Ray call to the actor) and under it `detect in actor` (decoding and the
+model in the actor, timed by the actor's clock, with the model's time for the batch as
+`pipeline.detector.inference_ms`). The actors export nothing themselves (a batch serves
+frames of many traces, and Ray's processes would each need an exporter): they return
+their times with the results, and the worker records the spans. Messages without
 the header get none, so the untraced path costs one look at the headers. The trace id
 is stored with the event (`trace_id`) and put on the log lines about the message.
 Spans are exported over OTLP/HTTP when `PIPELINE_OTEL_EXPORTER_OTLP_ENDPOINT` is set;
@@ -78,8 +79,10 @@ def child(parent: Span, name: str) -> Span:
     return tracer.start_span(name, context=context)
 
 
-def record(parent: Span, name: str, start_ns: int, end_ns: int, attributes: dict[str, Any]) -> None:
-    """A span under `parent` of work timed elsewhere (from `start_ns` to `end_ns`, Unix ns)."""
+def record(parent: Span, name: str, start_ns: int, end_ns: int, attributes: dict[str, Any]) -> Span:
+    """A span under `parent` of work timed elsewhere (from `start_ns` to `end_ns`, Unix
+    ns); ended, returned to be the parent of others."""
     context: Context = trace.set_span_in_context(parent)
     span = tracer.start_span(name, context=context, start_time=start_ns, attributes=attributes)
     span.end(end_time=end_ns)
+    return span

@@ -262,13 +262,13 @@ class FrameIntake(Intake):
             self._observe(started)
 
     def _trace_detection(self, msg: Delivery, analysis: Analysis) -> None:
-        """A traced frame's `detect queue` and `detect` spans, from the pool's times."""
+        """A traced frame's `detect queue`, `detect` and `detect in actor` spans."""
         root = self._traces.get(id(msg))
         if root is None or not analysis.sent_ns:
             return
         queued_ns = analysis.sent_ns - int(analysis.queue_s * 1e9)
         tracing.record(root, "detect queue", queued_ns, analysis.sent_ns, {})
-        tracing.record(
+        call = tracing.record(
             root,
             "detect",
             analysis.sent_ns,
@@ -276,10 +276,18 @@ class FrameIntake(Intake):
             {
                 "pipeline.detector.actor": analysis.actor,
                 "pipeline.detector.batch_size": analysis.batch_size,
-                "pipeline.detector.inference_ms": round(1000 * analysis.batch_inference_s, 3),
                 "pipeline.detections": len(analysis.detections),
             },
         )
+        began, ended = analysis.in_actor_ns
+        if began:
+            tracing.record(
+                call,
+                "detect in actor",
+                began,
+                ended,
+                {"pipeline.detector.inference_ms": round(1000 * analysis.batch_inference_s, 3)},
+            )
 
     def _meta(self, msg: Delivery) -> FrameMetaV1:
         """The frame's metadata, or `Rejected` with the reason to dead-letter it."""

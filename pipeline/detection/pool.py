@@ -83,6 +83,9 @@ class Analysis:
     """When the actor's answer came back (Unix time, ns)."""
     actor: int = 0
     """Which actor of the pool (its index)."""
+    in_actor_ns: tuple[int, int] = (0, 0)
+    """When the actor began and ended the batch: decoding and the model (Unix ns, by the
+    actor's clock)."""
 
 
 @dataclass(frozen=True)
@@ -129,10 +132,14 @@ class DetectorActor:
         """The actor's process id."""
         return os.getpid()
 
-    def detect(self, frames: list[Frame]) -> tuple[list[list[Detection] | tuple[str, str]], float]:
-        """Decode and detect; per frame the detections or (reason, detail); model seconds."""
+    def detect(
+        self, frames: list[Frame]
+    ) -> tuple[list[list[Detection] | tuple[str, str]], float, tuple[int, int]]:
+        """Decode and detect; per frame the detections or (reason, detail); the model's
+        seconds; when the actor began and ended the batch (Unix ns, its own clock)."""
         import cv2
 
+        began_ns = time.time_ns()
         images = []
         scales = []
         verdicts: list[list[Detection] | tuple[str, str] | None] = []
@@ -174,7 +181,7 @@ class DetectorActor:
                 results.append(_scaled(detections, scale, width, height))
             else:
                 results.append(verdict)
-        return results, found.inference_s if found else 0.0
+        return results, found.inference_s if found else 0.0, (began_ns, time.time_ns())
 
 
 _JPEG = b"\xff\xd8\xff"
@@ -488,7 +495,7 @@ class DetectorPool:
         m.detector_batch_size.observe(len(batch))
         handle = actor.handle
         try:
-            results, inference_s = await asyncio.wait_for(
+            results, inference_s, in_actor = await asyncio.wait_for(
                 handle.detect.remote([p.frame for p in batch]), self.config.batch_timeout_s
             )
         except Exception as exc:
@@ -525,6 +532,7 @@ class DetectorPool:
                         sent_ns,
                         answered_ns,
                         self._actors.index(actor) if actor in self._actors else -1,
+                        in_actor,
                     )
                 )
             else:
