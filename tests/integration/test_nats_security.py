@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -216,15 +217,7 @@ async def test_the_pipeline_runs_with_its_own_credentials(
 ) -> None:
     settings = _settings(secure_nats, pg_schema, "worker")
     producer = await secure_nats.connect("security-producer")
-    traffic = Traffic(Subjects(), domains=(Domain.SECURITY,), seed=3, bad_ratio=0.0)
-    sent = [traffic.valid(Domain.SECURITY) for _ in range(50)]
-    async with Worker(settings):
-        js = producer.jetstream()
-        for out in sent:
-            await js.publish(out.subject, out.body, headers=out.headers)
-        await wait_until(lambda: len(stored_ids(pg_schema)) == 50, timeout_s=30)
-    assert set(stored_ids(pg_schema)) == ids_of(Domain.SECURITY, [o.message_id for o in sent])
-    await producer.close()
+    await _stored_end_to_end(settings, producer, pg_schema)
 
 
 async def test_a_wrong_password_is_a_clear_error(secure_nats: SecureNats, pg_schema: str) -> None:
@@ -300,14 +293,23 @@ def operator_nats(tmp_path: Path) -> Iterator[tuple[str, dict[str, Path]]]:
         )
         creds[role].chmod(0o600)
     preload = "\n".join(f"  {a.public_key.decode()}: {j}" for a, j in accounts.items())
-    port = free_port()
-    conf = tmp_path / "operator.conf"
-    conf.write_text(
-        f"listen: 127.0.0.1:{port}\n"
+    with _nats_server(
+        tmp_path,
         f"operator: {_jwt(operator, operator, 'operator', {'type': 'operator'})}\n"
         f"system_account: {system.public_key.decode()}\n"
-        f"resolver: MEMORY\nresolver_preload: {{\n{preload}\n}}\n"
-        f"jetstream {{ store_dir: {str(tmp_path / 'jetstream')!r} }}\n"
+        f"resolver: MEMORY\nresolver_preload: {{\n{preload}\n}}\n",
+    ) as url:
+        yield url, creds
+
+
+@contextlib.contextmanager
+def _nats_server(tmp_path: Path, config: str) -> Iterator[str]:
+    """nats-server with JetStream and `config` (its authentication); its URL."""
+    port = free_port()
+    conf = tmp_path / "server.conf"
+    conf.write_text(
+        f"listen: 127.0.0.1:{port}\n"
+        f"jetstream {{ store_dir: {str(tmp_path / 'jetstream')!r} }}\n{config}"
     )
     with (tmp_path / "nats.log").open("wb") as log:
         server = subprocess.Popen(
@@ -315,10 +317,23 @@ def operator_nats(tmp_path: Path) -> Iterator[tuple[str, dict[str, Path]]]:
         )
     try:
         wait_for_port("127.0.0.1", port, timeout_s=10, process=server)
-        yield f"nats://127.0.0.1:{port}", creds
+        yield f"nats://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+async def _stored_end_to_end(settings: Settings, producer: nats.NATS, schema: str) -> None:
+    """Messages published by `producer` are stored by a worker with `settings`, once each."""
+    traffic = Traffic(Subjects(), domains=(Domain.SECURITY,), seed=4, bad_ratio=0.0)
+    sent = [traffic.valid(Domain.SECURITY) for _ in range(20)]
+    async with Worker(settings):
+        js = producer.jetstream()
+        for out in sent:
+            await js.publish(out.subject, out.body, headers=out.headers)
+        await wait_until(lambda: len(stored_ids(schema)) == 20, timeout_s=30)
+    assert set(stored_ids(schema)) == ids_of(Domain.SECURITY, [o.message_id for o in sent])
+    await producer.close()
 
 
 @pytest.fixture
@@ -326,23 +341,8 @@ def nkey_nats(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     """nats-server whose users are NKeys (a worker and a producer); (url, seeds by role)."""
     users = {role: _nkey_user() for role in ("worker", "producer")}
     listed = ", ".join(f"{{nkey: {public}}}" for _, public in users.values())
-    port = free_port()
-    conf = tmp_path / "nkeys.conf"
-    conf.write_text(
-        f"listen: 127.0.0.1:{port}\n"
-        f"jetstream {{ store_dir: {str(tmp_path / 'jetstream')!r} }}\n"
-        f"authorization {{ users = [{listed}] }}\n"
-    )
-    with (tmp_path / "nats.log").open("wb") as log:
-        server = subprocess.Popen(
-            [str(nats_server_binary()), "-c", str(conf)], stdout=log, stderr=log
-        )
-    try:
-        wait_for_port("127.0.0.1", port, timeout_s=10, process=server)
-        yield f"nats://127.0.0.1:{port}", {role: seed for role, (seed, _) in users.items()}
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    with _nats_server(tmp_path, f"authorization {{ users = [{listed}] }}\n") as url:
+        yield url, {role: seed for role, (seed, _) in users.items()}
 
 
 async def test_the_pipeline_runs_with_an_nkey(
@@ -360,15 +360,7 @@ async def test_the_pipeline_runs_with_an_nkey(
         url, pg_schema, nats_nkey_seed_file=str(files["worker"]), domains=(Domain.SECURITY,)
     )
     producer = await nats.connect(url, nkeys_seed=str(files["producer"]))
-    traffic = Traffic(Subjects(), domains=(Domain.SECURITY,), seed=4, bad_ratio=0.0)
-    sent = [traffic.valid(Domain.SECURITY) for _ in range(20)]
-    async with Worker(settings):
-        js = producer.jetstream()
-        for out in sent:
-            await js.publish(out.subject, out.body, headers=out.headers)
-        await wait_until(lambda: len(stored_ids(pg_schema)) == 20, timeout_s=30)
-    assert set(stored_ids(pg_schema)) == ids_of(Domain.SECURITY, [o.message_id for o in sent])
-    await producer.close()
+    await _stored_end_to_end(settings, producer, pg_schema)
 
     stranger, _ = _nkey_user()  # a valid key the server does not know
     (tmp_path / "stranger.nk").write_text(stranger)
@@ -388,12 +380,4 @@ async def test_the_pipeline_runs_with_a_credentials_file(
         url, pg_schema, nats_creds_file=str(creds["worker"]), domains=(Domain.SECURITY,)
     )
     producer = await nats.connect(url, user_credentials=str(creds["producer"]))
-    traffic = Traffic(Subjects(), domains=(Domain.SECURITY,), seed=5, bad_ratio=0.0)
-    sent = [traffic.valid(Domain.SECURITY) for _ in range(20)]
-    async with Worker(settings):
-        js = producer.jetstream()
-        for out in sent:
-            await js.publish(out.subject, out.body, headers=out.headers)
-        await wait_until(lambda: len(stored_ids(pg_schema)) == 20, timeout_s=30)
-    assert set(stored_ids(pg_schema)) == ids_of(Domain.SECURITY, [o.message_id for o in sent])
-    await producer.close()
+    await _stored_end_to_end(settings, producer, pg_schema)
