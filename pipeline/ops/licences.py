@@ -31,6 +31,7 @@ ALLOWED = frozenset(
         "LGPL-3.0-only",  # psycopg, used as a library
         "LicenseRef-NVIDIA-Proprietary",  # CUDA libraries of the GPU build of PyTorch
         "MIT",
+        "MIT-0",
         "MIT-CMU",
         "MPL-2.0",
         "PSF-2.0",
