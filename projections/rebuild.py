@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 from psycopg.sql import SQL, Identifier
 
+from . import view
 from .positions import Positions
 from .runner import Connect, ViewRunner, ViewStalled, create_indexes, create_tables
 from .view import View
@@ -137,8 +138,6 @@ def rebuild_views(
     fails leaves the others to finish and swap in. An unknown name raises `KeyError`
     before anything starts.
     """
-    from . import view  # the views import this package's modules
-
     for name in names:
         view(name)
     jobs = max(1, min(len(names), jobs or os.cpu_count() or 1))
@@ -184,8 +183,6 @@ def _rebuild_one(
     batch_size: int,
     progress: Callable[[str, int], None] | None,
 ) -> Rebuilt:
-    from . import view  # the views import this package's modules
-
     def connect() -> psycopg.Connection[Any]:
         return psycopg.connect(**connection, autocommit=True)
 

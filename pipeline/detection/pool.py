@@ -82,7 +82,7 @@ class Analysis:
     answered_ns: int = 0
     """When the actor's answer came back (Unix time, ns)."""
     actor: int = 0
-    """Which actor of the pool (its index)."""
+    """Which actor of the pool (its index; -1 if it was replaced meanwhile)."""
     in_actor_ns: tuple[int, int] = (0, 0)
     """When the actor began and ended the batch: decoding and the model (Unix ns, by the
     actor's clock)."""
@@ -513,6 +513,7 @@ class DetectorPool:
             actor.load -= 1
             self._slots.release()
         answered_ns = time.time_ns()
+        which = self._actors.index(actor) if actor in self._actors else -1  # -1: replaced
         m.detector_inference_seconds.observe(inference_s)
         analysed = sum(1 for r in results if isinstance(r, list))
         if analysed:
@@ -531,7 +532,7 @@ class DetectorPool:
                         sent - pending.enqueued,
                         sent_ns,
                         answered_ns,
-                        self._actors.index(actor) if actor in self._actors else -1,
+                        which,
                         in_actor,
                     )
                 )
