@@ -167,6 +167,12 @@ class UltralyticsDetector:
             half=config.half,
             device=self.device,
         )
+        # The first prediction opens the runtime session and warms it up (about a second
+        # on a CPU, more under load); it happens here, so an actor that answers `ready`
+        # answers its first batch within the usual time too.
+        import numpy
+
+        self.detect([numpy.zeros((config.imgsz, config.imgsz, 3), numpy.uint8)])
 
     @property
     def provenance(self) -> ModelProvenance:

@@ -131,7 +131,7 @@ async def test_a_hung_actor_is_replaced_and_its_batch_sent_to_the_new_one(
 ) -> None:
     metrics = Metrics()
     pauses = Pauses(metrics)
-    pool = await make_pool(max_batch=4, max_wait_s=0.0, batch_timeout_s=3.0, pauses=pauses)
+    pool = await make_pool(max_batch=4, max_wait_s=0.0, batch_timeout_s=5.0, pauses=pauses)
     [pid] = await pool.actor_pids()
     os.kill(pid, signal.SIGSTOP)  # alive, but it never answers
     seen: set[str] = set()
