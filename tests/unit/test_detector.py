@@ -27,6 +27,8 @@ def test_each_format_loads_offline_and_detects(
 ) -> None:
     model = name if name.endswith(".yaml") else str(model_dir / name)
     detector = UltralyticsDetector(DetectorConfig(model=model, imgsz=320, conf=LOW_CONF))
+    # Loading ran the first prediction: the runtime is open before the first batch.
+    assert detector._model.predictor is not None
     found = detector.detect([image, image[:240, :320]])
     assert len(found.detections) == 2
     assert found.detections[0], "a threshold this low keeps boxes even with random weights"
