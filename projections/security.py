@@ -11,7 +11,7 @@ from psycopg.sql import SQL
 from pipeline.store.domain import SecurityEvent
 from pipeline.store.reader import Positioned
 
-from .view import Table, Tables, View, copy_rows, json, parse_time, text
+from .view import Table, Tables, View, copy_rows, json_as_sent, parse_time, text
 
 __all__ = ["SecurityView"]
 
@@ -42,7 +42,7 @@ class SecurityView(View):
             "position bigint PRIMARY KEY, event_id uuid NOT NULL, message_id text NOT NULL, "
             "source text NOT NULL, kind text NOT NULL, severity text NOT NULL, zone text, "
             "location text, occurred_at timestamptz NOT NULL, "
-            "received_at timestamptz NOT NULL, attributes jsonb NOT NULL",
+            "received_at timestamptz NOT NULL, attributes json NOT NULL",
             indexes=(
                 "occurred_at DESC, position DESC",
                 "source, occurred_at DESC, position DESC",
@@ -75,7 +75,7 @@ class SecurityView(View):
                     text(p.get("location")),
                     parse_time(p["occurred_at"]),
                     event.timestamp,
-                    json(p.get("attributes") or {}),
+                    json_as_sent(p.get("attributes") or {}),
                 )
             )
         copy_rows(curs, tables["security_events"], _COLUMNS, rows)

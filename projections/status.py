@@ -56,9 +56,9 @@ def view_status(conn: psycopg.Connection[Any], schema: str) -> list[ViewStatus]:
         position = row.position if row else 0
         lag_s = 0.0
         if position < head:
-            oldest = reader.first_after(conn, position)
+            oldest = reader.stored_at_after(conn, position)
             if oldest is not None:
-                lag_s = max(0.0, (now - oldest.event.timestamp).total_seconds())
+                lag_s = max(0.0, (now - oldest).total_seconds())
         if row is None:
             state = "not started"
         elif name.endswith(SHADOW):

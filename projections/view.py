@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import orjson
 import psycopg
 from psycopg.sql import SQL, Composed, Identifier
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Json, Jsonb
 
 from pipeline.store.domain import topics_of
 from pipeline.store.reader import Positioned
@@ -34,6 +34,7 @@ __all__ = [
     "copy_rows",
     "decimal",
     "json",
+    "json_as_sent",
     "minute",
     "parse_time",
     "text",
@@ -142,6 +143,15 @@ _TYPES: dict[tuple[str, tuple[str, ...]], list[int]] = {}
 def json(value: Any) -> Jsonb:
     """A value for a jsonb column (encoded by orjson; NUL characters replaced, see `text`)."""
     return Jsonb(value, dumps=_dumps)
+
+
+def json_as_sent(value: Any) -> Json:
+    """A value for a json column, which keeps a producer's JSON exactly as sent.
+
+    jsonb would not: its numbers are `numeric`, so a float such as 1.999871663933031e16
+    reads back as the integer 19998716639330310, and it cannot hold a NUL character.
+    """
+    return Json(value, dumps=orjson.dumps)
 
 
 # "\u0000" as JSON writes a NUL character: not after an odd number of backslashes.

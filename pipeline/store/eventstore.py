@@ -64,7 +64,8 @@ class Journal(Application[uuid.UUID]):
 
 
 def _transcoder() -> OrjsonTranscoder:
-    transcoder = OrjsonTranscoder()
+    # The payload is the producer's JSON: read back as sent, whatever its keys.
+    transcoder = OrjsonTranscoder(verbatim=("payload",))
     # `Application.register_transcodings`, which needs no application.
     for transcoding in (UUIDAsHex(), DecimalAsStr(), DatetimeAsISO()):
         transcoder.register(transcoding)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+import orjson
 import psycopg
 from eventsourcing.persistence import MapperDeserialisationError
 from eventsourcing.utils import resolve_topic
@@ -71,9 +73,9 @@ class EventReader:
             "AND topic = ANY(%s) ORDER BY notification_id LIMIT %s"
         ).format(columns, self.table)
         self._by_id = SQL("SELECT {} FROM {} WHERE originator_id = %s").format(columns, self.table)
-        self._next = SQL(
-            "SELECT {} FROM {} WHERE notification_id > %s ORDER BY notification_id LIMIT 1"
-        ).format(columns, self.table)
+        self._next_state = SQL(
+            "SELECT state FROM {} WHERE notification_id > %s ORDER BY notification_id LIMIT 1"
+        ).format(self.table)
         self._recent = SQL(
             "SELECT {} FROM {} WHERE (%s::text[] IS NULL OR topic = ANY(%s)) "
             "ORDER BY notification_id DESC LIMIT %s"
@@ -157,12 +159,22 @@ class EventReader:
                 return found
         return None
 
-    def first_after(self, conn: psycopg.Connection[Any], position: int) -> Positioned | None:
-        """The first event after `position` (of any topic), or None."""
+    def stored_at_after(self, conn: psycopg.Connection[Any], position: int) -> datetime | None:
+        """When the first event after `position` (of any topic) was stored, or None.
+
+        Read from the stored state's timestamp alone, without decoding the event: it
+        answers also for an event that cannot be decoded (where a view may be stuck).
+        """
         with conn.cursor(binary=True, row_factory=tuple_row) as curs:
-            curs.execute(self._next, (position,))
-            rows = curs.fetchall()
-        return self.decode(rows)[0] if rows else None
+            curs.execute(self._next_state, (position,))
+            row = curs.fetchone()
+        if row is None:
+            return None
+        try:
+            stamp = orjson.loads(row[0])["timestamp"]["_data_"]
+            return datetime.fromisoformat(stamp)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
 
     def recent(
         self, conn: psycopg.Connection[Any], *, topics: Sequence[str] | None = None, limit: int = 20

@@ -1,13 +1,26 @@
-"""A JSON transcoder for the event store that encodes with orjson.
+"""A JSON transcoder for the event store: orjson speed, producers' JSON kept as sent.
 
-It writes exactly what `eventsourcing`'s `JSONTranscoder` writes (registered types become
-`{"_type_": ..., "_data_": ...}`) and reads with it, several times faster. orjson writes
-`uuid.UUID` values as plain strings, so event attributes must not be UUIDs (the
-Journal's events carry none; the aggregate id is stored in its own column).
+Encoding writes byte for byte what `eventsourcing`'s `JSONTranscoder` writes (registered
+types become `{"_type_": ..., "_data_": ...}`; finite floats in Python's notation),
+several times faster: orjson writes the document, and the few documents where orjson's
+notation of a float could differ from Python's (below 1e-4, or an exponent) are written
+by `JSONTranscoder` itself.
+
+Decoding turns those type marks back into their types, except under the `verbatim` keys
+of an event's state: there the value is a producer's JSON (the Journal's `payload`),
+returned exactly as it was written. A producer may send an object such as
+`{"_type_": "datetime_iso", "_data_": "..."}`; it is data, never taken for a registered
+type. Events stored before this rule read the same way (no payload ever held a
+registered type: payloads are plain JSON).
+
+orjson writes `uuid.UUID` values as plain strings, so event attributes must not be UUIDs
+(the Journal's events carry none; the aggregate id is stored in its own column).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -21,42 +34,68 @@ _OPTIONS = (
     | orjson.OPT_PASSTHROUGH_SUBCLASS
     | orjson.OPT_PASSTHROUGH_DATACLASS
 )
+_MARK = b'"_type_":'
+
+
+def _float_notation_may_differ(data: bytes) -> bool:
+    """Whether orjson may have written a float unlike Python's `repr`.
+
+    They differ only for magnitudes below 1e-4 (`0.00001` vs `1e-05`, `1.5e-7` vs
+    `1.5e-07`): such a number holds `0.0000` or a digit followed by `e-`. Text that
+    merely looks like it costs a slower encoding, never a wrong one.
+    """
+    if b"0.0000" in data:
+        return True
+    at = data.find(b"e-")
+    while at > 0:
+        if 48 <= data[at - 1] <= 57:  # a digit before the exponent
+            return True
+        at = data.find(b"e-", at + 2)
+    return False
 
 
 class OrjsonTranscoder(JSONTranscoder):
-    """`JSONTranscoder` with an orjson encoder; decoding is unchanged."""
+    """`JSONTranscoder`'s format, orjson's speed; values under `verbatim` keys read as sent."""
+
+    def __init__(self, verbatim: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.verbatim = frozenset(verbatim)
+        """Keys of an event's state whose values are never taken for registered types."""
 
     def encode(self, obj: Any) -> bytes:
-        """Encode `obj`, sending registered types through their transcodings."""
-        return orjson.dumps(obj, default=self._encode_obj, option=_OPTIONS)
+        """Encode `obj` as `JSONTranscoder.encode` does, sending registered types through
+        their transcodings."""
+        try:
+            data = orjson.dumps(obj, default=self._encode_obj, option=_OPTIONS)
+        except orjson.JSONEncodeError:  # what orjson refuses: the stock encoder's verdict
+            return super().encode(obj)
+        if _float_notation_may_differ(data):
+            return super().encode(obj)
+        return data
 
     def decode(self, data: bytes) -> Any:
-        """Decode `data` as `JSONTranscoder.decode` does, with orjson.
-
-        Each object `{"_type_": name, "_data_": data}` becomes its registered type, inner
-        objects first. Events keep such values at the top level (their timestamp), so
-        those are replaced directly; anything else walks the whole document.
-        """
+        """Decode `data`: type marks become their registered types, except under `verbatim`
+        keys of the top-level object, whose values come back exactly as written."""
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:  # what orjson refuses (NaN, huge integers) json reads
-            return super().decode(data)
-        marks = data.count(b'"_type_":')
+            obj = json.loads(data)
+        marks = data.count(_MARK)
         if not marks:
             return obj
-        if type(obj) is dict:
-            if marks == 1:  # the usual event: only its timestamp is a registered type
-                stamp = obj.get("timestamp")
-                if type(stamp) is dict and stamp.get("_type_") == "datetime_iso":
-                    # What the registered DatetimeAsISO does, without its lookups.
-                    obj["timestamp"] = datetime.fromisoformat(stamp["_data_"])
-                    return obj
-            top = [k for k, v in obj.items() if type(v) is dict and "_type_" in v]
-            if len(top) == marks and "_type_" not in obj:
-                for key in top:
-                    obj[key] = self._decode_obj(obj[key])
+        if type(obj) is not dict:
+            return self._walk(obj)
+        if marks == 1:  # the usual event: only its timestamp is a registered type
+            stamp = obj.get("timestamp")
+            if type(stamp) is dict and stamp.get("_type_") == "datetime_iso" and len(stamp) == 2:
+                # What the registered DatetimeAsISO does, without its lookups.
+                obj["timestamp"] = datetime.fromisoformat(stamp["_data_"])
                 return obj
-        return self._walk(obj)
+        verbatim = self.verbatim
+        for key, value in obj.items():
+            if key not in verbatim and (type(value) is dict or type(value) is list):
+                obj[key] = self._walk(value)
+        return self._decode_obj(obj)
 
     def _walk(self, obj: Any) -> Any:
         if type(obj) is list:
