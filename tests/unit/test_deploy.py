@@ -248,3 +248,136 @@ def test_the_hosted_ci_workflow_passes_actionlint_and_its_schema() -> None:
     assert any(step.get("run") == ".venv/bin/python -m pytest" for step in steps), (
         "the workflow runs the README's test command"
     )
+
+
+# prometheus-nats-exporter's flags as its README documents them (github.com/nats-io/
+# prometheus-nats-exporter, README.md "Usage", v0.20.1): name -> whether it takes a value.
+EXPORTER_FLAGS = {
+    **dict.fromkeys(["D", "DV", "V", "s", "syslog", "version"], False),
+    **dict.fromkeys(["varz", "connz", "connz_detailed", "healthz", "subz", "routez"], False),
+    **dict.fromkeys(["gatewayz", "leafz", "accstatz", "accountz"], False),
+    **dict.fromkeys(["healthz_js_enabled_only", "healthz_js_server_only"], False),
+    **dict.fromkeys(["use_internal_server_id", "use_internal_server_name"], False),
+    **dict.fromkeys(["a", "addr", "p", "port", "path", "l", "log", "r", "remote_syslog"], True),
+    **dict.fromkeys(["ri", "jsz", "jsz_stream_meta_keys", "jsz_consumer_meta_keys"], True),
+    **dict.fromkeys(["tlscacert", "tlscert", "tlskey", "http_user", "http_pass", "prefix"], True),
+}
+EXPORTER_INTS = {"p", "port", "ri"}
+EXPORTER_JSZ = {"account", "accounts", "consumer", "consumers", "stream", "streams", "all"}
+"""The values `-jsz` accepts (exporter/exporter.go, `validateOptions`)."""
+EXPORTER_METRICS = {
+    # README.md "Monitoring" and walkthrough/grafana-nats-dash.json
+    *("gnatsd_varz_connections", "gnatsd_varz_cpu", "gnatsd_varz_mem"),
+    *("gnatsd_varz_in_bytes", "gnatsd_varz_in_msgs", "gnatsd_varz_out_bytes"),
+    *("gnatsd_varz_out_msgs", "gnatsd_varz_slow_consumers", "gnatsd_varz_subscriptions"),
+    "gnatsd_varz_max_connections",
+    # walkthrough/grafana-jetstream-dash.json
+    *("gnatsd_varz_jetstream_config_max_memory", "gnatsd_varz_jetstream_config_max_storage"),
+    *("gnatsd_varz_jetstream_stats_memory", "gnatsd_varz_jetstream_stats_storage"),
+    # collector/healthz.go (-healthz) and collector/jsz.go (-jsz)
+    *("gnatsd_healthz_status", "gnatsd_healthz_status_value"),
+    *("jetstream_server_total_streams", "jetstream_server_total_consumers"),
+    *("jetstream_server_total_messages", "jetstream_server_total_message_bytes"),
+    *("jetstream_server_max_memory", "jetstream_server_max_storage"),
+    *("jetstream_stream_total_messages", "jetstream_stream_total_bytes"),
+    *("jetstream_stream_first_seq", "jetstream_stream_last_seq"),
+    "jetstream_stream_consumer_count",
+    *("jetstream_consumer_num_pending", "jetstream_consumer_num_ack_pending"),
+    *("jetstream_consumer_num_redelivered", "jetstream_consumer_num_waiting"),
+    *("jetstream_consumer_delivered_consumer_seq", "jetstream_consumer_delivered_stream_seq"),
+}
+EXPORTER_IMAGE = re.compile(r"^natsio/prometheus-nats-exporter:\d+\.\d+\.\d+$")
+"""The NATS project's image, at a pinned release."""
+
+
+def exporter_problems(args: list[str]) -> list[str]:
+    """What prometheus-nats-exporter would refuse, or not do, with these arguments."""
+    *flags, url = args
+    problems = [] if re.match(r"^https?://[^/]+$", url) else [f"not a monitoring URL: {url}"]
+    given: dict[str, str | None] = {}
+    for arg in flags:
+        name, _, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("-") or name not in EXPORTER_FLAGS:
+            problems.append(f"undocumented flag {arg}")
+        elif EXPORTER_FLAGS[name] != bool(value) and value not in ("true", "false"):
+            problems.append(
+                f"{arg}: give a value as -{name}=VALUE"
+                if EXPORTER_FLAGS[name]
+                else f"{arg} takes no value"
+            )
+        elif name in EXPORTER_INTS and not value.isdigit():
+            problems.append(f"{arg}: not a number")
+        elif name == "jsz" and value not in EXPORTER_JSZ:
+            problems.append(f"{arg}: not one of {sorted(EXPORTER_JSZ)}")
+        given[name] = value
+    if not {"varz", "healthz"} <= set(given) or "jsz" not in given:
+        problems.append(
+            "read at least -varz, -healthz and -jsz (the dashboard and alerts use them)"
+        )
+    return problems
+
+
+def test_the_exporter_check_refuses_what_the_exporter_would() -> None:
+    assert exporter_problems(["-varz", "-healthz", "-jsz=all", "-port=7777", "http://n:8222"]) == []
+    assert exporter_problems(["-varz", "-healthz", "-jsz=all", "-metrics", "n:8222"]) == [
+        "not a monitoring URL: n:8222",
+        "undocumented flag -metrics",
+    ]
+    assert exporter_problems(["-varz=1", "-port", "-jsz=everything", "http://n:8222"]) == [
+        "-varz=1 takes no value",
+        "-port: give a value as -port=VALUE",
+        f"-jsz=everything: not one of {sorted(EXPORTER_JSZ)}",
+        "read at least -varz, -healthz and -jsz (the dashboard and alerts use them)",
+    ]
+
+
+def _flag(args: list[str], name: str) -> str:
+    return next(a.partition("=")[2] for a in args if a.lstrip("-").partition("=")[0] == name)
+
+
+def test_compose_scrapes_nats_through_the_exporter_in_its_network_namespace() -> None:
+    """The exporter shares NATS's network namespace (the monitoring port stays unpublished)
+    and Prometheus scrapes the exporter's port: NATS's own endpoints answer JSON."""
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    exporter = compose["services"]["nats-exporter"]
+    assert EXPORTER_IMAGE.match(exporter["image"]), exporter["image"]
+    assert exporter["network_mode"] == "service:nats"
+    assert exporter_problems(exporter["command"]) == []
+    assert re.match(r"^http://(127\.0\.0\.1|localhost):8222$", exporter["command"][-1])
+    assert not any("8222" in str(p) for p in compose["services"]["nats"].get("ports", []))
+    jobs = {
+        job["job_name"]: job
+        for job in yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]
+    }
+    [nats_targets] = [c["targets"] for c in jobs["nats"]["static_configs"]]
+    assert nats_targets == [f"nats:{_flag(exporter['command'], 'port')}"]
+    assert jobs["nats"].get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_prometheus_scrapes_every_pipeline_process_of_the_compose_file() -> None:
+    """One target per worker process (`PIPELINE_METRICS_PORT + i`), the projections, the API."""
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    settings = Settings(_env_file=None)
+    processes = int(compose["services"]["worker"]["environment"].get("PIPELINE_PROCESSES", 1))
+    expected = {
+        "pipeline-worker": [f"worker:{settings.metrics_port + i}" for i in range(processes)],
+        "pipeline-projections": [f"projections:{settings.projections_metrics_port}"],
+        "pipeline-api": [f"api:{settings.api_port}"],
+        "nats": ["nats:7777"],
+    }
+    scraped = {
+        job["job_name"]: [t for c in job["static_configs"] for t in c["targets"]]
+        for job in yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]
+    }
+    assert scraped == expected
+    for targets in scraped.values():
+        assert all(t.split(":")[0] in compose["services"] for t in targets)
+
+
+def test_the_dashboard_and_alerts_name_documented_nats_metrics() -> None:
+    rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"][0]["rules"]
+    queries = [rule["expr"] for rule in rules] + _dashboard_queries()
+    named = {m for expr in queries for m in re.findall(r"\b(?:gnatsd|jetstream)_[a-z_]+", expr)}
+    assert {n for n in named if n.startswith("jetstream_")}, "the dashboard shows JetStream"
+    assert {n for n in named if n.startswith("gnatsd_healthz")}, "an alert watches NATS's health"
+    assert named <= EXPORTER_METRICS, named - EXPORTER_METRICS

@@ -115,23 +115,108 @@ def test_probes_and_ports_are_the_processes_own() -> None:
         "api": settings.api_port,
     }
     fields = {f"PIPELINE_{name.upper()}" for name in Settings.model_fields}
-    deployments = [m for m in _render("values-prod.yaml") if m["kind"] == "Deployment"]
-    assert len(deployments) == 3
-    for deployment in deployments:
-        component = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
-        [container] = deployment["spec"]["template"]["spec"]["containers"]
-        [port] = container["ports"]
-        assert port["containerPort"] == ports[component]
-        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
-        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
-        names = {e["name"] for e in container["env"]}
-        assert names <= fields, names - fields
-        assert not any(
-            "value" in e and "PASSWORD" in e["name"] and not e["name"].endswith("_FILE")
-            for e in container["env"]
-        ), "secrets are mounted, never inlined"
+    deployments = _pipeline_deployments(_render("values-prod.yaml"))
+    assert sorted(deployments) == ["api", "projections", "worker"]
+    processes = yaml.safe_load((CHART / "values-prod.yaml").read_text())["worker"]["processes"]
+    assert processes > 1
+    for component, deployment in deployments.items():
+        containers = deployment["spec"]["template"]["spec"]["containers"]
+        assert len(containers) == (processes if component == "worker" else 1)
+        for i, container in enumerate(containers):
+            [port] = container["ports"]
+            assert port["containerPort"] == ports[component] + i
+            probes = {"readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+            for probe, path in probes.items():
+                assert container[probe]["httpGet"] == {"path": path, "port": port["name"]}
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            if component == "worker":  # one process per container, on its own port
+                assert env["PIPELINE_METRICS_PORT"] == str(port["containerPort"])
+                assert env.get("PIPELINE_PROCESSES", "1") == "1"
+            assert set(env) <= fields, set(env) - fields
+            assert not any(
+                "value" in e and "PASSWORD" in e["name"] and not e["name"].endswith("_FILE")
+                for e in container["env"]
+            ), "secrets are mounted, never inlined"
+
+
+def _pipeline_deployments(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The pipeline's own Deployments by component (not the NATS exporter's)."""
+    return {
+        m["metadata"]["labels"]["app.kubernetes.io/component"]: m
+        for m in manifests
+        if m["kind"] == "Deployment" and m["metadata"]["name"] != "pl-nats-exporter"
+    }
+
+
+@pytest.mark.parametrize("values_file", [None, "values-prod.yaml"])
+def test_every_process_and_the_nats_exporter_are_scraped(values_file: str | None) -> None:
+    """Each container port serving metrics has a Service port, a ServiceMonitor endpoint and
+    a NetworkPolicy opening; the scrape jobs are named as in deploy/prometheus."""
+    values = yaml.safe_load((CHART / values_file).read_text()) if values_file else {}
+    values = {**values, "prometheusOperator": {"enabled": True}}
+    manifests = [
+        doc
+        for text in Chart.load(CHART).render(values, name="pl", namespace="pipeline").values()
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+    container_ports = {
+        (
+            m["metadata"]["labels"]["app.kubernetes.io/component"],
+            port["name"],
+            port["containerPort"],
+        )
+        for m in manifests
+        if m["kind"] == "Deployment"
+        for container in m["spec"]["template"]["spec"]["containers"]
+        for port in container["ports"]
+    }
+    assert {c for c, _, _ in container_ports} == {"worker", "projections", "api", "nats-exporter"}
+    [service] = [
+        m for m in manifests if m["kind"] == "Service" and m["metadata"]["name"] == "pl-metrics"
+    ]
+    targets = {p["targetPort"] for p in service["spec"]["ports"]}
+    [monitor] = [m for m in manifests if m["kind"] == "ServiceMonitor"]
+    scraped = {e["port"] for e in monitor["spec"]["endpoints"]}
+    assert scraped == targets == {name for _, name, _ in container_ports}
+    for endpoint in monitor["spec"]["endpoints"]:
+        [relabel] = endpoint["relabelings"]
+        assert relabel["targetLabel"] == "job"
+        assert relabel["replacement"] == (
+            "nats" if endpoint["port"] == "nats-metrics" else "pipeline-$1"
+        )
+    policies = {
+        m["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]: m["spec"]["ingress"]
+        for m in manifests
+        if m["kind"] == "NetworkPolicy"
+    }
+    for component, _, number in container_ports:
+        [rule] = policies[component]
+        assert any(p["port"] <= number <= p.get("endPort", p["port"]) for p in rule["ports"]), (
+            component,
+            number,
+        )
 
 
 def test_the_chart_alert_rules_are_the_shipped_ones() -> None:
     [rule] = [m for m in _render("values-prod.yaml") if m["kind"] == "PrometheusRule"]
     assert rule["spec"] == yaml.safe_load(ALERTS.read_text())
+
+
+def test_the_nats_exporter_runs_with_documented_flags_and_the_compose_files_image() -> None:
+    from .test_deploy import DEPLOY, EXPORTER_IMAGE, exporter_problems
+
+    [exporter] = [
+        m
+        for m in _render("values-prod.yaml")
+        if m["kind"] == "Deployment" and m["metadata"]["name"] == "pl-nats-exporter"
+    ]
+    [container] = exporter["spec"]["template"]["spec"]["containers"]
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert EXPORTER_IMAGE.match(container["image"])
+    assert container["image"] == compose["services"]["nats-exporter"]["image"]
+    assert exporter_problems(container["args"]) == []
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert container["args"][-1] == values["natsExporter"]["monitoringUrl"]
+    [port] = container["ports"]
+    assert f"-port={port['containerPort']}" in container["args"]

@@ -53,3 +53,7 @@ securityContext:
   readOnlyRootFilesystem: true
   capabilities: {drop: ["ALL"]}
 {{- end -}}
+
+{{/* The name of worker process i's metrics port: `metrics` for the first, as every
+process's, then `metrics-1`, `metrics-2`... (its number is 9108 + i). */}}
+{{- define "pipeline.workerPort" -}}{{ if . }}metrics-{{ . }}{{ else }}metrics{{ end }}{{- end -}}
