@@ -23,6 +23,7 @@ FIELDS = (
     "reason",
     "cause",
     "count",
+    "request_id",
 )
 """Structured fields the pipeline puts on its log lines, when they apply."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -99,7 +100,12 @@ class Settings(BaseSettings):
     postgres_password: str = ""
     postgres_schema: str = "public"
     postgres_pool_size: Annotated[int, Field(ge=1)] = 4
-    postgres_connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    postgres_connect_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="seconds to connect; libpq counts whole seconds, at least 2, so a "
+        "fraction is rounded up (0.5 connects within 2 s, never without a limit)",
+    )
     postgres_lock_timeout_s: Annotated[int, Field(ge=1)] = 5
 
     # Projections (read models) and the query API
@@ -266,8 +272,13 @@ class Settings(BaseSettings):
             "dbname": self.postgres_dbname,
             "user": self.postgres_user,
             "password": self.postgres_password,
-            "connect_timeout": max(1, int(self.postgres_connect_timeout_s)),
+            "connect_timeout": self.postgres_connect_timeout(),
         }
+
+    def postgres_connect_timeout(self) -> int:
+        """`PIPELINE_POSTGRES_CONNECT_TIMEOUT_S` as libpq takes it: whole seconds, rounded up
+        to at least its minimum of 2 (libpq reads 0 as no limit at all)."""
+        return max(2, math.ceil(self.postgres_connect_timeout_s))
 
     def eventsourcing_env(self) -> dict[str, str]:
         """The environment the `eventsourcing` library reads its Postgres settings from."""
@@ -281,7 +292,7 @@ class Settings(BaseSettings):
             "POSTGRES_SCHEMA": self.postgres_schema,
             "POSTGRES_POOL_SIZE": str(self.postgres_pool_size),
             "POSTGRES_MAX_OVERFLOW": "0",
-            "POSTGRES_CONNECT_TIMEOUT": str(int(self.postgres_connect_timeout_s)),
+            "POSTGRES_CONNECT_TIMEOUT": str(self.postgres_connect_timeout()),
             "POSTGRES_LOCK_TIMEOUT": str(self.postgres_lock_timeout_s),
             "CREATE_TABLE": "y",
         }

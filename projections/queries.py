@@ -3,6 +3,10 @@
 Every list is ordered by a key that ends in a unique column; a page's cursor is the key
 of its last row, and the next page starts after it, so pages stay consistent while
 events keep arriving and cost the same however deep they go.
+
+Rows come back JSON-ready: times in ISO 8601 with their offset, and `numeric` columns
+(the metrics' exact sums) as decimal strings with every digit (`"14019849096961617"`),
+which a JSON number read as a double would round.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.sql import SQL, Composable, Identifier
 
-__all__ = ["BadCursor", "Page", "Queries", "decode_cursor", "encode_cursor"]
+__all__ = ["BadCursor", "Page", "Queries", "decode_cursor", "encode_cursor", "exact"]
 
 
 class BadCursor(ValueError):
@@ -45,15 +50,18 @@ def decode_cursor(cursor: str, kinds: Sequence[type]) -> list[Any]:
         raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         if not isinstance(raw, list) or len(raw) != len(kinds):
             raise ValueError("wrong length")
-        return [
-            datetime.fromisoformat(v) if kind is datetime else _check(v, kind)
-            for v, kind in zip(raw, kinds, strict=True)
-        ]
+        return [_check(v, kind) for v, kind in zip(raw, kinds, strict=True)]
     except (ValueError, TypeError) as exc:
         raise BadCursor(f"invalid cursor: {exc}") from None
 
 
 def _check(value: Any, kind: type) -> Any:
+    if kind is datetime:
+        # A time without an offset would be read in the database session's time zone.
+        at = datetime.fromisoformat(value)
+        if at.tzinfo is None:
+            raise ValueError("a time without its UTC offset")
+        return at
     if kind is float and isinstance(value, int):
         return float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
@@ -237,27 +245,30 @@ class Queries:
     def service(
         self, conn: psycopg.Connection[Any], service: str, instance: str
     ) -> dict[str, Any] | None:
-        """One instance's status with its checks, or None."""
+        """One instance's status and the last report's checks, as `services` lists them, or
+        None; `earlier_checks` adds each check that earlier reports named and the last one
+        did not, in the state it was last reported (with when and at which position)."""
         with conn.cursor(row_factory=dict_row) as curs:
             curs.execute(
                 SQL(
-                    "SELECT service, instance, status, since, reported_at, message, reports, "
-                    "position FROM {} WHERE service = %s AND instance = %s"
+                    "SELECT service, instance, status, since, reported_at, message, checks, "
+                    "reports, position FROM {} WHERE service = %s AND instance = %s"
                 ).format(self._table("service_status")),
                 (service, instance),
             )
             row = curs.fetchone()
             if row is None:
                 return None
+            # A check of the last report was stored at its position; any other, before it.
             curs.execute(
                 SQL(
                     "SELECT name, status, latency_ms, detail, reported_at, position FROM {} "
-                    "WHERE service = %s AND instance = %s ORDER BY name"
+                    "WHERE service = %s AND instance = %s AND position < %s ORDER BY name"
                 ).format(self._table("service_checks")),
-                (service, instance),
+                (service, instance, row["position"]),
             )
             result = _jsonable(row)
-            result["checks"] = [_jsonable(r) for r in curs.fetchall()]
+            result["earlier_checks"] = [_jsonable(r) for r in curs.fetchall()]
             return result
 
     def transitions(
@@ -323,7 +334,7 @@ class Queries:
             conn,
             "metric_rollups",
             "minute, service, instance, name, labels_hash, labels, samples, "
-            "sum::float8 AS sum, min, max, last, last_at",
+            "sum, min, max, last, last_at",
             f,
             key,
             limit,
@@ -349,7 +360,7 @@ class Queries:
             curs.execute(
                 SQL(
                     "SELECT service, instance, labels, sum(samples)::bigint AS samples, "
-                    "sum(sum)::float8 AS sum, min(min) AS min, max(max) AS max, "
+                    "sum(sum) AS sum, min(min) AS min, max(max) AS max, "
                     "(array_agg(last ORDER BY last_at DESC))[1] AS last, max(last_at) AS last_at "
                     "FROM {} {} GROUP BY service, instance, labels_hash, labels "
                     "ORDER BY service, instance, labels_hash"
@@ -397,4 +408,18 @@ class Queries:
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+    return {k: _json_value(v) for k, v in row.items()}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return exact(value)
+    return value
+
+
+def exact(value: Decimal) -> str:
+    """A decimal as a string with all its digits, no exponent and no trailing zeros."""
+    digits = format(value, "f")  # exact: `normalize()` would round to the context's 28 digits
+    return digits.rstrip("0").rstrip(".") if "." in digits else digits

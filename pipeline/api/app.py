@@ -2,7 +2,9 @@
 
 Every `/v1` endpoint needs a bearer token from `PIPELINE_API_TOKENS` with the scope it
 names (`read` to query, `operate` to skip a poison event). Lists are paged with a
-cursor: pass a page's `next_cursor` as `cursor` to get the next one.
+cursor: pass a page's `next_cursor` as `cursor` to get the next one. Times (`since`,
+`until`) are ISO 8601 with their UTC offset (`2026-11-27T10:00:00Z`): a time without one
+is refused. Every error is `{"error": code, "detail": message}`.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations,
@@ -11,7 +13,6 @@ import hmac
 import time
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import psycopg
@@ -20,32 +21,39 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from psycopg_pool import ConnectionPool
+from pydantic import AwareDatetime
 
 from projections import VIEWS
 from projections.positions import Positions, SkipRefused
-from projections.queries import BadCursor, Page, Queries
+from projections.queries import Page, Queries
 from projections.status import view_status
 from schemas import Severity
 from schemas.monitoring import HealthStatus
 
 from ..settings import Settings
 from ..store.reader import EventReader
+from .errors import (
+    ERROR_RESPONSES,
+    REQUEST_ID,
+    ApiError,
+    install_error_handlers,
+    request_id,
+    server_error,
+)
 
 __all__ = ["create_app"]
 
 Scope = Literal["read", "operate"]
 Limit = Annotated[int, Query(ge=1, le=1000)]
-Since = Annotated[datetime | None, Query(description="from this time (inclusive, ISO 8601)")]
-Until = Annotated[datetime | None, Query(description="before this time (ISO 8601)")]
+Since = Annotated[
+    AwareDatetime | None,
+    Query(description="from this time (inclusive; ISO 8601 with its offset: ...Z or +01:00)"),
+]
+Until = Annotated[
+    AwareDatetime | None,
+    Query(description="before this time (ISO 8601 with its offset: ...Z or +01:00)"),
+]
 Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page")]
-
-
-class ApiError(Exception):
-    """An error answered as JSON: `{"error": code, "detail": message}`."""
-
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> FastAPI:
@@ -73,7 +81,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         min_size=1,
         max_size=max(2, settings.postgres_pool_size),
         open=False,
-        timeout=settings.postgres_connect_timeout_s,
+        timeout=settings.postgres_connect_timeout(),
         name="api",
     )
 
@@ -88,15 +96,14 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         version="1",
         description=__doc__,
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
+    install_error_handlers(app)
 
     def db() -> Iterator[psycopg.Connection[Any]]:
-        try:
-            with pool.connection() as conn:
-                yield conn
-        except psycopg.OperationalError as exc:
-            detail = f"the database does not answer: {exc}"
-            raise ApiError(503, "database_unavailable", detail) from None
+        # A database that fails is answered by the error handlers (503 or 500).
+        with pool.connection() as conn:
+            yield conn
 
     bearer = HTTPBearer(auto_error=False)
 
@@ -117,26 +124,14 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     read = [Depends(needs("read"))]
     Db = Annotated[psycopg.Connection[Any], Depends(db)]
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(
-            {"error": exc.code, "detail": exc.detail}, status_code=exc.status, headers=headers
-        )
-
-    @app.exception_handler(BadCursor)
-    async def bad_cursor(request: Request, exc: BadCursor) -> JSONResponse:
-        return JSONResponse({"error": "bad_cursor", "detail": str(exc)}, status_code=400)
-
-    @app.exception_handler(psycopg.errors.UndefinedTable)
-    async def no_view(request: Request, exc: Exception) -> JSONResponse:
-        detail = "the view does not exist yet: start `pipeline run projections`"
-        return JSONResponse({"error": "view_not_ready", "detail": detail}, status_code=503)
-
     @app.middleware("http")
     async def measure(request: Request, call_next: Any) -> Any:
         started = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # a bug: answered in the one shape, logged with its trace
+            response = server_error(request, 500, "internal_error", "the API failed", exc)
+        response.headers[REQUEST_ID] = request_id(request)
         route = request.scope.get("route")
         name = getattr(route, "path", "unmatched")
         requests.labels(name, str(response.status_code)).inc()
@@ -151,14 +146,17 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         return {"status": "alive"}
 
     @app.get("/readyz", tags=["health"])
-    def readyz() -> JSONResponse:
+    def readyz(request: Request) -> JSONResponse:
         """The database answers."""
         try:
             with pool.connection(timeout=2.0) as conn:
                 conn.execute("SELECT 1")
         except Exception as exc:
-            problems = [f"the database does not answer: {exc}"]
-            return JSONResponse({"ready": False, "problems": problems}, status_code=503)
+            detail = "the database does not answer"
+            problems = [detail]
+            return server_error(
+                request, 503, "database_unavailable", detail, exc, ready=False, problems=problems
+            )
         return JSONResponse({"ready": True, "problems": []})
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
@@ -234,7 +232,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         limit: Limit = 100,
         cursor: Cursor = None,
     ) -> Page:
-        """The current status of every service instance."""
+        """The current status of every service instance, with its last report's checks."""
         return queries.services(
             conn,
             service=service,
@@ -271,7 +269,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     @app.get("/v1/services/{service}/{instance}", tags=["services"], dependencies=read)
     def service(conn: Db, service: str, instance: str) -> dict[str, Any]:
-        """One instance's status and checks."""
+        """One instance's status and last report's checks (as listed), and `earlier_checks`:
+        those only earlier reports named, in the state they were last reported."""
         found = queries.service(conn, service, instance)
         if found is None:
             raise ApiError(404, "not_found", f"no reports from {service}/{instance}")

@@ -46,6 +46,14 @@ def test_eventsourcing_environment_is_complete() -> None:
     assert env["POSTGRES_PASSWORD"] == ""
 
 
+@pytest.mark.parametrize(("seconds", "whole"), [(0.001, 2), (0.5, 2), (2.0, 2), (2.5, 3), (5, 5)])
+def test_the_connect_timeout_is_rounded_up_to_whole_seconds(seconds: float, whole: int) -> None:
+    """libpq takes whole seconds (at least 2) and reads 0 as no limit: never round down."""
+    settings = Settings(_env_file=None, postgres_connect_timeout_s=seconds)
+    assert settings.postgres_connection()["connect_timeout"] == whole
+    assert settings.eventsourcing_env()["POSTGRES_CONNECT_TIMEOUT"] == str(whole)
+
+
 EXAMPLE = Path(__file__).parents[2] / ".env.example"
 
 
