@@ -16,17 +16,24 @@ import sys
 
 from ..settings import Settings
 
-__all__ = ["supervise"]
+__all__ = ["metrics_ports", "supervise"]
 
 log = logging.getLogger(__name__)
 
 _RESTART_DELAY_S = 1.0
 
 
+def metrics_ports(settings: Settings) -> list[int]:
+    """The metrics port of each worker process: `metrics_port + i` (none when it is 0)."""
+    if not settings.metrics_port:
+        return []
+    return [settings.metrics_port + i for i in range(settings.processes)]
+
+
 async def _child(settings: Settings, index: int, stop: asyncio.Event) -> None:
     env = {**os.environ, "PIPELINE_PROCESSES": "1"}
     if settings.metrics_port:
-        env["PIPELINE_METRICS_PORT"] = str(settings.metrics_port + index)
+        env["PIPELINE_METRICS_PORT"] = str(metrics_ports(settings)[index])
     while not stop.is_set():
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pipeline", "run", "worker", env=env

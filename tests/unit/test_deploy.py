@@ -357,10 +357,13 @@ def test_compose_scrapes_nats_through_the_exporter_in_its_network_namespace() ->
 def test_prometheus_scrapes_every_pipeline_process_of_the_compose_file() -> None:
     """One target per worker process (`PIPELINE_METRICS_PORT + i`), the projections, the API."""
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    settings = Settings(_env_file=None)
+    from pipeline.ops.supervisor import metrics_ports
+
     processes = int(compose["services"]["worker"]["environment"].get("PIPELINE_PROCESSES", 1))
+    settings = Settings(_env_file=None, processes=processes)
+    assert processes > 1
     expected = {
-        "pipeline-worker": [f"worker:{settings.metrics_port + i}" for i in range(processes)],
+        "pipeline-worker": [f"worker:{port}" for port in metrics_ports(settings)],
         "pipeline-projections": [f"projections:{settings.projections_metrics_port}"],
         "pipeline-api": [f"api:{settings.api_port}"],
         "nats": ["nats:7777"],

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from helm_python.chart import Chart, lint
 
+from pipeline.ops.supervisor import metrics_ports
 from pipeline.settings import Settings
 
 CHART = Path(__file__).parents[2] / "deploy" / "helm" / "event-pipeline"
@@ -122,9 +123,12 @@ def test_probes_and_ports_are_the_processes_own() -> None:
     for component, deployment in deployments.items():
         containers = deployment["spec"]["template"]["spec"]["containers"]
         assert len(containers) == (processes if component == "worker" else 1)
+        numbers = metrics_ports(Settings(_env_file=None, processes=processes))
         for i, container in enumerate(containers):
             [port] = container["ports"]
-            assert port["containerPort"] == ports[component] + i
+            assert port["containerPort"] == (
+                numbers[i] if component == "worker" else ports[component]
+            )
             probes = {"readinessProbe": "/readyz", "livenessProbe": "/healthz"}
             for probe, path in probes.items():
                 assert container[probe]["httpGet"] == {"path": path, "port": port["name"]}
