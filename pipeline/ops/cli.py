@@ -30,7 +30,7 @@ from ..ingest.deadletter import DeadLetter, DeadLetters
 from ..logs import configure_logging
 from ..metrics import serve_metrics
 from ..settings import Settings
-from .supervisor import supervise
+from .supervisor import metrics_ports, supervise
 
 __all__ = ["main"]
 
@@ -152,15 +152,20 @@ async def _licences(args: argparse.Namespace) -> None:
 
 
 async def _healthcheck(args: argparse.Namespace) -> None:
-    """Exit 0 if a process of this host answers `/healthz` (the container's HEALTHCHECK)."""
+    """Exit 0 if a process of this host answers `/healthz` (the container's HEALTHCHECK);
+    with `PIPELINE_PROCESSES=N`, only if each of the N worker processes does."""
     settings = _settings()
-    ports = [settings.metrics_port, settings.projections_metrics_port, settings.api_port]
-    for port in (p for p in ports if p):
-        url = f"http://127.0.0.1:{port}/healthz"
-        if await anyio.to_thread.run_sync(_alive, url):
-            print(f"{url}: alive")
+    roles = [metrics_ports(settings), [settings.projections_metrics_port], [settings.api_port]]
+    for ports in (r for r in roles if r and all(r)):
+        urls = [f"http://127.0.0.1:{port}/healthz" for port in ports]
+        alive = [await anyio.to_thread.run_sync(_alive, url) for url in urls]
+        if all(alive):
+            print(f"{', '.join(urls)}: alive")
             return
-    raise PipelineError(f"no /healthz answered on 127.0.0.1 ports {ports}")
+        if any(alive):
+            silent = ", ".join(url for url, ok in zip(urls, alive, strict=True) if not ok)
+            raise PipelineError(f"{silent}: no answer (the other worker processes answer)")
+    raise PipelineError(f"no /healthz answered on 127.0.0.1 ports {[p for r in roles for p in r]}")
 
 
 def _alive(url: str) -> bool:

@@ -151,6 +151,32 @@ def test_the_healthcheck_command_finds_a_live_process(monkeypatch: pytest.Monkey
         server.shutdown()
 
 
+def test_the_healthcheck_command_needs_every_worker_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With `PIPELINE_PROCESSES=2`, one live worker process does not make a healthy worker."""
+    from pipeline.metrics import Metrics, serve_metrics
+    from pipeline.ops.cli import main
+    from pipeline.ops.embedded import free_port
+    from pipeline.ops.supervisor import metrics_ports
+
+    monkeypatch.chdir(DEPLOY)  # no stray .env file
+    for name in ("PROJECTIONS_METRICS_PORT", "API_PORT"):
+        monkeypatch.setenv(f"PIPELINE_{name}", str(free_port()))
+    monkeypatch.setenv("PIPELINE_METRICS_PORT", str(free_port()))
+    monkeypatch.setenv("PIPELINE_PROCESSES", "2")
+    first, second = metrics_ports(Settings(_env_file=None))
+    servers = [serve_metrics(Metrics(), "127.0.0.1", first)]
+    try:
+        assert main(["healthcheck"]) == 1
+        servers.append(serve_metrics(Metrics(), "127.0.0.1", second))
+        assert main(["healthcheck"]) == 0
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
 PROMETHEUS = DEPLOY / "prometheus"
 
 
