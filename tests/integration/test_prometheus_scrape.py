@@ -47,6 +47,11 @@ def _get(url: str) -> Any:
         return json.loads(answer.read())
 
 
+def _content_type(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return str(answer.headers["Content-Type"])
+
+
 def _query(base: str, promql: str) -> list[dict[str, Any]]:
     found = _get(f"{base}/api/v1/query?query={urllib.parse.quote(promql)}")
     assert found["status"] == "success", found
@@ -130,6 +135,9 @@ async def test_each_pipeline_target_serves_prometheus_text_to_prometheus(tmp_pat
     try:
         await asyncio.wait_for(started.wait(), 20)
         await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{api_port}/healthz")
+        for instance in expected:  # Prometheus 3 (compose's) refuses a scrape without one
+            kind = await asyncio.to_thread(_content_type, f"http://{instance}/metrics")
+            assert kind.startswith("text/plain; version=0.0.4"), (instance, kind)
         with _running_prometheus(tmp_path, _config(ports)) as base:
             up, known_from = await asyncio.to_thread(_scraped, base, set(expected), known)
             assert up == dict.fromkeys(expected, 1.0), _targets(base)
