@@ -9,8 +9,10 @@ For each pulled batch:
 3. the rest are submitted to the pool, which waits when it is full (backpressure: the
    handler pulls nothing more until there is room);
 4. in the background, once the pool has answered: undecodable frames are dead-lettered,
-   frames the detector failed on twice are nak'd for redelivery, and the batch's events
-   are written in one transaction, then acked.
+   frames the detector failed on alone (while it answered a test frame) are nak'd for
+   redelivery, frames the pool gave back as it stopped are nak'd, never dead-lettered, and
+   the batch's events are written in one transaction, then acked. A detector that is
+   slow or down pauses the intake in the pool: it costs no delivery.
 Several pulled batches can be in the pool at once, so the actors never wait for the
 store or for NATS.
 """
@@ -133,9 +135,8 @@ class FrameIntake(Intake):
         for i, (msg, meta) in enumerate(fresh):
             try:
                 futures.append(await self._pool.submit(Frame(msg.data, meta.width, meta.height)))
-            except RetryLater as exc:  # the pool is stopping: the rest are redelivered
-                self._metrics.frames.labels("failed").inc(len(fresh) - i)
-                await self._retry([m for m, _ in fresh[i:]], exc)
+            except Unavailable:  # the pool is stopping: the rest are redelivered
+                await self._give_back([m for m, _ in fresh[i:]])
                 fresh = fresh[:i]
                 break
         if not fresh and not stale:
@@ -216,9 +217,12 @@ class FrameIntake(Intake):
         deliveries: dict[str, list[Delivery]] = {}
         unreadable: list[tuple[Delivery, DeadLetter]] = []
         failed: list[Delivery] = []
+        given_back: list[Delivery] = []
         error: RetryLater | None = None
         for (msg, meta), outcome in zip(fresh, outcomes, strict=True):
-            if isinstance(outcome, Unreadable):
+            if isinstance(outcome, Unavailable):  # the pool stopped: not the frame's fault
+                given_back.append(msg)
+            elif isinstance(outcome, Unreadable):
                 unreadable.append((msg, self._dead_letter(msg, outcome.reason, outcome.detail)))
             elif isinstance(outcome, Analysis):
                 payload = FrameAnalyzedV1(
@@ -248,6 +252,8 @@ class FrameIntake(Intake):
         if unreadable:
             m.labels("rejected").inc(len(unreadable))
             await self._dead_letter_all(unreadable)
+        if given_back:
+            await self._give_back(given_back)
         if failed:
             assert error is not None
             m.labels("failed").inc(len(failed))
@@ -260,6 +266,12 @@ class FrameIntake(Intake):
             await self._store_all(accepted, deliveries, started)
         else:
             self._observe(started)
+
+    async def _give_back(self, msgs: list[Delivery]) -> None:
+        """Nak frames the pool could not take (it stops): redelivered, never dead-lettered."""
+        for msg in msgs:
+            await self._settle(msg.nak())
+            self._end_trace(msg, "given back")
 
     def _trace_detection(self, msg: Delivery, analysis: Analysis) -> None:
         """A traced frame's `detect queue`, `detect` and `detect in actor` spans."""

@@ -8,10 +8,17 @@ pulling: backpressure all the way to JetStream.
 
 Failures: a batch has `batch_timeout_s` to come back. An actor that dies on a batch is
 restarted by Ray (`max_restarts`; past that the pool starts a new one); an actor that
-does not answer in time is killed and replaced. Either way the batch's frames go back to
-the front of the queue for another actor, once; a frame whose second batch fails too
-fails with `DetectionFailed` (the handler naks it). While no actor is up, batches wait
-for one and the frames intake is paused (`pipeline_intake_paused{cause="detector"}`).
+does not answer in time is killed and replaced. An actor is back in service once it has
+answered a test frame (`probe`) within `batch_timeout_s`: an actor that is merely slow
+stays out, and while no actor is in service batches wait and the frames intake is
+paused (`pipeline_intake_paused{cause="detector"}`): slowness is an outage, never a
+frame's fault. A failed batch (of one frame or several) is split: its frames go back to
+the front of the queue, one per batch, blamed for nothing. A frame that fails again,
+alone, is judged by the test frame its actor answers next: answered in time, the
+detector works and the frame fails with `DetectionFailed` (the handler naks it, and
+dead-letters it once its deliveries are used up); not in time, it is an outage and the
+frame goes back to the queue. Frames still in the pool when it stops fail with
+`DetectorUnavailable` (the handler gives them back; they are never dead-lettered for it).
 
 Actors decode the JPEG/PNG bodies themselves, so decoding runs in parallel and only the
 compressed frame crosses process boundaries. Before decoding, an actor reads the image's
@@ -131,6 +138,11 @@ class DetectorActor:
     def pid(self) -> int:
         """The actor's process id."""
         return os.getpid()
+
+    def probe(self) -> float:
+        """Run the model on a blank image (a frame that cannot be at fault); its seconds."""
+        size = self.detector.config.imgsz
+        return self.detector.detect([np.zeros((size, size, 3), np.uint8)]).inference_s
 
     def detect(
         self, frames: list[Frame]
@@ -261,8 +273,10 @@ class _Pending:
     frame: Frame
     future: asyncio.Future[Outcome]
     enqueued: float
-    attempts: int = 0
-    """Batches of this frame that failed so far."""
+    sent: bool = False
+    """Taken into a batch once (its place in the queue was given back then)."""
+    alone: bool = False
+    """Its batch failed: it goes in a batch of its own from now on."""
 
 
 @dataclass
@@ -270,6 +284,8 @@ class _Actor:
     handle: Any
     load: int = 0
     up: asyncio.Event = field(default_factory=asyncio.Event)
+    accused: list[tuple[_Pending, str]] = field(default_factory=list)
+    """Frames that failed alone on this actor, judged by its next test frame."""
 
     def __post_init__(self) -> None:
         self.up.set()
@@ -379,7 +395,7 @@ class DetectorPool:
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():
-                pending.future.set_exception(DetectionFailed("the detector pool stopped"))
+                pending.future.set_exception(DetectorUnavailable("the detector pool stopped"))
         import ray
 
         for actor in self._actors:
@@ -409,7 +425,7 @@ class DetectorPool:
     async def submit(self, frame: Frame) -> asyncio.Future[Outcome]:
         """Queue a frame; waits while the queue is full. Await the returned future."""
         if self._batcher is None:
-            raise DetectionFailed("the detector pool is not running")
+            raise DetectorUnavailable("the detector pool is not running")
         await self._room.acquire()
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(frame, future, time.perf_counter()))
@@ -435,7 +451,9 @@ class DetectorPool:
             except asyncio.CancelledError:  # stopping while no actor is up
                 for pending in batch:
                     if not pending.future.done():
-                        pending.future.set_exception(DetectionFailed("the detector pool stopped"))
+                        pending.future.set_exception(
+                            DetectorUnavailable("the detector pool stopped")
+                        )
                 raise
             actor.load += 1
             self.max_inflight_seen = max(self.max_inflight_seen, actor.load)
@@ -460,9 +478,15 @@ class DetectorPool:
                 await asyncio.wait_for(self._added.wait(), remaining)
         if self._stopping:
             return []
-        batch = [self._queue.popleft() for _ in range(min(self.config.max_batch, len(self._queue)))]
+        if self._queue[0].alone:
+            batch = [self._queue.popleft()]
+        else:
+            batch = []
+            while self._queue and len(batch) < self.config.max_batch and not self._queue[0].alone:
+                batch.append(self._queue.popleft())
         for pending in batch:
-            if pending.attempts == 0:  # a frame sent back after a failure has no room of its own
+            if not pending.sent:  # a frame sent back after a failure has no room of its own
+                pending.sent = True
                 self._room.release()
         return batch
 
@@ -478,7 +502,8 @@ class DetectorPool:
                     raise asyncio.CancelledError  # the batch's frames fail, as on a cancel
                 if not paused and self._pauses is not None:
                     self._pauses.enter(
-                        Domain.FRAMES.value, DetectorUnavailable("no detector actor is up")
+                        Domain.FRAMES.value,
+                        DetectorUnavailable("no detector actor answers within the batch timeout"),
                     )
                     paused = True
                 self._actor_up.clear()
@@ -504,10 +529,25 @@ class DetectorPool:
             reason = (
                 f"no answer within {self.config.batch_timeout_s:.0f} s" if hung else _cause(exc)
             )
-            log.warning("a detector call failed (%s); its %d frames go back", reason, len(batch))
-            if actor.handle is handle and actor.up.is_set():
+            # Only the failure that takes the actor out of service says anything about its
+            # frames: calls it held besides fail because it is being restarted or replaced.
+            first = actor.handle is handle and actor.up.is_set()
+            if first:
                 self._repair(actor, replace=hung)
-            self._send_back(batch, DetectionFailed(f"detector call failed twice: {reason}"))
+            if first and len(batch) == 1 and batch[0].alone:
+                log.warning(
+                    "a detector call on one frame failed (%s); the frame is judged by the "
+                    "actor's next test frame",
+                    reason,
+                )
+                actor.accused.append((batch[0], reason))
+            else:
+                log.warning(
+                    "a detector call failed (%s); its %d frames go back, one per batch",
+                    reason,
+                    len(batch),
+                )
+                self._send_back(batch)
             return
         finally:
             actor.load -= 1
@@ -539,17 +579,28 @@ class DetectorPool:
             else:
                 pending.future.set_result(Unreadable(Reason(result[0]), result[1]))
 
-    def _send_back(self, batch: list[_Pending], error: DetectionFailed) -> None:
-        """Put a failed batch's frames back at the front of the queue, or fail them."""
+    def _send_back(self, batch: list[_Pending]) -> None:
+        """Put a failed batch's frames back at the front of the queue, one per batch."""
         for pending in reversed(batch):
-            pending.attempts += 1
-            if pending.future.done():
-                continue
-            if pending.attempts >= _ATTEMPTS:
-                pending.future.set_exception(error)
-            else:
+            if not pending.future.done():
+                pending.alone = True
                 self._queue.appendleft(pending)
         self._added.set()
+
+    def _judge(self, actor: _Actor, answered: bool) -> None:
+        """Frames that failed alone on `actor`: theirs if it then answered a test frame in
+        time (the detector works), else back to the queue (the detector is out)."""
+        accused, actor.accused = actor.accused, []
+        for pending, reason in accused:
+            if answered and not pending.future.done():
+                pending.future.set_exception(
+                    DetectionFailed(
+                        f"the detector failed on this frame alone ({reason}) "
+                        "and answered a test frame in time right after"
+                    )
+                )
+        if not answered:
+            self._send_back([pending for pending, _ in accused])
 
     def _repair(self, actor: _Actor, *, replace: bool) -> None:
         """Take the actor out of service until it is restarted (or replaced, if hung)."""
@@ -559,34 +610,68 @@ class DetectorPool:
         task.add_done_callback(self._repairs.discard)
 
     async def _recover(self, actor: _Actor, *, replace: bool) -> None:
-        """Wait for Ray to restart a failed actor, or start a new one; then back in service."""
-        import ray
-        import ray.exceptions
-
+        """Wait for Ray to restart a failed actor, or start a new one, until it answers a
+        test frame in time; then back in service. The first test frame judges the frames
+        that failed alone on it."""
         if replace:  # hung: it would hold its next batches too
-            with contextlib.suppress(Exception):
-                ray.kill(actor.handle, no_restart=True)
-            actor.handle = self._new_actor()
+            self._replace(actor)
         delay = 0.5
-        while True:
-            try:
-                await asyncio.wait_for(actor.handle.ready.remote(), self.config.batch_timeout_s)
-            except ray.exceptions.ActorDiedError:
-                log.warning("a detector actor is gone for good; starting a new one")
-                actor.handle = self._new_actor()
-            except Exception as exc:  # restarting, or loading the model: ask again shortly
-                log.debug("detector actor not back yet: %s", _cause(exc))
+        judged = False
+        try:
+            while True:
+                answered = await self._probe(actor)
+                if answered is not None and not judged:
+                    judged = True
+                    self._judge(actor, answered)
+                if answered:
+                    break
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
-            else:
-                break
+        finally:
+            if not judged:  # stopping: given back, not judged
+                for pending, _ in actor.accused:
+                    if not pending.future.done():
+                        pending.future.set_exception(
+                            DetectorUnavailable("the detector pool stopped")
+                        )
+                actor.accused.clear()
         self.metrics.detector_restarts.inc()
         actor.up.set()
         self._actor_up.set()
 
+    async def _probe(self, actor: _Actor) -> bool | None:
+        """Whether the actor answered a test frame within the batch timeout; None while it
+        is still restarting or loading the model. One that does not answer is replaced."""
+        import ray.exceptions
 
-_ATTEMPTS = 2
-"""Batches a frame may be part of before it fails: one failure is the actor's, two the frame's."""
+        timeout = self.config.batch_timeout_s
+        try:
+            await asyncio.wait_for(actor.handle.ready.remote(), timeout)
+        except ray.exceptions.ActorDiedError:
+            log.warning("a detector actor is gone for good; starting a new one")
+            actor.handle = self._new_actor()
+            return None
+        except Exception as exc:  # restarting, or loading the model: ask again shortly
+            log.debug("detector actor not back yet: %s", _cause(exc))
+            return None
+        try:
+            await asyncio.wait_for(actor.handle.probe.remote(), timeout)
+        except TimeoutError:
+            log.warning("a detector actor did not answer a test frame within %.0f s", timeout)
+            self._replace(actor)
+            return False
+        except Exception as exc:
+            log.warning("a detector actor failed on a test frame: %s", _cause(exc))
+            return False
+        return True
+
+    def _replace(self, actor: _Actor) -> None:
+        """Kill a hung (or too slow) actor and start a new one in its place."""
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.kill(actor.handle, no_restart=True)
+        actor.handle = self._new_actor()
 
 
 def _cause(exc: BaseException) -> str:

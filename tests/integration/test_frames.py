@@ -15,6 +15,8 @@ import pytest
 from nats.aio.client import Client
 
 from pipeline.app import Worker, apply_streams
+from pipeline.detection import pool as pool_module
+from pipeline.errors import Reason
 from pipeline.ingest.deadletter import DeadLetters
 from pipeline.ops.embedded import EmbeddedNats
 from pipeline.ops.replay import replay
@@ -24,6 +26,7 @@ from streams import Subjects
 
 from ..conftest import REDIS_URL, wait_until
 from .helpers import frames_settings, ids_of, stored_ids, stored_rows
+from .test_pool import POISON, PoisonedActor, _stopped
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -267,3 +270,85 @@ async def test_replayed_frames_are_stored_once_and_analysed_only_when_missing(
     again = await replay(settings, Domain.FRAMES, since)
     assert (again.messages, again.stored, again.duplicates) == (6, 0, 6)
     assert Counter(stored_ids(pg_schema).values()) == Counter({1: 6})
+
+
+async def test_actors_slower_than_the_timeout_pause_frames_and_dead_letter_none(
+    nats_server: EmbeddedNats, pg_schema: str, nc: Client, model_dir: Path
+) -> None:
+    """Every actor stops answering for longer than the batch timeout, then the detector
+    is back: the intake pauses (cause detector), no frame is nak'd or dead-lettered,
+    all are stored."""
+    settings = frames_settings(
+        nats_server.url,
+        pg_schema,
+        model_dir,
+        max_deliver=1,  # a frame blamed once would be dead-lettered at once
+        detector_actors=2,
+        detector_max_batch=4,
+        detector_batch_timeout_s=4.0,
+    )
+    async with Worker(settings) as worker:
+        assert worker.pool is not None
+        cameras = Cameras(worker.subjects, width=320, height=240, variants=4, seed=6)
+        sent = [cameras.frame() for _ in range(8)]
+        seen: set[str] = set()
+
+        async def watch_pauses() -> None:
+            while True:
+                seen.update(worker.pauses.active())
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch_pauses())
+        slow = asyncio.create_task(_stopped(await worker.pool.actor_pids(), 7.0))
+        try:
+            await _publish(nc, sent[:4])  # a batch for one actor
+            await asyncio.sleep(1.0)
+            await _publish(nc, sent[4:])  # and one for the other, a second later
+            expected = ids_of(Domain.FRAMES, [o.message_id for o in sent])
+            await wait_until(lambda: set(stored_ids(pg_schema)) == expected, timeout_s=120)
+        finally:
+            await slow
+            watcher.cancel()
+        assert any(line.startswith("frames paused (detector)") for line in seen), seen
+        assert worker.metrics.total("pipeline_detector_failures") >= 2
+        assert worker.metrics.total("pipeline_retries") == 0
+        assert worker.metrics.total("pipeline_dead_lettered") == 0
+        assert await DeadLetters(nc.jetstream(), worker.subjects).list() == []
+    assert set(stored_ids(pg_schema).values()) == {1}
+
+
+async def test_a_frame_that_fails_alone_is_dead_lettered_and_its_batch_mates_stored(
+    nats_server: EmbeddedNats,
+    pg_schema: str,
+    nc: Client,
+    model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pool_module, "DetectorActor", PoisonedActor)
+    settings = frames_settings(
+        nats_server.url, pg_schema, model_dir, max_deliver=2, detector_max_batch=4
+    )
+    async with Worker(settings) as worker:
+        cameras = Cameras(worker.subjects, width=320, height=240, variants=4, seed=7)
+        good = [cameras.frame() for _ in range(4)]
+        bad = cameras.frame()
+        poisoned = Outgoing(
+            bad.subject, bad.body + POISON, bad.headers, Domain.FRAMES, bad.message_id, bad.expect
+        )
+        await _publish(nc, [good[0], poisoned, *good[1:]])
+        expected = ids_of(Domain.FRAMES, [o.message_id for o in good])
+        await wait_until(lambda: set(stored_ids(pg_schema)) == expected, timeout_s=90)
+        letters = DeadLetters(nc.jetstream(), worker.subjects)
+
+        async def one_letter() -> bool:
+            return len(await letters.list()) == 1
+
+        await wait_until(one_letter, timeout_s=90)
+        [letter] = await letters.list()
+        assert letter.reason is Reason.RETRIES_EXHAUSTED
+        assert letter.headers["Frame-Id"] == bad.message_id
+        assert "alone" in letter.detail
+        # Only the poisoned frame used up deliveries: once per delivery.
+        assert _frames(worker, "failed") == 2
+        assert worker.metrics.total("pipeline_retries") == 1
+    assert set(stored_ids(pg_schema)) == expected

@@ -6,14 +6,25 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import ray.cloudpickle
 
+from pipeline.detection import pool as pool_module
 from pipeline.detection.detector import DetectorConfig
-from pipeline.detection.pool import Analysis, DetectorPool, Frame, PoolConfig, Unreadable
-from pipeline.errors import Reason
+from pipeline.detection.pool import (
+    Analysis,
+    DetectorActor,
+    DetectorPool,
+    Frame,
+    PoolConfig,
+    Unreadable,
+)
+from pipeline.errors import DetectionFailed, Reason
 from pipeline.ingest.pause import Pauses
 from pipeline.metrics import Metrics
 from pipeline.ops.simulate import Cameras
@@ -22,6 +33,34 @@ from streams import Subjects
 from ..conftest import wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+POISON = b"poison"
+"""Bytes after a JPEG's end that make `PoisonedActor` fail, as a decoder bug would."""
+
+
+class PoisonedActor(DetectorActor):
+    """A detector actor whose whole batch fails when it holds a poisoned frame."""
+
+    def detect(self, frames: list[Frame]) -> Any:
+        if any(frame.body.endswith(POISON) for frame in frames):
+            raise RuntimeError("the decoder crashed on a frame")
+        return super().detect(frames)
+
+
+# Ray's workers cannot import the tests: the class travels by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+async def _stopped(pids: list[int], seconds: float) -> None:
+    """Every given actor process stopped for `seconds` (slower than any timeout), then let go."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # replaced by the pool meanwhile
+                os.kill(pid, signal.SIGCONT)
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +237,51 @@ async def test_stopping_ends_even_when_a_cancellation_is_swallowed(make_pool) ->
     await asyncio.sleep(0.1)  # the batcher waits for frames
     await asyncio.wait_for(pool.stop(), timeout=10)
     assert swallowed >= 1
+
+
+async def test_a_frame_that_fails_alone_fails_and_its_batch_mates_go_through(
+    make_pool, frames: list[Frame], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool_module, "DetectorActor", PoisonedActor)
+    pool = await make_pool(max_batch=4, max_wait_s=0.5, batch_timeout_s=30.0)
+    poisoned = Frame(frames[0].body + POISON, 320, 240)
+    batch = [frames[1], poisoned, frames[2], frames[3]]
+    futures = [await pool.submit(f) for f in batch]
+    outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 90)
+    assert isinstance(outcomes[1], DetectionFailed), outcomes
+    assert "alone" in str(outcomes[1])
+    good = [outcomes[0], *outcomes[2:]]
+    assert all(isinstance(o, Analysis) and o.batch_size == 1 for o in good), outcomes
+
+
+async def test_actors_slower_than_the_timeout_pause_the_intake_and_fail_no_frame(
+    make_pool, frames: list[Frame]
+) -> None:
+    """Every actor stops answering for a while: an outage, not the frames' fault."""
+    metrics = Metrics()
+    pauses = Pauses(metrics)
+    pool = await make_pool(
+        actors=2, max_batch=4, max_wait_s=0.0, batch_timeout_s=4.0, pauses=pauses
+    )
+    seen: set[str] = set()
+
+    async def watch_pauses() -> None:
+        while True:
+            seen.update(pauses.active())
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch_pauses())
+    slow = asyncio.create_task(_stopped(await pool.actor_pids(), 7.0))
+    try:
+        futures = [await pool.submit(f) for f in frames[:4]]  # to one actor
+        await asyncio.sleep(1.0)
+        futures += [await pool.submit(f) for f in frames[4:8]]  # to the other, a second later
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*futures, return_exceptions=True), timeout=120
+        )
+    finally:
+        await slow
+        watcher.cancel()
+    assert all(isinstance(o, Analysis) for o in outcomes), outcomes
+    assert any(line.startswith("frames paused (detector)") for line in seen), seen
+    assert pauses.active() == []
