@@ -16,6 +16,7 @@ from faststream.nats import NatsBroker
 from faststream.nats.security import NatsCredentials, NatsNKey, NatsSecurity, NatsUserPassword
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
+from nats.js.manager import JetStreamManager
 from prometheus_client import CollectorRegistry
 
 import handlers
@@ -112,7 +113,11 @@ async def apply_streams(nc: Client, settings: Settings) -> list[Applied]:
         for d in settings.domains
     ]
     streams = stream_configs(
-        subjects, replicas=settings.stream_replicas, frames_max_bytes=settings.frames_max_bytes
+        subjects,
+        replicas=settings.stream_replicas,
+        frames_max_bytes=settings.frames_max_bytes,
+        dead_letters_max_bytes=settings.dead_letters_max_bytes,
+        dead_letter_max_body_bytes=settings.dead_letter_max_body_bytes,
     )
     await _adopt_legacy_dead_letters(nc, subjects)
     return await apply(nc.jsm(), streams, consumers)
@@ -204,7 +209,10 @@ class Worker:
                 s.redis_url, ttl_s=s.dedup_ttl_s, prefix=prefix, metrics=self.metrics
             )
         dead_letters = DeadLetters(
-            self._admin.jetstream(), self.subjects, max_payload=self._admin.max_payload
+            self._admin.jetstream(),
+            self.subjects,
+            max_payload=self._admin.max_payload,
+            max_body_bytes=s.dead_letter_max_body_bytes,
         )
         self._writer = GroupWriter(self.store)
         self._writer.start()
@@ -344,6 +352,18 @@ class Worker:
         )
         await self.pool.start()
 
+    async def _watch_dead_letters(self, jsm: JetStreamManager) -> None:
+        """The DLQ stream's bytes, cap and letters to the metrics (alerts fire before it
+        is full: full, it refuses letters and the domains that have one to write pause)."""
+        name = self.subjects.dead_letter_stream()
+        try:
+            info = await jsm.stream_info(name)
+        except (NotFoundError, nats.errors.Error, TimeoutError):
+            return
+        self.metrics.dead_letter_bytes.labels(name).set(info.state.bytes or 0)
+        self.metrics.dead_letter_limit_bytes.labels(name).set(info.config.max_bytes or -1)
+        self.metrics.dead_letter_messages.labels(name).set(info.state.messages or 0)
+
     def ready(self) -> list[str]:
         """What keeps the worker from being ready: empty when it consumes normally.
 
@@ -359,7 +379,8 @@ class Worker:
         return problems + self.pauses.active()
 
     async def _watch(self) -> None:
-        """Every `consumer_lag_interval_s`: consumer lag to the metrics, the store's health."""
+        """Every `consumer_lag_interval_s`: consumer lag and the DLQ's fill to the metrics,
+        the store's health."""
         assert self._admin is not None and self.store is not None
         jsm = self._admin.jsm()
         # Ends on `_watch_stop`, not only on cancellation: Python 3.11's `wait_for` (in
@@ -377,6 +398,7 @@ class Worker:
                 self.metrics.consumer_ack_pending.labels(domain.value).set(
                     info.num_ack_pending or 0
                 )
+            await self._watch_dead_letters(jsm)
             try:
                 await anyio.to_thread.run_sync(self.store.ping)
                 self._store_problem = ""

@@ -158,6 +158,24 @@ class Metrics:
             ["domain", "cause"],
             registry=r,
         )
+        self.dead_letter_bytes = Gauge(
+            "pipeline_dead_letter_stream_bytes",
+            "Bytes the DLQ stream holds.",
+            ["stream"],
+            registry=r,
+        )
+        self.dead_letter_limit_bytes = Gauge(
+            "pipeline_dead_letter_stream_limit_bytes",
+            "The DLQ stream's byte cap (-1: none); full, it refuses letters and intakes pause.",
+            ["stream"],
+            registry=r,
+        )
+        self.dead_letter_messages = Gauge(
+            "pipeline_dead_letter_stream_messages",
+            "Dead letters the DLQ stream holds.",
+            ["stream"],
+            registry=r,
+        )
         self.unstorable = Counter(
             "pipeline_unstorable_total",
             "Valid messages the event store refused (dead-lettered alone as unstorable).",

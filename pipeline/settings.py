@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     namespace: str = Field("", description="prefix of every subject and stream; empty for none")
     stream_replicas: Annotated[int, Field(ge=1, le=5)] = 1
     frames_max_bytes: Annotated[int, Field(ge=1024**2)] = 2 * 1024**3
+    dead_letters_max_bytes: Annotated[int, Field(ge=1024**2)] = 1024**3
+    dead_letter_max_body_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
     domains: tuple[Domain, ...] = ALL_DOMAINS
 
     # Consuming

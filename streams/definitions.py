@@ -21,6 +21,7 @@ from .subjects import Subjects
 
 __all__ = [
     "DEAD_LETTER_RETENTION",
+    "LETTER_HEADER_BYTES",
     "RETENTION",
     "ConsumerLimits",
     "Retention",
@@ -44,6 +45,8 @@ class Retention:
     deny_purge: bool = False
     one_per_subject: bool = False
     """Keep the first message of each subject and refuse any later one (the DLQ)."""
+    max_msg_bytes: int = -1
+    """The largest message the stream takes (-1: the server's `max_payload`)."""
 
 
 RETENTION: Mapping[Domain, Retention] = {
@@ -54,7 +57,16 @@ RETENTION: Mapping[Domain, Retention] = {
     Domain.MONITORING: Retention(max_age_s=7 * DAY),
     Domain.METRICS: Retention(max_age_s=DAY),
 }
-DEAD_LETTER_RETENTION = Retention(max_age_s=30 * DAY, one_per_subject=True)
+DEAD_LETTER_RETENTION = Retention(
+    # A letter outlives its source: a replay or late redelivery of a message still in its
+    # stream finds its letter there and does not write a second one.
+    max_age_s=max(policy.max_age_s for policy in RETENTION.values()),
+    max_bytes=GIB,
+    one_per_subject=True,
+)
+"""Full, the DLQ refuses new letters (discard new): the worker pauses, nothing is dropped."""
+LETTER_HEADER_BYTES = 64 * 1024
+"""Room for a dead letter's headers beside its body, in the DLQ's largest message."""
 
 
 @dataclass(frozen=True)
@@ -76,15 +88,25 @@ def stream_configs(
     replicas: int = 1,
     storage: StorageType = StorageType.FILE,
     frames_max_bytes: int | None = None,
+    dead_letters_max_bytes: int | None = None,
+    dead_letter_max_body_bytes: int | None = None,
 ) -> list[StreamConfig]:
     """Configs of every domain stream plus the dead-letter stream.
 
-    JetStream reserves a stream's `max_bytes` on disk up front, so the frames cap is
-    a setting: size it to the disk the server has.
+    JetStream reserves a stream's `max_bytes` on disk up front, so the frames and
+    dead-letter caps are settings: size them to the disk the server has. A letter's
+    body limit bounds each DLQ message (`max_msg_size`), headers included.
     """
     retention = dict(RETENTION)
     if frames_max_bytes is not None:
         retention[Domain.FRAMES] = replace(retention[Domain.FRAMES], max_bytes=frames_max_bytes)
+    dead_letters = DEAD_LETTER_RETENTION
+    if dead_letters_max_bytes is not None:
+        dead_letters = replace(dead_letters, max_bytes=dead_letters_max_bytes)
+    if dead_letter_max_body_bytes is not None:
+        dead_letters = replace(
+            dead_letters, max_msg_bytes=dead_letter_max_body_bytes + LETTER_HEADER_BYTES
+        )
     configs = [
         _stream(subjects.stream(domain), subjects.wildcard(domain), policy, replicas, storage)
         for domain, policy in retention.items()
@@ -93,7 +115,7 @@ def stream_configs(
         _stream(
             subjects.dead_letter_stream(),
             subjects.dead_letter_wildcard(),
-            DEAD_LETTER_RETENTION,
+            dead_letters,
             replicas,
             storage,
         )
@@ -112,6 +134,7 @@ def _stream(
         num_replicas=replicas,
         max_age=policy.max_age_s,
         max_bytes=policy.max_bytes,
+        max_msg_size=policy.max_msg_bytes,
         discard=DiscardPolicy.NEW if policy.one_per_subject else DiscardPolicy.OLD,
         discard_new_per_subject=policy.one_per_subject,
         max_msgs_per_subject=1 if policy.one_per_subject else -1,

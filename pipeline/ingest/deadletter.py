@@ -10,9 +10,16 @@ and storage time, and the DLQ stream keeps one message per subject (discarding l
 ones): a worker that dies between the DLQ publish and the source ack cannot
 dead-letter a message twice, however late the redelivery comes.
 
-A letter must fit the server's `max_payload`. When the original body and headers do
-not leave room, the original headers are dropped first, then the body is cut; the
-letter then records the body's full length and SHA-256 (and cannot be requeued).
+A letter keeps a body of at most `max_body_bytes` (a setting, so that a camera sending
+bad frames cannot fill the DLQ stream with megabytes each): a longer body is left out,
+and the letter records its length and SHA-256 and the limit (`Pipeline-Body-Limit`).
+A letter must also fit the server's `max_payload` and the DLQ stream's largest message.
+When the original body and headers do not leave room, the original headers are dropped
+first, then the body is cut; the letter then records the body's full length and
+SHA-256. Either way it cannot be requeued.
+
+A DLQ stream that refuses a letter (full, or down) raises `DeadLetterUnavailable`: the
+domain pauses and the source message stays unacked until the letter is written.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from schemas import Domain
 from streams import Subjects
+from streams.definitions import LETTER_HEADER_BYTES
 
 from ..errors import DeadLetterUnavailable, PipelineError, Reason
 
@@ -46,10 +54,16 @@ H_STORED = "Pipeline-Stream-Time-Ns"
 H_BODY_BYTES = "Pipeline-Body-Bytes"
 H_BODY_SHA256 = "Pipeline-Body-Sha256"
 H_HEADERS_DROPPED = "Pipeline-Headers-Dropped"
+H_BODY_LIMIT = "Pipeline-Body-Limit"
 _ORIGINAL = "Pipeline-Original-"
 _MAX_DETAIL = 1000
 _SUBJECT_LIMIT = 10077
-"""JetStream's error code for a subject already holding its one message: the letter is there."""
+"""JetStream's error code for a store refusal: a subject already holding its one message
+(the letter is there), but also a full stream (the letter is not)."""
+_SUBJECT_HOLDS_ONE = "per subject"
+"""In the description of the refusal that means the letter is there already."""
+_TOO_LARGE = 10054
+"""JetStream's error code for a message over the stream's `max_msg_size`."""
 _ROOM = 512
 """Bytes kept free for the protocol line and the headers added when a letter is cut."""
 
@@ -82,6 +96,8 @@ class DeadLetter:
     """SHA-256 of the original body when the letter holds only its start."""
     headers_dropped: bool = False
     """The original headers did not fit the server's limit and were left out."""
+    body_limit: int | None = None
+    """The body was longer than this limit of the DLQ and was left out (else None)."""
 
     @property
     def cut(self) -> bool:
@@ -110,7 +126,32 @@ class DeadLetter:
             headers[H_BODY_SHA256] = self.body_sha256
         if self.headers_dropped:
             headers[H_HEADERS_DROPPED] = "true"
+        if self.body_limit is not None:
+            headers[H_BODY_LIMIT] = str(self.body_limit)
         return headers
+
+    def bounded(self, max_body_bytes: int) -> DeadLetter:
+        """This letter without its body when that is over `max_body_bytes` (its length
+        and SHA-256 kept)."""
+        if len(self.body) <= max_body_bytes or self.body_bytes is not None:
+            return self
+        return replace(
+            self,
+            body=b"",
+            body_bytes=len(self.body),
+            body_sha256=hashlib.sha256(self.body).hexdigest(),
+            body_limit=max_body_bytes,
+        )
+
+    def least(self) -> DeadLetter:
+        """This letter with neither body nor original headers (the body's length and
+        SHA-256 kept): the smallest it can be."""
+        return replace(
+            self.bounded(0),
+            body=b"",
+            headers={},
+            headers_dropped=self.headers_dropped or bool(self.headers),
+        )
 
     def fitted(self, max_payload: int) -> DeadLetter:
         """This letter, cut to fit a server that takes at most `max_payload` bytes."""
@@ -139,6 +180,7 @@ class DeadLetter:
             elif not key.startswith(("Pipeline-", "Nats-")):
                 original[key] = value
         body_bytes = headers.get(H_BODY_BYTES)
+        body_limit = headers.get(H_BODY_LIMIT)
         return cls(
             reason=Reason(headers[H_REASON]),
             detail=headers.get(H_DETAIL, ""),
@@ -154,6 +196,7 @@ class DeadLetter:
             body_bytes=int(body_bytes) if body_bytes is not None else None,
             body_sha256=headers.get(H_BODY_SHA256, ""),
             headers_dropped=headers.get(H_HEADERS_DROPPED) == "true",
+            body_limit=int(body_limit) if body_limit is not None else None,
         )
 
 
@@ -176,12 +219,16 @@ class DeadLetters:
         subjects: Subjects,
         *,
         max_payload: int = 1024 * 1024,
+        max_body_bytes: int | None = None,
         timeout_s: float = 5.0,
     ) -> None:
         self._js = js
         self._subjects = subjects
         self._stream = subjects.dead_letter_stream()
-        self._max_payload = max_payload
+        self._max_body_bytes = max_body_bytes
+        self._max_letter_bytes = max_payload
+        if max_body_bytes is not None:  # the DLQ stream's `max_msg_size` (streams.definitions)
+            self._max_letter_bytes = min(max_payload, max_body_bytes + LETTER_HEADER_BYTES)
         self._timeout_s = timeout_s
 
     async def publish(self, domain: Domain, letters: Sequence[DeadLetter]) -> None:
@@ -193,16 +240,31 @@ class DeadLetters:
         await asyncio.gather(*(self._publish(domain, letter) for letter in letters))
 
     async def _publish(self, domain: Domain, letter: DeadLetter) -> None:
-        letter = letter.fitted(self._max_payload)
+        if self._max_body_bytes is not None:
+            letter = letter.bounded(self._max_body_bytes)
+        letter = letter.fitted(self._max_letter_bytes)
         subject = self._subjects.dead_letter(domain, letter.stream_seq, letter.stored_ns)
         try:
-            await self._js.publish(
-                subject, letter.body, headers=letter.to_headers(), timeout=self._timeout_s
-            )
+            try:
+                await self._js.publish(
+                    subject, letter.body, headers=letter.to_headers(), timeout=self._timeout_s
+                )
+            except APIError as exc:
+                if exc.err_code != _TOO_LARGE:
+                    raise
+                # The stream takes smaller letters than this worker was told (its
+                # max_msg_size was set by hand or by another release): the smallest letter.
+                least = letter.least()
+                await self._js.publish(
+                    subject, least.body, headers=least.to_headers(), timeout=self._timeout_s
+                )
         except APIError as exc:
-            if exc.err_code == _SUBJECT_LIMIT:
+            if exc.err_code == _SUBJECT_LIMIT and _SUBJECT_HOLDS_ONE in (exc.description or ""):
                 return  # written before, by this or another worker
-            raise DeadLetterUnavailable(f"DLQ publish to {subject} failed: {exc!r}") from exc
+            # Full ("maximum bytes exceeded") or down: the domain pauses until it takes it.
+            raise DeadLetterUnavailable(
+                f"DLQ publish to {subject} failed: {exc.description or exc!r}"
+            ) from exc
         except (NatsError, TimeoutError) as exc:
             raise DeadLetterUnavailable(f"DLQ publish to {subject} failed: {exc!r}") from exc
 

@@ -96,3 +96,29 @@ def test_a_frame_near_max_payload_keeps_its_body_whole_when_it_fits() -> None:
     assert _letter(body, {"Frame-Id": "f1"}).fitted(9 * 1024**2).body is body
     cut = _letter(body + bytes(1024**2), {"Frame-Id": "f1"}).fitted(9 * 1024**2)
     assert cut.body_bytes == 9 * 1024**2 and len(cut.body) < 9 * 1024**2
+
+
+@given(body=st.binary(max_size=3000), limit=st.integers(0, 2000))
+def test_a_body_over_the_limit_is_left_out_and_its_hash_and_length_kept(
+    body: bytes, limit: int
+) -> None:
+    letter = _letter(body, {"Frame-Id": "f1"})
+    bounded = letter.bounded(limit)
+    back = DeadLetter.from_message(bounded.to_headers(), bounded.body, dlq_seq=1)
+    assert back.headers == {"Frame-Id": "f1"}
+    if len(body) <= limit:
+        assert bounded is letter and not back.cut
+        return
+    assert back.body == b"" and back.cut
+    assert back.body_bytes == len(body) and back.body_limit == limit
+    assert back.body_sha256 == hashlib.sha256(body).hexdigest()
+    assert bounded.to_headers()["Pipeline-Body-Limit"] == str(limit)
+
+
+def test_the_least_letter_keeps_the_reason_and_the_bodys_hash() -> None:
+    body = b"\xff\xd8\xff" + bytes(5000)
+    least = _letter(body, {"Frame-Id": "f1"}).fitted(4096).least()
+    assert (least.body, least.headers, least.headers_dropped) == (b"", {}, True)
+    assert least.body_bytes == len(body)
+    assert least.body_sha256 == hashlib.sha256(body).hexdigest()
+    assert least.reason is Reason.OVERSIZED and least.stream_seq == 7
