@@ -245,6 +245,14 @@ async def test_a_full_dlq_pauses_the_domain_and_acks_nothing_until_there_is_room
                 break
             assert seq < 1000, "the DLQ took more than its max_bytes"
     async with Worker(settings) as worker:
+
+        def dlq(metric: str) -> float | None:
+            return worker.metrics.registry.get_sample_value(
+                f"pipeline_dead_letter_stream_{metric}", {"stream": "DLQ"}
+            )
+
+        await wait_until(lambda: dlq("limit_bytes") == 1024**2)  # for the alert
+        assert (dlq("bytes") or 0) > 0.99 * 1024**2 and (dlq("messages") or 0) >= seq - 4
         await js.publish("security.v1.door-7", b"not json", headers={"Nats-Msg-Id": "bad-1"})
         await wait_until(
             lambda: any("security paused (dead_letters)" in p for p in worker.pauses.active())
