@@ -15,13 +15,22 @@ import nats
 from faststream.nats import NatsBroker
 from faststream.nats.security import NatsCredentials, NatsNKey, NatsSecurity, NatsUserPassword
 from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, StreamConfig
 from nats.js.errors import NotFoundError
 from nats.js.manager import JetStreamManager
 from prometheus_client import CollectorRegistry
 
 import handlers
 from schemas import Domain
-from streams import Applied, ConsumerLimits, Subjects, apply, consumer_config, stream_configs
+from streams import (
+    Applied,
+    ConsumerLimits,
+    Subjects,
+    apply,
+    check,
+    consumer_config,
+    stream_configs,
+)
 
 from . import tracing
 from .detection.detector import DetectorConfig
@@ -38,7 +47,15 @@ from .metrics import Metrics
 from .settings import Settings
 from .store.eventstore import EventStore
 
-__all__ = ["HEADER_ROOM", "Worker", "apply_streams", "connect_nats"]
+__all__ = [
+    "HEADER_ROOM",
+    "Worker",
+    "apply_streams",
+    "apply_streams_once",
+    "check_streams",
+    "connect_nats",
+    "stream_definitions",
+]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +99,7 @@ async def connect_nats(settings: Settings) -> Client:
 def broker_options(settings: Settings) -> dict[str, Any]:
     """The authentication and TLS of `Settings.nats_options`, as FastStream takes them."""
     tls = settings.nats_tls()
+    inbox = {"inbox_prefix": settings.inbox_prefix()}
     security: NatsSecurity
     if settings.nats_creds_file:
         security = NatsCredentials.from_file(settings.nats_creds_file, ssl_context=tls)
@@ -92,12 +110,14 @@ def broker_options(settings: Settings) -> dict[str, Any]:
     elif tls is not None:
         security = NatsSecurity(ssl_context=tls)
     else:
-        return {}
-    return {"security": security}
+        return inbox
+    return {"security": security, **inbox}
 
 
-async def apply_streams(nc: Client, settings: Settings) -> list[Applied]:
-    """Create or update every stream and the consumers of the enabled domains."""
+def stream_definitions(
+    settings: Settings,
+) -> tuple[list[StreamConfig], list[tuple[str, ConsumerConfig]]]:
+    """Every stream, and the consumers of the enabled domains, as the settings make them."""
     subjects = Subjects(settings.namespace)
     limits = ConsumerLimits(
         ack_wait_s=settings.ack_wait_s, max_ack_pending=settings.max_ack_pending
@@ -119,8 +139,51 @@ async def apply_streams(nc: Client, settings: Settings) -> list[Applied]:
         dead_letters_max_bytes=settings.dead_letters_max_bytes,
         dead_letter_max_body_bytes=settings.dead_letter_max_body_bytes,
     )
-    await _adopt_legacy_dead_letters(nc, subjects)
+    return streams, consumers
+
+
+async def apply_streams(nc: Client, settings: Settings) -> list[Applied]:
+    """Create or update every stream and the consumers of the enabled domains.
+
+    The operator's step (`pipeline streams apply`): it needs the rights to create and
+    update streams, which a worker does not hold.
+    """
+    streams, consumers = stream_definitions(settings)
+    await _adopt_legacy_dead_letters(nc, Subjects(settings.namespace))
     return await apply(nc.jsm(), streams, consumers)
+
+
+async def apply_streams_once(settings: Settings) -> list[Applied]:
+    """Connect as the configured NATS user, apply the streams (`apply_streams`), disconnect."""
+    nc = await connect_nats(settings)
+    try:
+        return await apply_streams(nc, settings)
+    finally:
+        await nc.drain()
+
+
+async def check_streams(nc: Client, settings: Settings) -> None:
+    """Refuse to start unless every stream and consumer a worker needs is as it needs it.
+
+    A worker does not apply streams (its NATS user may not): an operator does, with
+    `pipeline streams apply`. Other drift (retention, limits) is logged, not refused.
+    """
+    streams, consumers = stream_definitions(settings)
+    try:
+        found = await check(nc.jsm(), streams, consumers)
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise ConfigError(
+            "PIPELINE_NATS_URL", f"cannot read the streams at {settings.nats_url}: {exc!r}"
+        ) from exc
+    for change in found.drift:
+        log.warning("%s (run `pipeline streams apply` to apply the configured value)", change)
+    if found.problems:
+        raise ConfigError(
+            "streams",
+            "; ".join(found.problems)
+            + ": run `pipeline streams apply` as the NATS operator user, with the same "
+            "PIPELINE_* stream and consumer settings as the workers",
+        )
 
 
 async def _adopt_legacy_dead_letters(nc: Client, subjects: Subjects) -> None:
@@ -187,14 +250,13 @@ class Worker:
         await self.stop()
 
     async def start(self) -> None:
-        """Connect, apply streams, open the event store, start consuming."""
+        """Connect, check the streams, open the event store, start consuming."""
         s = self.settings
         s.refuse_unsafe(nats=True)
         tracing.configure_tracing(s.otel_exporter_otlp_endpoint, s.otel_service_name)
         self._admin = await connect_nats(s)
         _check_max_payload(self._admin.max_payload, s)
-        for result in await apply_streams(self._admin, s):
-            log.info("%s", result)
+        await check_streams(self._admin, s)
         try:
             self.store = await anyio.to_thread.run_sync(EventStore, s.eventsourcing_env())
         except StoreUnavailable as exc:

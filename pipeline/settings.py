@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     nats_tls_ca_file: str = ""
     nats_tls_cert_file: str = ""
     nats_tls_key_file: str = ""
+    # Replies to this client's requests (JetStream API calls, publish acks, pulled batches)
+    # arrive under this prefix; the server lets each user read only its own
+    nats_inbox_prefix: Annotated[str, Field(pattern=r"^([A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)?$")] = (
+        Field("", description="empty: _INBOX_<PIPELINE_NATS_USER>, or _INBOX without a user")
+    )
     namespace: str = Field("", description="prefix of every subject and stream; empty for none")
     stream_replicas: Annotated[int, Field(ge=1, le=5)] = 1
     frames_max_bytes: Annotated[int, Field(ge=1024**2)] = 2 * 1024**3
@@ -237,7 +242,7 @@ class Settings(BaseSettings):
 
     def nats_options(self) -> dict[str, Any]:
         """Authentication and TLS keyword arguments of `nats.connect`."""
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {"inbox_prefix": self.inbox_prefix()}
         if self.nats_user:
             options.update(user=self.nats_user, password=self.nats_password)
         if self.nats_creds_file:
@@ -248,6 +253,13 @@ class Settings(BaseSettings):
         if tls is not None:
             options["tls"] = tls
         return options
+
+    def inbox_prefix(self) -> str:
+        """This client's inbox prefix: `_INBOX_<user>` (deploy/nats/accounts.conf lets each
+        user subscribe to its own only), or `_INBOX`, nats-py's default, without a user."""
+        if self.nats_inbox_prefix:
+            return self.nats_inbox_prefix
+        return f"_INBOX_{self.nats_user}" if self.nats_user else "_INBOX"
 
     def nats_tls(self) -> ssl.SSLContext | None:
         """The TLS context for NATS: when a CA or client certificate is set, or the URL

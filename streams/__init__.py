@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .apply import Applied, ConsumerStatus, StreamStatus, apply, status
+from .apply import Applied, Checked, ConsumerStatus, StreamStatus, apply, check, status
 from .definitions import (
     DEAD_LETTER_RETENTION,
     RETENTION,
@@ -17,6 +17,7 @@ __all__ = [
     "DEAD_LETTER_RETENTION",
     "RETENTION",
     "Applied",
+    "Checked",
     "ConsumerLimits",
     "ConsumerStatus",
     "ParsedSubject",
@@ -25,6 +26,7 @@ __all__ = [
     "SubjectError",
     "Subjects",
     "apply",
+    "check",
     "consumer_config",
     "status",
     "stream_configs",

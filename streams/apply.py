@@ -10,10 +10,13 @@ from nats.js.api import ConsumerConfig, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 from nats.js.manager import JetStreamManager
 
-__all__ = ["Applied", "ConsumerStatus", "StreamStatus", "apply", "status"]
+__all__ = ["Applied", "Checked", "ConsumerStatus", "StreamStatus", "apply", "check", "status"]
 
 # Fields the server fills in or normalises that we never set ourselves.
 _IGNORED = frozenset({"description", "metadata", "placement", "mirror", "sources"})
+# Stream fields a worker relies on: what the stream captures, and the DLQ's one letter per
+# subject (each dead letter is written once). Retention and limits are the operator's.
+_RELIED_ON = frozenset({"subjects", "max_msgs_per_subject", "discard", "discard_new_per_subject"})
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,50 @@ async def _apply_consumer(jsm: JetStreamManager, stream: str, config: ConsumerCo
     except APIError as exc:
         return Applied("consumer", name, "failed", drift, str(exc.description or exc))
     return Applied("consumer", name, "updated", drift)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What `check` found: what keeps a worker from consuming, and other drift."""
+
+    problems: tuple[str, ...] = ()
+    """Missing streams or consumers, and drift in what a worker relies on: every field of
+    its consumers, and a stream's subjects and per-subject limits."""
+    drift: tuple[str, ...] = ()
+    """Other differences (retention, limits): the operator's to decide; reported only."""
+
+
+async def check(
+    jsm: JetStreamManager,
+    streams: Sequence[StreamConfig],
+    consumers: Iterable[tuple[str, ConsumerConfig]] = (),
+) -> Checked:
+    """Compare the server with the given configs without changing anything.
+
+    Needs only the stream and consumer info calls, which a worker's account grants.
+    """
+    problems: list[str] = []
+    drift: list[str] = []
+    for config in streams:
+        assert config.name
+        try:
+            info = await jsm.stream_info(config.name)
+        except NotFoundError:
+            problems.append(f"stream {config.name} does not exist")
+            continue
+        for change in _drift(config, info.config):
+            relied_on = change.partition(":")[0] in _RELIED_ON
+            (problems if relied_on else drift).append(f"stream {config.name}: {change}")
+    for stream, consumer in consumers:
+        assert consumer.durable_name
+        name = f"{stream}/{consumer.durable_name}"
+        try:
+            info = await jsm.consumer_info(stream, consumer.durable_name)
+        except NotFoundError:
+            problems.append(f"consumer {name} does not exist")
+            continue
+        problems += [f"consumer {name}: {change}" for change in _drift(consumer, info.config)]
+    return Checked(tuple(problems), tuple(drift))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ import psycopg
 import pytest
 from nats.aio.client import Client
 
+from pipeline.app import Worker, apply_streams_once
 from pipeline.ingest.intake import Intake, Writer
 from pipeline.ingest.pause import Pauses
 from pipeline.metrics import Metrics
@@ -146,6 +148,15 @@ def make_intake(
         max_message_bytes=10_000,
         retry_delay=lambda n: float(n),
     )
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, **options: Any) -> AsyncIterator[Worker]:
+    """A started worker, on streams applied first as an operator would (the worker only
+    checks them)."""
+    await apply_streams_once(settings)
+    async with Worker(settings, **options) as worker:
+        yield worker
 
 
 @pytest.fixture

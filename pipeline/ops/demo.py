@@ -18,7 +18,7 @@ import nats
 from projections.service import ProjectionService
 
 from ..api.server import run_api
-from ..app import Worker
+from ..app import Worker, apply_streams_once
 from ..metrics import serve_metrics
 from ..settings import ALL_DOMAINS, EVENT_DOMAINS, Settings
 from .embedded import EmbeddedNats, EmbeddedPostgres, free_port
@@ -92,6 +92,8 @@ async def run_demo(
         )
         if cameras:
             say(f"detector {settings.detector_model} on a local Ray: loading the model")
+        # The operator's step, then the worker (which only checks the streams).
+        await apply_streams_once(settings)
         worker = await parts.enter_async_context(Worker(settings))
         server = serve_metrics(worker.metrics, settings.metrics_host, metrics_port, worker.ready)
         parts.callback(server.shutdown)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from pipeline.app import Worker
 from pipeline.ingest.deadletter import DeadLetters
 from pipeline.ops import cli
 from pipeline.ops.cli import main
@@ -18,7 +17,7 @@ from pipeline.ops.simulate import Traffic
 from pipeline.settings import Settings
 from schemas import Domain
 
-from ..conftest import wait_until
+from ..conftest import running_worker, wait_until
 from .helpers import stored_rows
 
 
@@ -50,7 +49,7 @@ async def test_dlq_list_show_requeue_purge(
     env: Settings, pg_schema: str, nc: Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
     js = nc.jetstream()
-    async with Worker(env) as worker:
+    async with running_worker(env) as worker:
         traffic = Traffic(worker.subjects, seed=8)
         good = traffic.valid(Domain.SECURITY)
         broken = good.body.replace(b'"severity": "', b'"severity": "apocalyptic-')

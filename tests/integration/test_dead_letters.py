@@ -14,7 +14,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
-from pipeline.app import Worker, apply_streams
+from pipeline.app import apply_streams
 from pipeline.errors import ConfigError, PipelineError, Reason
 from pipeline.ingest.deadletter import DeadLetter, DeadLetters
 from pipeline.ops.embedded import EmbeddedNats
@@ -23,7 +23,7 @@ from schemas import Domain
 from streams import RETENTION, Subjects
 from streams.definitions import LETTER_HEADER_BYTES
 
-from ..conftest import make_intake, make_settings, wait_until
+from ..conftest import make_intake, make_settings, running_worker, wait_until
 
 
 class DiesBeforeTheAck:
@@ -95,7 +95,7 @@ async def test_a_letter_larger_than_max_payload_keeps_what_fits_its_length_and_h
 ) -> None:
     server = nats_with_max_payload("65536")
     settings = make_settings(server.url, pg_schema, max_message_bytes=1000)
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
         body = bytes(range(256)) * 255  # 65,280 bytes: fits alone, not with a letter's headers
@@ -123,7 +123,7 @@ async def test_a_worker_refuses_a_server_that_cannot_carry_its_frames(
     server = nats_with_max_payload("1MB")
     settings = make_settings(server.url, pg_schema, domains=ALL_DOMAINS)
     with pytest.raises(ConfigError, match=r"PIPELINE_MAX_FRAME_BYTES.*max_payload"):
-        async with Worker(settings):
+        async with running_worker(settings):
             pass
 
 
@@ -244,7 +244,7 @@ async def test_a_full_dlq_pauses_the_domain_and_acks_nothing_until_there_is_room
             except nats.js.errors.APIError:
                 break
             assert seq < 1000, "the DLQ took more than its max_bytes"
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
 
         def dlq(metric: str) -> float | None:
             return worker.metrics.registry.get_sample_value(

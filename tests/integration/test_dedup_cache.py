@@ -13,7 +13,7 @@ from pipeline.ops.embedded import EmbeddedNats
 from pipeline.ops.simulate import Outgoing, Traffic
 from schemas import Domain
 
-from ..conftest import PG_DB, PG_HOST, REDIS_URL, make_settings, wait_until
+from ..conftest import PG_DB, PG_HOST, REDIS_URL, make_settings, running_worker, wait_until
 from .helpers import ids_of, stored_ids
 
 
@@ -39,7 +39,7 @@ async def test_a_restored_or_replaced_database_gets_every_replayed_message(
     namespace = f"c{uuid.uuid4().hex[:8]}"  # a key space of its own in the shared Redis
     settings = make_settings(nats_server.url, pg_schema, redis_url=REDIS_URL, namespace=namespace)
     table = f'"{pg_schema}".journal_events'
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         traffic = Traffic(worker.subjects, seed=31)
         first = [traffic.valid(Domain.SECURITY) for _ in range(30)]
         second = [traffic.valid(Domain.METRICS) for _ in range(30)]

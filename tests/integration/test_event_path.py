@@ -13,14 +13,14 @@ from pipeline.ops.simulate import Expect, Traffic
 from pipeline.settings import Settings
 from schemas import SCHEMAS, Domain
 
-from ..conftest import wait_until
+from ..conftest import running_worker, wait_until
 from .helpers import ids_of, security_body, stored_ids, stored_rows
 
 
 async def test_each_domain_is_stored_once_with_its_payload(
     settings: Settings, pg_schema: str, nc: Client
 ) -> None:
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         js = nc.jetstream()
         traffic = Traffic(worker.subjects, seed=1)
         sent = [
@@ -55,7 +55,7 @@ async def test_each_domain_is_stored_once_with_its_payload(
 async def test_monitoring_v1_and_v2_side_by_side_are_stored_as_v2(
     settings: Settings, pg_schema: str, nc: Client
 ) -> None:
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         js = nc.jetstream()
         v1 = {
             "id": "h-1",
@@ -96,7 +96,7 @@ async def test_monitoring_v1_and_v2_side_by_side_are_stored_as_v2(
 async def test_every_kind_of_bad_input_is_dead_lettered_with_its_reason(
     settings: Settings, pg_schema: str, nc: Client
 ) -> None:
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         js = nc.jetstream()
         traffic = Traffic(worker.subjects, seed=2)
         bad = [
@@ -153,7 +153,7 @@ async def test_every_kind_of_bad_input_is_dead_lettered_with_its_reason(
 async def test_duplicates_inside_and_after_the_window_are_stored_once(
     settings: Settings, pg_schema: str, nc: Client
 ) -> None:
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         js = nc.jetstream()
         traffic = Traffic(worker.subjects, seed=3)
         originals = [traffic.valid(Domain.SECURITY) for _ in range(50)]
@@ -183,7 +183,7 @@ async def test_two_workers_racing_on_one_consumer_store_each_message_once(
     settings: Settings, pg_schema: str, nc: Client
 ) -> None:
     small = settings.model_copy(update={"batch_size": 16})
-    async with Worker(small) as first, Worker(small) as second:
+    async with running_worker(small) as first, Worker(small) as second:
         js = nc.jetstream()
         traffic = Traffic(first.subjects, seed=4, duplicate_ratio=0.3, bad_ratio=0.0)
         sent = [next(iter(traffic)) for _ in range(2000)]

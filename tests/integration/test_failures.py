@@ -21,7 +21,7 @@ from pipeline.store.domain import event_id
 from schemas import Domain
 from streams import Subjects
 
-from ..conftest import PG_DB, PG_HOST, REDIS_URL, make_settings, wait_until
+from ..conftest import PG_DB, PG_HOST, REDIS_URL, make_settings, running_worker, wait_until
 from .helpers import stored_ids, stored_rows
 
 
@@ -38,7 +38,7 @@ async def test_redis_is_only_a_cache(
 ) -> None:
     url = REDIS_URL if redis == "up" else f"redis://127.0.0.1:{free_port()}/0"
     settings = make_settings(nats_server.url, pg_schema, redis_url=url, namespace="r" + redis)
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         js = nc.jetstream()
         traffic = Traffic(worker.subjects, seed=5)
         sent = [traffic.valid(Domain.SECURITY) for _ in range(100)]
@@ -107,7 +107,7 @@ async def test_postgres_down_for_three_minutes_under_traffic_dead_letters_and_lo
     settings = _pg_settings(nats_server.url, embedded_pg, **DEFAULT_DELIVERY)
     assert (settings.max_deliver, settings.ack_wait_s) == (5, 30.0)
     ledger: list[Outgoing] = []
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         traffic = Traffic(worker.subjects, seed=21, bad_ratio=0.0)
         producer = asyncio.create_task(
             publish(nc.jetstream(), iter(traffic), rate=60, on_published=ledger.append)
@@ -148,7 +148,7 @@ async def test_a_read_only_database_pauses_intake_until_it_takes_writes_again(
     nats_server: EmbeddedNats, embedded_pg: EmbeddedPostgres, nc: Client
 ) -> None:
     settings = _pg_settings(nats_server.url, embedded_pg, max_deliver=1)
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         js = nc.jetstream()
         traffic = Traffic(worker.subjects, seed=22)
         _set_read_only(settings, True)
@@ -184,7 +184,7 @@ async def test_a_lock_wait_past_the_lock_timeout_pauses_and_then_stores(
     nats_server: EmbeddedNats, pg_schema: str, nc: Client
 ) -> None:
     settings = make_settings(nats_server.url, pg_schema, postgres_lock_timeout_s=1, max_deliver=1)
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         js = nc.jetstream()
         traffic = Traffic(worker.subjects, seed=23)
         with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres") as holder:
@@ -208,7 +208,7 @@ async def test_nats_restarting_mid_stream_loses_and_doubles_nothing(
     settings = make_settings(nats_server.url, pg_schema)
     traffic = Traffic(Subjects(), seed=13, bad_ratio=0.0)
     ledger: list[Outgoing] = []
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         for _ in range(2):
             nc = await nats.connect(nats_server.url)
             await publish(nc.jetstream(), iter(traffic), count=3000, on_published=ledger.append)
@@ -230,7 +230,7 @@ async def test_nats_restarting_mid_stream_loses_and_doubles_nothing(
 async def test_a_dlq_stream_that_does_not_answer_pauses_the_domain_until_it_is_back(
     settings: Settings, pg_schema: str, nc: Client
 ) -> None:
-    async with Worker(settings.model_copy(update={"max_deliver": 1})) as worker:
+    async with running_worker(settings.model_copy(update={"max_deliver": 1})) as worker:
         js, jsm = nc.jetstream(), nc.jsm()
         await jsm.delete_stream(worker.subjects.dead_letter_stream())  # publishes go unanswered
         traffic = Traffic(worker.subjects, seed=24)

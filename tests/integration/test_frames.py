@@ -24,7 +24,7 @@ from pipeline.ops.simulate import Cameras, Outgoing
 from schemas import Domain, FrameMetaV1
 from streams import Subjects
 
-from ..conftest import REDIS_URL, wait_until
+from ..conftest import REDIS_URL, running_worker, wait_until
 from .helpers import frames_settings, ids_of, stored_ids, stored_rows
 from .test_pool import POISON, PoisonedActor, _stopped
 
@@ -47,7 +47,7 @@ async def test_frames_are_stored_once_with_detections_and_bad_ones_dead_lettered
     nats_server: EmbeddedNats, pg_schema: str, nc: Client, model_dir: Path
 ) -> None:
     settings = frames_settings(nats_server.url, pg_schema, model_dir)
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         cameras = Cameras(worker.subjects, width=320, height=240, variants=4, seed=1)
         good = [cameras.frame() for _ in range(20)]
         bad = [
@@ -125,7 +125,7 @@ async def test_frames_older_than_the_limit_are_recorded_as_skipped(
     nats_server: EmbeddedNats, pg_schema: str, nc: Client, model_dir: Path
 ) -> None:
     settings = frames_settings(nats_server.url, pg_schema, model_dir, frames_max_age_s=30)
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         cameras = Cameras(worker.subjects, width=320, height=240, variants=2, seed=2)
         live = cameras.frame()
         old = cameras.frame()
@@ -163,7 +163,7 @@ async def test_killing_the_detector_actor_loses_no_frame_and_stores_none_twice(
     settings = frames_settings(
         nats_server.url, pg_schema, model_dir, detector_max_batch=4, max_deliver=20
     )
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         assert worker.pool is not None
         cameras = Cameras(worker.subjects, width=320, height=240, variants=4, seed=3)
         sent = [cameras.frame() for _ in range(80)]
@@ -195,7 +195,7 @@ async def test_frames_waiting_for_a_slow_detector_are_not_redelivered(
         detector_imgsz=640,
         detector_max_batch=2,
     )
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         cameras = Cameras(worker.subjects, width=320, height=240, variants=2, seed=4)
         sent = [cameras.frame() for _ in range(60)]
         started = asyncio.get_running_loop().time()
@@ -217,7 +217,7 @@ async def test_frames_already_stored_are_acked_without_running_the_model(
         nats_server.url, pg_schema, model_dir, redis_url=REDIS_URL, namespace="known"
     )
     js = nc.jetstream()
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         cameras = Cameras(worker.subjects, width=320, height=240, variants=2, seed=5)
         first = [cameras.frame() for _ in range(10)]
         await _publish(nc, first)
@@ -236,7 +236,7 @@ async def test_frames_already_stored_are_acked_without_running_the_model(
     )
     [msg] = await taken.fetch(1, timeout=5)
     assert msg.headers["Frame-Id"] == retry.message_id  # held, never acked
-    async with Worker(settings.model_copy(update={"redis_url": None})) as worker:
+    async with running_worker(settings.model_copy(update={"redis_url": None})) as worker:
         await wait_until(lambda: _duplicates(worker, "store") == 1, timeout_s=30)
         assert _frames(worker, "analysed") == 0
     assert Counter(stored_ids(pg_schema).values()) == Counter({1: 10})
@@ -287,7 +287,7 @@ async def test_actors_slower_than_the_timeout_pause_frames_and_dead_letter_none(
         detector_max_batch=4,
         detector_batch_timeout_s=4.0,
     )
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         assert worker.pool is not None
         cameras = Cameras(worker.subjects, width=320, height=240, variants=4, seed=6)
         sent = [cameras.frame() for _ in range(8)]
@@ -328,7 +328,7 @@ async def test_a_frame_that_fails_alone_is_dead_lettered_and_its_batch_mates_sto
     settings = frames_settings(
         nats_server.url, pg_schema, model_dir, max_deliver=2, detector_max_batch=4
     )
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         cameras = Cameras(worker.subjects, width=320, height=240, variants=4, seed=7)
         good = [cameras.frame() for _ in range(4)]
         bad = cameras.frame()

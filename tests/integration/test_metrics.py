@@ -10,7 +10,6 @@ import urllib.request
 from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.app import Worker
 from pipeline.errors import StoreUnavailable
 from pipeline.metrics import serve_metrics
 from pipeline.ops.embedded import free_port
@@ -18,7 +17,7 @@ from pipeline.ops.simulate import Traffic
 from pipeline.settings import Settings
 from schemas import Domain
 
-from ..conftest import wait_until
+from ..conftest import running_worker, wait_until
 
 UNIT_SUFFIXES = ("_total", "_seconds", "_messages", "_frames", "_bytes")
 STATES = {"pipeline_intake_paused"}
@@ -35,7 +34,7 @@ def _get(url: str) -> tuple[int, str]:
 
 async def test_metrics_are_served_and_well_named(settings: Settings, nc: Client) -> None:
     port = free_port()
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         server = serve_metrics(worker.metrics, "127.0.0.1", port, ready=worker.ready)
         try:
             js = nc.jetstream()

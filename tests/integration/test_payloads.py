@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from nats.aio.client import Client
 
 from pipeline.api import create_app
-from pipeline.app import Worker
 from pipeline.ingest.codec import MAX_DEPTH, decode
 from pipeline.settings import Settings
 from pipeline.store.eventstore import Accepted, EventStore
@@ -28,7 +27,7 @@ from schemas import Domain
 from schemas.common import INT64_MAX, INT64_MIN
 from streams import Subjects
 
-from ..conftest import PG_DB, PG_HOST, make_settings, wait_until
+from ..conftest import PG_DB, PG_HOST, make_settings, running_worker, wait_until
 from .helpers import positions, security_body, stored_ids, views_current
 
 TOKENS = {"reader-token": ("read",)}
@@ -79,7 +78,7 @@ async def test_type_marks_from_a_producer_read_back_as_sent_and_stop_no_view(
     service = ProjectionService(settings)
     service.start()
     try:
-        async with Worker(settings):
+        async with running_worker(settings):
             js = nc.jetstream()
             for subject, message_id, body in odd + ordinary:
                 await js.publish(subject, body, headers={"Nats-Msg-Id": message_id})

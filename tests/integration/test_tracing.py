@@ -15,14 +15,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from pipeline.app import Worker
 from pipeline.ops.embedded import EmbeddedNats
 from pipeline.ops.simulate import Cameras
 from pipeline.settings import Settings
 from pipeline.store.domain import event_id
 from schemas import Domain
 
-from ..conftest import wait_until
+from ..conftest import running_worker, wait_until
 from .helpers import frames_settings, security_body, stored_rows
 
 
@@ -43,7 +42,7 @@ async def test_a_traced_message_is_followed_from_pull_to_ack(
     trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
     bad_trace = secrets.token_hex(16)
     js = nc.jetstream()
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         subject = worker.subjects.subject(Domain.SECURITY, 1, "door-7")
         await js.publish(
             subject,
@@ -99,7 +98,7 @@ async def test_a_traced_frame_is_followed_through_the_detector(
     settings = frames_settings(nats_server.url, pg_schema, model_dir, frames_max_age_s=30)
     traces = {name: secrets.token_hex(16) for name in ("live", "old", "bad")}
     js = nc.jetstream()
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         cameras = Cameras(worker.subjects, width=320, height=240, variants=2, seed=3)
         live, old, bad = cameras.frame(), cameras.frame(), cameras.frame()
         hour_ago = (datetime.now(UTC) - timedelta(hours=1)).isoformat()

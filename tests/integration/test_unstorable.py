@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client
 
-from pipeline.app import Worker
 from pipeline.errors import Reason
 from pipeline.ingest.deadletter import DeadLetter, DeadLetters
 from pipeline.ingest.writer import GroupWriter
@@ -24,7 +23,7 @@ from pipeline.settings import Settings
 from pipeline.store.eventstore import EventStore
 from schemas import Domain
 
-from ..conftest import PG_DB, PG_HOST, make_intake, make_settings, wait_until
+from ..conftest import PG_DB, PG_HOST, make_intake, make_settings, running_worker, wait_until
 from .helpers import ids_of, security_body, stored_ids
 
 POISON = "poison-pill"
@@ -52,7 +51,7 @@ def _refuse_poison(schema: str) -> None:
 async def test_a_refused_message_is_dead_lettered_alone_and_its_batch_mates_stored(
     settings: Settings, pg_schema: str, nc: Client
 ) -> None:
-    async with Worker(settings.model_copy(update={"batch_timeout_s": 0.3})) as worker:
+    async with running_worker(settings.model_copy(update={"batch_timeout_s": 0.3})) as worker:
         _refuse_poison(pg_schema)
         js = nc.jetstream()
         good = [f"good-{i}" for i in range(40)]
@@ -81,7 +80,7 @@ async def test_a_refused_message_is_dead_lettered_alone_and_its_batch_mates_stor
 async def test_an_integer_beyond_64_bits_is_refused_by_validation_not_by_the_store(
     settings: Settings, pg_schema: str, nc: Client
 ) -> None:
-    async with Worker(settings) as worker:
+    async with running_worker(settings) as worker:
         js = nc.jetstream()
         big = security_body("big-1", attributes={"n": 2**64})
         await js.publish("security.v1.door-7", big, headers={"Nats-Msg-Id": "big-1"})

@@ -116,14 +116,26 @@ def test_secrets_can_come_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_nats_options_carry_authentication_and_tls(tmp_path: Path) -> None:
-    assert Settings(_env_file=None).nats_options() == {}
+    assert Settings(_env_file=None).nats_options() == {"inbox_prefix": "_INBOX"}
     options = Settings(
         _env_file=None, nats_user="worker", nats_password="pw", nats_url="tls://nats:4222"
     ).nats_options()
     assert options["user"] == "worker" and options["password"] == "pw"
     assert options["tls"].verify_mode.name == "CERT_REQUIRED"
     creds = Settings(_env_file=None, nats_creds_file="/run/w.creds").nats_options()
-    assert creds == {"user_credentials": "/run/w.creds"}
+    assert creds == {"user_credentials": "/run/w.creds", "inbox_prefix": "_INBOX"}
+
+
+def test_each_user_reads_replies_under_its_own_inbox_prefix() -> None:
+    from pipeline.app import broker_options
+
+    worker = Settings(_env_file=None, nats_user="worker", nats_password="p")
+    assert worker.nats_options()["inbox_prefix"] == "_INBOX_worker"
+    assert broker_options(worker)["inbox_prefix"] == "_INBOX_worker"
+    creds = Settings(_env_file=None, nats_creds_file="/w.creds", nats_inbox_prefix="_INBOX_w1")
+    assert creds.nats_options()["inbox_prefix"] == "_INBOX_w1"
+    with pytest.raises(ValidationError, match="nats_inbox_prefix"):
+        Settings(_env_file=None, nats_inbox_prefix="_INBOX.>")
 
 
 def test_one_way_to_authenticate_to_nats() -> None:
@@ -136,7 +148,7 @@ def test_the_broker_authenticates_as_the_connections_do(tmp_path: Path) -> None:
 
     from pipeline.app import broker_options
 
-    assert broker_options(Settings(_env_file=None)) == {}
+    assert broker_options(Settings(_env_file=None)) == {"inbox_prefix": "_INBOX"}
     user = broker_options(Settings(_env_file=None, nats_user="w", nats_password="p"))
     assert isinstance(user["security"], NatsUserPassword)
     nkey = broker_options(Settings(_env_file=None, nats_nkey_seed_file="/run/w.nk"))
