@@ -51,6 +51,9 @@ def subscribe_batches(
         durable=subjects.durable(domain),
         pull_sub=PullSub(batch_size, timeout=settings.batch_timeout_s, batch=True),
         ack_policy=AckPolicy.MANUAL,
+        # FastStream gives each subscriber `_INBOX.` unless told, whatever the connection's
+        # prefix: pulled batches must arrive where this NATS user may read them.
+        inbox_prefix=f"{settings.inbox_prefix()}.".encode(),
         decoder=_raw_batch,
         title=f"{domain.value}.v<major>.<source>",
         description=(

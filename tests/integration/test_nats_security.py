@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import datetime
 import ipaddress
 import json
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import nats
 import nkeys
 import pytest
@@ -27,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from pipeline.app import Worker, apply_streams
+from pipeline.app import Worker, apply_streams, apply_streams_once
 from pipeline.errors import ConfigError
 from pipeline.ops.embedded import free_port, nats_server_binary, wait_for_port
 from pipeline.ops.simulate import Traffic
@@ -48,12 +50,16 @@ class SecureNats:
     url: str
     ca: Path
     passwords: dict[str, str]
+    monitor_port: int = 0
 
     def tls(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca))
 
     async def connect(self, user: str | None, **options: object) -> nats.NATS:
+        """A connection as `user`, with the inbox prefix the shipped accounts give it."""
         auth = {"user": user, "password": self.passwords[user]} if user else {}
+        if user:
+            auth["inbox_prefix"] = f"_INBOX_{user}"
         return await nats.connect(
             self.url,
             tls=self.tls(),
@@ -118,13 +124,18 @@ def secure_nats(tmp_path: Path) -> Iterator[SecureNats]:
     ca, cert, key = _certificates(tmp_path)
     # nats-server reads an environment variable as a configuration value: a password
     # starts with a letter and has letters and digits (or is wrapped in double quotes).
-    passwords = {role: f"p{secrets.token_hex(16)}" for role in ROLES}
+    passwords = {role: secrets.token_urlsafe(16) for role in ROLES}
+    # The server holds bcrypt hashes only (in double quotes: nats-server reads the variable
+    # as a configuration value); clients send the passwords.
+    hashes = {
+        r: bcrypt.hashpw(p.encode(), bcrypt.gensalt(4)).decode() for r, p in passwords.items()
+    }
     env = {
         **os.environ,
         "NATS_TLS_CERT": str(cert),
         "NATS_TLS_KEY": str(key),
         "NATS_STORE_DIR": str(tmp_path / "jetstream"),
-        **{f"NATS_{r.upper().replace('-', '_')}_PASSWORD": p for r, p in passwords.items()},
+        **{f"NATS_{r.upper().replace('-', '_')}_PASSWORD": f'"{h}"' for r, h in hashes.items()},
     }
     port = free_port()
     monitor = free_port()
@@ -152,7 +163,7 @@ def secure_nats(tmp_path: Path) -> Iterator[SecureNats]:
             wait_for_port("127.0.0.1", port, timeout_s=10, process=server)
         except RuntimeError:
             raise RuntimeError((tmp_path / "nats.log").read_text()[-2000:]) from None
-        yield SecureNats(f"tls://127.0.0.1:{port}", ca, passwords)
+        yield SecureNats(f"tls://127.0.0.1:{port}", ca, passwords, monitor)
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -194,30 +205,106 @@ async def test_each_role_may_do_its_part_only(secure_nats: SecureNats, pg_schema
     async def record(exc: Exception) -> None:
         refused.append(exc)
 
+    def violations() -> int:
+        return sum("permissions violation" in str(e).lower() for e in refused)
+
     producer = await secure_nats.connect("security-producer", error_cb=record)
     js = producer.jetstream()
     ack = await js.publish("security.v1.door-7", b"{}")
     assert ack.stream == "SECURITY"
     with pytest.raises(nats.errors.Error):
         await js.publish("metrics.v1.worker-1", b"{}", timeout=1)
-    await wait_until(lambda: any("permissions violation" in str(e).lower() for e in refused), 5)
+    await wait_until(lambda: violations() >= 1, 5)
 
     worker = await secure_nats.connect("worker", error_cb=record)
-    with pytest.raises(nats.errors.Error):
-        await worker.jsm(timeout=1.0).delete_stream("SECURITY")
-    with pytest.raises(nats.errors.Error):
-        await worker.jsm(timeout=1.0).purge_stream("SECURITY")
-    assert (await operator.jsm().stream_info("SECURITY")).state.messages == 1
+    jsm = worker.jsm(timeout=1.0)
+    security = (await jsm.stream_info("SECURITY")).config
+    for forbidden in (
+        jsm.delete_stream("SECURITY"),
+        jsm.purge_stream("SECURITY"),
+        jsm.update_stream(dataclasses.replace(security, max_msgs=1)),
+        jsm.add_stream(name="MINE", subjects=["mine.>"]),
+        jsm.add_consumer("SECURITY", durable_name="mine"),
+        jsm.delete_consumer("SECURITY", "pipeline-security"),
+    ):
+        with pytest.raises(nats.errors.Error):
+            await forbidden
+    info = await operator.jsm().stream_info("SECURITY")
+    assert info.state.messages == 1
+    assert info.config.max_msgs == security.max_msgs
     for nc in (operator, producer, worker):
         await nc.close()
+
+
+async def test_nobody_reads_another_users_replies(secure_nats: SecureNats, pg_schema: str) -> None:
+    """Every user may subscribe to its own inbox prefix only: not to `_INBOX.>`, nor to
+    another user's, where the worker's pulled batches and the operator's answers arrive."""
+    operator = await secure_nats.connect("operator")
+    await apply_streams(operator, _settings(secure_nats, pg_schema, "operator"))
+    await operator.close()
+    for user in ROLES:
+        refused: list[Exception] = []
+
+        async def record(exc: Exception, into: list[Exception] = refused) -> None:
+            into.append(exc)
+
+        nc = await secure_nats.connect(user, error_cb=record)
+        others = [f"_INBOX_{other}.>" for other in ROLES if other != user]
+        for subject in ["_INBOX.>", ">", *others]:
+            await nc.subscribe(subject)
+        await wait_until(lambda: len(refused) == 2 + len(others), 5)  # noqa: B023
+        assert all("permissions violation for subscription" in str(e).lower() for e in refused)
+        # Its own inbox works: a JetStream request answers.
+        if user in ("operator", "worker"):
+            assert (await nc.jsm().stream_info("SECURITY")).config.name == "SECURITY"
+        await nc.close()
+
+
+async def test_a_json_producer_may_not_send_a_frame_sized_message(
+    secure_nats: SecureNats, pg_schema: str, tmp_path: Path
+) -> None:
+    operator = await secure_nats.connect("operator")
+    await apply_streams(operator, _settings(secure_nats, pg_schema, "operator"))
+    big = b"x" * (8 * 1024 * 1024)
+    errors: list[Exception] = []
+
+    async def record(exc: Exception) -> None:
+        errors.append(exc)
+
+    producer = await secure_nats.connect("security-producer", error_cb=record)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(producer.jetstream().publish("security.v1.door-7", big), 3)
+    # The server refuses it and closes the connection (over TLS the client sees the close).
+    await wait_until(lambda: producer.is_closed or bool(errors), 5)
+    log = tmp_path / "nats.log"
+    await wait_until(lambda: "maximum payload exceeded: 8388608 vs 278528" in log.read_text(), 5)
+    assert (await operator.jsm().stream_info("SECURITY")).state.messages == 0
+    camera = await secure_nats.connect("frames-producer")
+    ack = await camera.jetstream().publish("frames.v1.cam-1", big, timeout=10)
+    assert ack.stream == "FRAMES"
+    for nc in (operator, producer, camera):
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+def test_the_monitoring_port_listens_on_the_loopback_only(secure_nats: SecureNats) -> None:
+    """`/connz` lists every user: other hosts and containers must not reach it."""
+    listening = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port = local.split(":")
+        if state == "0A" and int(port, 16) == secure_nats.monitor_port:  # LISTEN
+            listening.add(address)
+    assert listening == {"0100007F"}  # 127.0.0.1
 
 
 async def test_the_pipeline_runs_with_its_own_credentials(
     secure_nats: SecureNats, pg_schema: str
 ) -> None:
+    operator = _settings(secure_nats, pg_schema, "operator")
     settings = _settings(secure_nats, pg_schema, "worker")
     producer = await secure_nats.connect("security-producer")
-    await _stored_end_to_end(settings, producer, pg_schema)
+    await _stored_end_to_end(settings, producer, pg_schema, operator=operator)
 
 
 async def test_a_wrong_password_is_a_clear_error(secure_nats: SecureNats, pg_schema: str) -> None:
@@ -323,10 +410,14 @@ def _nats_server(tmp_path: Path, config: str) -> Iterator[str]:
         server.wait(timeout=10)
 
 
-async def _stored_end_to_end(settings: Settings, producer: nats.NATS, schema: str) -> None:
-    """Messages published by `producer` are stored by a worker with `settings`, once each."""
+async def _stored_end_to_end(
+    settings: Settings, producer: nats.NATS, schema: str, *, operator: Settings | None = None
+) -> None:
+    """Messages published by `producer` are stored by a worker with `settings`, once each,
+    on streams applied with `operator` (by default, the worker's own settings)."""
     traffic = Traffic(Subjects(), domains=(Domain.SECURITY,), seed=4, bad_ratio=0.0)
     sent = [traffic.valid(Domain.SECURITY) for _ in range(20)]
+    await apply_streams_once(operator or settings)
     async with Worker(settings):
         js = producer.jetstream()
         for out in sent:
