@@ -1,33 +1,49 @@
-"""Group commit: concurrent batches share transactions, each caller gets its own result."""
+"""Group commit: concurrent batches share transactions, each caller gets its own result.
+
+The store stand-in holds every transaction until the test lets them through, and says
+when one has begun: the tests order the writer's work by those two signals, not by time.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from typing import TypeVar
+
+import pytest
 
 from pipeline.errors import StoreUnavailable
 from pipeline.ingest.writer import GroupWriter
 from pipeline.store.eventstore import Accepted, WriteResult
 from schemas import Domain
 
+pytestmark = pytest.mark.timeout(30)  # a writer that loses a batch leaves its caller waiting
 
-class SlowStore:
-    """Records each transaction; the first one waits so that others queue behind it."""
+T = TypeVar("T")
 
-    def __init__(self, fail: bool = False) -> None:
+
+class GatedStore:
+    """Records each transaction; each waits until `release` is set, then commits or fails."""
+
+    def __init__(self, fail_with: str | None = None) -> None:
         self.transactions: list[list[str]] = []
         self.stored: set[uuid.UUID] = set()
+        self.began = threading.Event()
+        """Set when a transaction has begun (and is waiting for `release`)."""
         self.release = threading.Event()
-        self.fail = fail
+        self.fail_with = fail_with
+        """A transaction holding this message id fails as a whole."""
 
     def write(self, batch: Sequence[Accepted], known: set[uuid.UUID] | None = None) -> WriteResult:
-        if not self.transactions:
-            self.release.wait(5)
-        self.transactions.append([a.message_id for a in batch])
-        if self.fail:
+        ids = [a.message_id for a in batch]
+        self.transactions.append(ids)
+        self.began.set()
+        if not self.release.wait(10):
+            raise AssertionError("the test never released the transaction")
+        if self.fail_with in ids:
             raise StoreUnavailable("database is down")
         new = {a.event_id for a in batch} - self.stored - (known or set())
         self.stored |= new
@@ -39,44 +55,77 @@ def _batch(*ids: str) -> list[Accepted]:
     return [Accepted(Domain.SECURITY, i, "security.v1.x", 1, "1.0", now, {"id": i}) for i in ids]
 
 
+def _ids(*message_ids: str) -> set[uuid.UUID]:
+    return {a.event_id for a in _batch(*message_ids)}
+
+
+async def _begun(call: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
+    """A task running `call`, returned once it has run up to where it first suspends."""
+    begun = asyncio.Event()
+
+    async def run() -> T:
+        begun.set()
+        return await call()
+
+    task = asyncio.create_task(run())
+    await begun.wait()
+    return task
+
+
+async def _queued(writer: GroupWriter, *ids: str) -> asyncio.Task[WriteResult]:
+    """A task writing `ids`, returned once its batch waits in the writer."""
+    return await _begun(lambda: writer.write(_batch(*ids), set()))
+
+
+async def _busy(writer: GroupWriter, store: GatedStore, *ids: str) -> asyncio.Task[WriteResult]:
+    """A task writing `ids`, returned once its transaction has begun in the store."""
+    task = await _queued(writer, *ids)
+    assert await asyncio.to_thread(store.began.wait, 10), "the writer never began a transaction"
+    return task
+
+
 async def test_waiting_batches_are_merged_and_results_split() -> None:
-    store = SlowStore()
+    store = GatedStore()
     writer = GroupWriter(store)  # type: ignore[arg-type]
     writer.start()
-    first = asyncio.create_task(writer.write(_batch("a"), set()))
-    await asyncio.sleep(0.05)
-    queued = [
-        asyncio.create_task(writer.write(_batch(*ids), set())) for ids in (["b", "c"], ["c", "d"])
-    ]
-    await asyncio.sleep(0.05)
+    first = await _busy(writer, store, "a")
+    queued = [await _queued(writer, "b", "c"), await _queued(writer, "c", "d")]
     store.release.set()
     results = await asyncio.gather(first, *queued)
     await writer.stop()
 
     assert store.transactions == [["a"], ["b", "c", "c", "d"]]
-    assert [len(r.stored) for r in results] == [1, 2, 1]  # "c" counts for the first caller
-    assert len(store.stored) == 4
+    assert [r.stored for r in results] == [_ids("a"), _ids("b", "c"), _ids("d")]
+    assert [r.duplicates for r in results] == [set(), set(), _ids("c")]  # "c" is the 2nd's
+    assert store.stored == _ids("a", "b", "c", "d")
 
 
 async def test_a_failed_transaction_fails_every_caller_in_it() -> None:
-    store = SlowStore(fail=True)
-    store.release.set()
+    store = GatedStore(fail_with="c")
     writer = GroupWriter(store)  # type: ignore[arg-type]
     writer.start()
-    outcomes = await asyncio.gather(
-        writer.write(_batch("a"), set()), writer.write(_batch("b"), set()), return_exceptions=True
-    )
+    first = await _busy(writer, store, "a")
+    queued = [await _queued(writer, "b"), await _queued(writer, "c")]
+    store.release.set()
+    outcomes = await asyncio.gather(first, *queued, return_exceptions=True)
     await writer.stop()
-    assert all(isinstance(o, StoreUnavailable) for o in outcomes)
+
+    assert store.transactions == [["a"], ["b", "c"]]
+    assert outcomes[0] == WriteResult(stored=_ids("a"))  # its own transaction committed
+    assert [type(o) for o in outcomes[1:]] == [StoreUnavailable, StoreUnavailable]
+    assert store.stored == _ids("a")
 
 
 async def test_stop_writes_what_is_waiting() -> None:
-    store = SlowStore()
-    store.release.set()
+    store = GatedStore()
     writer = GroupWriter(store)  # type: ignore[arg-type]
-    pending = asyncio.create_task(writer.write(_batch("z"), set()))
-    await asyncio.sleep(0)
     writer.start()
-    await writer.stop()
-    assert (await pending).stored == {_batch("z")[0].event_id}
-    assert store.transactions == [["z"]]
+    first = await _busy(writer, store, "a")
+    pending = await _queued(writer, "z")
+    stopping = await _begun(writer.stop)  # asked to stop while "a" is being written
+    store.release.set()
+    await stopping
+
+    assert store.transactions == [["a"], ["z"]]
+    assert (await first).stored == _ids("a")
+    assert (await pending).stored == _ids("z")
