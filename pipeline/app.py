@@ -256,7 +256,8 @@ class Worker:
         tracing.configure_tracing(s.otel_exporter_otlp_endpoint, s.otel_service_name)
         self._admin = await connect_nats(s)
         _check_max_payload(self._admin.max_payload, s)
-        await check_streams(self._admin, s)
+        if self.consume:  # a replay reads through consumers of its own
+            await check_streams(self._admin, s)
         try:
             self.store = await anyio.to_thread.run_sync(EventStore, s.eventsourcing_env())
         except StoreUnavailable as exc:

@@ -18,7 +18,16 @@ from .errors import ConfigError
 
 __all__ = ["ALL_DOMAINS", "EVENT_DOMAINS", "Settings"]
 
-_SECRETS = ("nats_password", "postgres_password", "redis_url", "api_tokens")
+_SECRETS = (
+    "nats_password",
+    "postgres_password",
+    "postgres_writer_password",
+    "postgres_projector_password",
+    "postgres_api_password",
+    "postgres_auditor_password",
+    "redis_url",
+    "api_tokens",
+)
 """Settings that may come from a file named by `PIPELINE_<NAME>_FILE`."""
 
 EVENT_DOMAINS = (Domain.SECURITY, Domain.MONITORING, Domain.METRICS)
@@ -114,6 +123,15 @@ class Settings(BaseSettings):
         "fraction is rounded up (0.5 connects within 2 s, never without a limit)",
     )
     postgres_lock_timeout_s: Annotated[int, Field(ge=1)] = 5
+    # The store's roles (`pipeline db migrate` makes them): <prefix>_writer (workers),
+    # <prefix>_projector (projections), <prefix>_api (the query API), <prefix>_auditor.
+    # Their passwords are read by `pipeline db migrate` only; each process connects with
+    # its own PIPELINE_POSTGRES_USER and PIPELINE_POSTGRES_PASSWORD(_FILE).
+    postgres_roles_prefix: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]{0,40}$")] = "pipeline"
+    postgres_writer_password: str = ""
+    postgres_projector_password: str = ""
+    postgres_api_password: str = ""
+    postgres_auditor_password: str = ""
 
     # Projections (read models) and the query API
     projections_batch_size: Annotated[int, Field(ge=1, le=100_000)] = 5000
@@ -294,8 +312,15 @@ class Settings(BaseSettings):
         to at least its minimum of 2 (libpq reads 0 as no limit at all)."""
         return max(2, math.ceil(self.postgres_connect_timeout_s))
 
-    def eventsourcing_env(self) -> dict[str, str]:
-        """The environment the `eventsourcing` library reads its Postgres settings from."""
+    def postgres_role(self, kind: Literal["writer", "projector", "api", "auditor"]) -> str:
+        """The name of one of the store's roles (see `pipeline db migrate`)."""
+        return f"{self.postgres_roles_prefix}_{kind}"
+
+    def eventsourcing_env(self, *, create_table: bool = False) -> dict[str, str]:
+        """The environment the `eventsourcing` library reads its Postgres settings from.
+
+        Tables are made by `pipeline db migrate` (`create_table=True`), never by a worker.
+        """
         return {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",
             "POSTGRES_HOST": self.postgres_host,
@@ -308,5 +333,5 @@ class Settings(BaseSettings):
             "POSTGRES_MAX_OVERFLOW": "0",
             "POSTGRES_CONNECT_TIMEOUT": str(self.postgres_connect_timeout()),
             "POSTGRES_LOCK_TIMEOUT": str(self.postgres_lock_timeout_s),
-            "CREATE_TABLE": "y",
+            "CREATE_TABLE": "y" if create_table else "n",
         }

@@ -46,9 +46,10 @@ def view_status(conn: psycopg.Connection[Any], schema: str) -> list[ViewStatus]:
     """Every view and rebuild in progress, by name."""
     reader = EventReader(schema)
     positions = Positions(schema)
-    positions.create(conn)
     head = reader.head(conn)
-    rows = {p.view: p for p in positions.all(conn)}
+    found = conn.execute("SELECT to_regclass(%s)", (positions.table.as_string(conn),)).fetchone()
+    # No positions table: `pipeline db migrate` has not run; no view has started.
+    rows = {p.view: p for p in positions.all(conn)} if found and found[0] else {}
     now = datetime.now(UTC)
     result = []
     for name in sorted(set(VIEWS) | set(rows)):

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import nats
 import psycopg
@@ -25,6 +25,7 @@ from pipeline.ingest.intake import Intake, Writer
 from pipeline.ingest.pause import Pauses
 from pipeline.metrics import Metrics
 from pipeline.ops.embedded import EmbeddedNats
+from pipeline.ops.migrate import migrate
 from pipeline.settings import EVENT_DOMAINS, Settings
 from schemas import Domain
 from streams import Subjects
@@ -150,12 +151,17 @@ def make_intake(
     )
 
 
+def as_role(settings: Settings, kind: Literal["writer", "projector", "api", "auditor"]) -> Settings:
+    """`settings` connecting to PostgreSQL as one of the store's roles (trust auth here)."""
+    return settings.model_copy(update={"postgres_user": settings.postgres_role(kind)})
+
+
 @contextlib.asynccontextmanager
 async def running_worker(settings: Settings, **options: Any) -> AsyncIterator[Worker]:
-    """A started worker, on streams applied first as an operator would (the worker only
-    checks them)."""
+    """A started worker, as the writer role, on streams applied first as an operator would
+    (the worker only checks them)."""
     await apply_streams_once(settings)
-    async with Worker(settings, **options) as worker:
+    async with Worker(as_role(settings, "writer"), **options) as worker:
         yield worker
 
 
@@ -169,10 +175,10 @@ async def nc(nats_server: EmbeddedNats) -> AsyncIterator[Client]:
 
 @pytest.fixture
 def pg_schema() -> Iterator[str]:
-    """A PostgreSQL schema of its own in the machine's `test` database."""
+    """A PostgreSQL schema of its own in the machine's `test` database, migrated (tables and
+    roles, as `pipeline db migrate` makes them) by the `postgres` superuser."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
+    migrate(make_settings("nats://unused", schema))
     yield schema
     with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')

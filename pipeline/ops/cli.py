@@ -297,6 +297,20 @@ async def _streams(args: argparse.Namespace) -> None:
         await nc.drain()
 
 
+async def _db(args: argparse.Namespace) -> None:
+    from .migrate import migrate
+
+    settings = _settings()
+    try:
+        print(await anyio.to_thread.run_sync(migrate, settings))
+    except psycopg.Error as exc:
+        raise PipelineError(
+            f"cannot migrate schema {settings.postgres_schema} as {settings.postgres_user} "
+            f"at {settings.postgres_host}:{settings.postgres_port}: {exc} (run it as the "
+            "database owner: PIPELINE_POSTGRES_USER, PIPELINE_POSTGRES_PASSWORD(_FILE))"
+        ) from exc
+
+
 def _describe(letter: DeadLetter, *, full: bool) -> str:
     head = (
         f"#{letter.dlq_seq} {letter.dead_lettered_at:%Y-%m-%d %H:%M:%S} {letter.reason.value:<20} "
@@ -463,6 +477,12 @@ def _parser() -> argparse.ArgumentParser:
     streams = sub.add_parser("streams", help="apply or show the JetStream streams")
     streams.add_argument("action", choices=["apply", "status"])
     streams.set_defaults(func=_streams)
+
+    db = sub.add_parser("db", help="the event store's tables, functions and roles")
+    db.add_argument(
+        "action", choices=["migrate"], help="make or update them (as the database owner)"
+    )
+    db.set_defaults(func=_db)
 
     dlq = sub.add_parser("dlq", help="list, show, requeue or purge dead letters")
     dlq_sub = dlq.add_subparsers(dest="action", required=True)

@@ -184,9 +184,7 @@ def projections_skip(
     if name not in VIEWS:
         raise KeyError(f"no view {name!r} (views: {', '.join(VIEWS)})")
     with _connect(settings) as conn:
-        positions = Positions(settings.postgres_schema)
-        positions.create(conn)
-        row = positions.skip(conn, name, position, note)
+        row = Positions(settings.postgres_schema).skip(conn, name, position, note)
     if as_json:
         out(json.dumps({"view": name, "skipped": position, "position": row.position}))
     else:

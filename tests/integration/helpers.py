@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections import Counter
@@ -37,6 +38,14 @@ def stored_ids(schema: str) -> Counter[uuid.UUID]:
 def ids_of(domain: Domain, message_ids: list[str]) -> set[uuid.UUID]:
     """Stored event ids of the given message ids."""
     return {event_id(domain, m) for m in message_ids}
+
+
+def body_digest(letter: Any) -> str:
+    """SHA-256 of the body a dead letter was written for: a letter whose body was left out
+    (over PIPELINE_DEAD_LETTER_MAX_BODY_BYTES) keeps its digest."""
+    if letter.body_sha256:
+        return str(letter.body_sha256)
+    return hashlib.sha256(letter.body).hexdigest()
 
 
 def security_body(message_id: str, **changes: Any) -> bytes:

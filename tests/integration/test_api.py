@@ -28,7 +28,7 @@ from projections.queries import Queries, encode_cursor
 from projections.service import ProjectionService
 from schemas import Domain
 
-from ..conftest import PG_DB, PG_HOST, make_settings, wait_until
+from ..conftest import PG_DB, PG_HOST, as_role, make_settings, wait_until
 from .helpers import views_current, write_events
 
 READ = {"Authorization": "Bearer reader-token"}
@@ -43,7 +43,7 @@ def settings(pg_schema: str) -> Settings:
 
 @pytest.fixture
 def store(settings: Settings) -> Iterator[EventStore]:
-    store = EventStore(settings.eventsourcing_env())
+    store = EventStore(as_role(settings, "writer").eventsourcing_env())
     yield store
     store.close()
 
@@ -51,7 +51,7 @@ def store(settings: Settings) -> Iterator[EventStore]:
 @pytest.fixture
 def events(settings: Settings, pg_schema: str, store: EventStore) -> Iterator[list[Accepted]]:
     """2,000 events stored and projected; the projections keep running."""
-    service = ProjectionService(settings)
+    service = ProjectionService(as_role(settings, "projector"))
     service.start()
     written = write_events(store, 2000, seed=21)
     asyncio.run(wait_until(lambda: views_current(pg_schema), timeout_s=60))
@@ -61,7 +61,7 @@ def events(settings: Settings, pg_schema: str, store: EventStore) -> Iterator[li
 
 @pytest.fixture
 def client(settings: Settings, events: list[Accepted]) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as test_client:
+    with TestClient(create_app(as_role(settings, "api"))) as test_client:
         yield test_client
 
 
@@ -304,14 +304,15 @@ def test_database_errors_tell_a_code_and_a_request_id_never_the_cause(
     pg_schema: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = make_settings("nats://unused", pg_schema, api_tokens=TOKENS)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(as_role(settings, "api"))) as client:
         answer = client.get("/v1/security/events", headers=READ)  # no views in the schema
         body = _error(answer, 503, "view_not_ready")
         assert answer.headers["x-request-id"] == body["request_id"]
         assert pg_schema not in answer.text and "relation" not in answer.text
         [record] = _records(caplog, body["request_id"])
         assert f'relation "{pg_schema}.security_events" does not exist' in record.getMessage()
-        with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True) as conn:
+        projector = settings.postgres_role("projector")  # views are its tables
+        with psycopg.connect(host=PG_HOST, dbname=PG_DB, user=projector, autocommit=True) as conn:
             conn.execute(f'CREATE TABLE "{pg_schema}".security_events (odd int)')
         answer = client.get("/v1/security/events", headers=READ)
         body = _error(answer, 500, "database_error")
@@ -344,7 +345,7 @@ def test_a_bug_is_answered_in_the_one_shape_and_logged_with_its_trace(
 
     monkeypatch.setattr(Queries, "cameras", broken)
     settings = make_settings("nats://unused", pg_schema, api_tokens=TOKENS)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(as_role(settings, "api"))) as client:
         answer = client.get("/v1/cameras", headers=READ)
     body = _error(answer, 500, "internal_error")
     assert answer.headers["x-request-id"] == body["request_id"]
@@ -358,12 +359,12 @@ def test_a_connect_timeout_under_a_second_is_rounded_up_not_down(pg_schema: str)
     settings = make_settings(
         "nats://unused", pg_schema, api_tokens=TOKENS, postgres_connect_timeout_s=0.5
     )
-    store = EventStore(settings.eventsourcing_env())
+    store = EventStore(as_role(settings, "writer").eventsourcing_env())
     try:
         assert store.write(list(stored_events(5, seed=3, cameras=0))).stored
     finally:
         store.close()
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(as_role(settings, "api"))) as client:
         assert client.get("/readyz").json() == {"ready": True, "problems": []}
     with socket.socket() as silent:  # accepts connections and never answers
         silent.bind(("127.0.0.1", 0))
@@ -403,6 +404,7 @@ async def test_pipeline_run_api_serves_until_sigterm(
         **os.environ,
         "PIPELINE_POSTGRES_HOST": PG_HOST,
         "PIPELINE_POSTGRES_DBNAME": PG_DB,
+        "PIPELINE_POSTGRES_USER": settings.postgres_role("api"),
         "PIPELINE_POSTGRES_SCHEMA": settings.postgres_schema,
         "PIPELINE_API_PORT": str(port),
         "PIPELINE_API_TOKENS": '{"reader-token": ["read"]}',

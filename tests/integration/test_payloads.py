@@ -27,7 +27,7 @@ from schemas import Domain
 from schemas.common import INT64_MAX, INT64_MIN
 from streams import Subjects
 
-from ..conftest import PG_DB, PG_HOST, make_settings, running_worker, wait_until
+from ..conftest import PG_DB, PG_HOST, as_role, make_settings, running_worker, wait_until
 from .helpers import positions, security_body, stored_ids, views_current
 
 TOKENS = {"reader-token": ("read",)}
@@ -75,7 +75,7 @@ async def test_type_marks_from_a_producer_read_back_as_sent_and_stop_no_view(
         (security, "m-4", security_body("m-4", attributes=MARKS[4])),
     ]
     ordinary = [(security, f"o-{i}", security_body(f"o-{i}")) for i in range(20)]
-    service = ProjectionService(settings)
+    service = ProjectionService(as_role(settings, "projector"))
     service.start()
     try:
         async with running_worker(settings):
@@ -84,7 +84,7 @@ async def test_type_marks_from_a_producer_read_back_as_sent_and_stop_no_view(
                 await js.publish(subject, body, headers={"Nats-Msg-Id": message_id})
             await wait_until(lambda: sum(stored_ids(pg_schema).values()) == 25, timeout_s=60)
         await wait_until(lambda: views_current(pg_schema), timeout_s=60)
-        with TestClient(create_app(settings)) as client:
+        with TestClient(create_app(as_role(settings, "api"))) as client:
             for _, message_id, body in odd:
                 answer = client.get(f"/v1/events/{message_id}", headers=READ)
                 assert answer.status_code == 200, answer.text
@@ -169,10 +169,10 @@ def _in_view(value: Any) -> Any:
 @pytest.fixture
 def running(pg_schema: str) -> Iterator[tuple[Settings, EventStore, TestClient]]:
     settings = make_settings("nats://unused", pg_schema, api_tokens=TOKENS, projections_poll_s=0.1)
-    store = EventStore(settings.eventsourcing_env())
-    service = ProjectionService(settings)
+    store = EventStore(as_role(settings, "writer").eventsourcing_env())
+    service = ProjectionService(as_role(settings, "projector"))
     service.start()
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(as_role(settings, "api"))) as client:
         yield settings, store, client
     service.stop()
     store.close()
@@ -254,7 +254,7 @@ async def test_projections_status_answers_whatever_a_view_is_stuck_on(pg_schema:
     """An event no reader can decode (written around the pipeline) stalls the views that
     read it; the status still answers, with the stall."""
     settings = make_settings("nats://unused", pg_schema, api_tokens=TOKENS, projections_poll_s=0.1)
-    store = EventStore(settings.eventsourcing_env())
+    store = EventStore(as_role(settings, "writer").eventsourcing_env())
     store.write([_accept(Domain.SECURITY, security_body("before"), 1)])
     topic = "pipeline.store.domain:SecurityEvent.Recorded"
     with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres") as conn:
@@ -263,13 +263,13 @@ async def test_projections_status_answers_whatever_a_view_is_stuck_on(pg_schema:
             "topic, state) VALUES (%s, 1, %s, %s)",
             (uuid.uuid4(), topic, b'{"timestamp": not json'),
         )
-    service = ProjectionService(settings)
+    service = ProjectionService(as_role(settings, "projector"))
     service.start()
     try:
         await wait_until(
             lambda: positions(pg_schema).get("security", (0, ""))[1] == "stalled", timeout_s=30
         )
-        with TestClient(create_app(settings)) as client:
+        with TestClient(create_app(as_role(settings, "api"))) as client:
             answer = client.get("/v1/projections", headers=READ)
             assert answer.status_code == 200, answer.text
             security = next(v for v in answer.json() if v["view"] == "security")

@@ -57,8 +57,10 @@ async def test_two_processes_share_the_work_and_stop_on_sigterm(
         "PIPELINE_NATS_URL": settings.nats_url,
         "PIPELINE_POSTGRES_HOST": PG_HOST,
         "PIPELINE_POSTGRES_DBNAME": PG_DB,
+        "PIPELINE_POSTGRES_USER": "pipeline_writer",
         "PIPELINE_POSTGRES_SCHEMA": pg_schema,
         "PIPELINE_BATCH_SIZE": "32",
+        "PIPELINE_ACK_WAIT_S": str(settings.ack_wait_s),  # as the streams were applied
         "PIPELINE_PROCESSES": "2",
         "PIPELINE_DOMAINS": '["security", "monitoring", "metrics"]',
         "PIPELINE_METRICS_PORT": str(port),

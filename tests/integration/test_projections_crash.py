@@ -29,6 +29,7 @@ def _start(schema: str, log: Path) -> subprocess.Popen[bytes]:
         **os.environ,
         "PIPELINE_POSTGRES_HOST": PG_HOST,
         "PIPELINE_POSTGRES_DBNAME": PG_DB,
+        "PIPELINE_POSTGRES_USER": "pipeline_projector",
         "PIPELINE_POSTGRES_SCHEMA": schema,
         "PIPELINE_PROJECTIONS_BATCH_SIZE": "700",
         "PIPELINE_PROJECTIONS_POLL_S": "0.5",
@@ -81,7 +82,9 @@ async def test_views_survive_kill_9_and_equal_a_rebuild(pg_schema: str, tmp_path
     assert "Traceback" not in log.read_text()
 
     live = {name: view_rows(pg_schema, cls) for name, cls in VIEWS.items()}
-    with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True) as conn:
+    with psycopg.connect(
+        host=PG_HOST, dbname=PG_DB, user="pipeline_projector", autocommit=True
+    ) as conn:
         security = conn.execute(
             f'SELECT count(*) FROM "{pg_schema}".journal_events '
             "WHERE topic LIKE '%SecurityEvent.Recorded'"

@@ -19,11 +19,20 @@ from nats.aio.client import Client
 from pipeline.errors import Reason
 from pipeline.ingest.deadletter import DeadLetter, DeadLetters
 from pipeline.ingest.writer import GroupWriter
+from pipeline.ops.migrate import migrate
 from pipeline.settings import Settings
 from pipeline.store.eventstore import EventStore
 from schemas import Domain
 
-from ..conftest import PG_DB, PG_HOST, make_intake, make_settings, running_worker, wait_until
+from ..conftest import (
+    PG_DB,
+    PG_HOST,
+    as_role,
+    make_intake,
+    make_settings,
+    running_worker,
+    wait_until,
+)
 from .helpers import ids_of, security_body, stored_ids
 
 POISON = "poison-pill"
@@ -148,8 +157,9 @@ def store() -> Iterator[tuple[EventStore, str]]:
     schema = "t_unstorable_property"
     with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    event_store = EventStore(make_settings("nats://unused", schema).eventsourcing_env())
+    configured = make_settings("nats://unused", schema)
+    migrate(configured)
+    event_store = EventStore(as_role(configured, "writer").eventsourcing_env())
     _refuse_poison(schema)
     yield event_store, schema
     event_store.close()

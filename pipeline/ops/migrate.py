@@ -1,0 +1,143 @@
+"""`pipeline db migrate`: the store's tables, functions and roles, made by the owner.
+
+Run as the database's owner (a superuser, or a role that may create roles and is a
+member of those it made), before the processes start and after each upgrade; it is
+idempotent. Every process then connects as a role holding only what it needs:
+
+- `<prefix>_writer` (workers, replay): inserts events through the store's function and
+  reads them (dedup); no direct insert, no update, delete, truncate or DDL.
+- `<prefix>_projector` (projections): reads events; owns the views and their positions
+  (a rebuild makes and swaps tables); writes no event.
+- `<prefix>_api` (query API): reads events, views and positions; records a skip
+  (`operate`); writes no event or view row, no DDL.
+- `<prefix>_auditor` (the audit trail): reads events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.sql import SQL, Identifier, Literal
+
+from projections import VIEWS
+from projections.positions import Positions
+
+from ..settings import Settings
+from ..store.eventstore import EventStore
+from ..store.reader import EVENTS_TABLE
+
+__all__ = ["ROLES", "Migrated", "migrate"]
+
+log = logging.getLogger(__name__)
+
+ROLES = ("writer", "projector", "api", "auditor")
+
+
+@dataclass(frozen=True)
+class Migrated:
+    """What `migrate` made: the schema and the role of each kind."""
+
+    schema: str
+    roles: dict[str, str]
+
+    def __str__(self) -> str:
+        roles = ", ".join(f"{kind} {name}" for kind, name in self.roles.items())
+        return f"schema {self.schema}: events, views' positions and roles ({roles}) ready"
+
+
+def migrate(settings: Settings) -> Migrated:
+    """Make (or bring up to date) the schema, the event table and its insert function,
+    the positions tables and the roles with their grants."""
+    schema = settings.postgres_schema
+    roles = {kind: settings.postgres_role(kind) for kind in ROLES}  # type: ignore[arg-type]
+    passwords = {
+        "writer": settings.postgres_writer_password,
+        "projector": settings.postgres_projector_password,
+        "api": settings.postgres_api_password,
+        "auditor": settings.postgres_auditor_password,
+    }
+    with psycopg.connect(**settings.postgres_connection(), autocommit=True) as conn:
+        # Two migrations at once (two Helm releases, a rerun) take turns.
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"migrate:{schema}",))
+        conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(schema)))
+        for kind, name in roles.items():
+            _role(conn, name, passwords[kind])
+        # The event table and its insert function, as eventsourcing makes them.
+        EventStore(settings.eventsourcing_env(create_table=True)).close()
+        with conn.transaction():
+            Positions(schema).create(conn)
+            _grant(conn, schema, roles)
+    log.info("migrated schema %s", schema)
+    return Migrated(schema, roles)
+
+
+def _role(conn: psycopg.Connection[Any], name: str, password: str) -> None:
+    """Create the login role `name` unless it exists; set its password when one is given."""
+    found = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+    if found is None:
+        # Made meanwhile by another database's migration: as good.
+        with contextlib.suppress(psycopg.errors.DuplicateObject):
+            conn.execute(SQL("CREATE ROLE {} LOGIN").format(Identifier(name)))
+    if password:
+        conn.execute(
+            SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(Identifier(name), Literal(password))
+        )
+
+
+def _grant(conn: psycopg.Connection[Any], schema: str, roles: dict[str, str]) -> None:
+    """Each role's rights on the schema, and nothing more."""
+    s = Identifier(schema)
+    events = SQL("{}.{}").format(s, Identifier(EVENTS_TABLE))
+    writer, projector, api, auditor = (Identifier(roles[k]) for k in ROLES)
+    positions = Positions(schema)
+    statements = [
+        # The insert function runs with its owner's rights (it takes the table lock so
+        # positions commit in order); writers call it and may not insert directly.
+        SQL("ALTER FUNCTION {} SECURITY DEFINER SET search_path = pg_catalog, pg_temp").format(
+            _signature(conn, schema)
+        ),
+        SQL("REVOKE ALL ON FUNCTION {} FROM PUBLIC").format(_signature(conn, schema)),
+        SQL("REVOKE ALL ON {} FROM PUBLIC").format(events),
+        SQL("GRANT USAGE ON SCHEMA {} TO {}, {}, {}, {}").format(
+            s, writer, projector, api, auditor
+        ),
+        SQL("GRANT SELECT ON {} TO {}, {}, {}, {}").format(events, writer, projector, api, auditor),
+        SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(_signature(conn, schema), writer),
+        # The projector keeps the views: it makes their tables (and a rebuild's shadow
+        # tables, which it swaps in), so it creates in the schema and owns the positions.
+        SQL("GRANT CREATE ON SCHEMA {} TO {}").format(s, projector),
+        SQL("ALTER TABLE {} OWNER TO {}").format(positions.table, projector),
+        SQL("ALTER TABLE {} OWNER TO {}").format(positions.skips, projector),
+        # The API reads every view, including tables a rebuild makes later.
+        SQL(
+            "ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA {} GRANT SELECT ON TABLES TO {}"
+        ).format(projector, s, api),
+        SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(s, api),
+        # `operate`: move a stalled view past an event, recorded in the skips.
+        SQL("GRANT UPDATE ON {} TO {}").format(positions.table, api),
+        SQL("GRANT INSERT ON {} TO {}").format(positions.skips, api),
+    ]
+    for statement in statements:
+        conn.execute(statement)
+    # Views made by an earlier release as another role become the projector's.
+    for view in VIEWS.values():
+        for table in view.tables:
+            name = SQL("{}.{}").format(s, Identifier(table.name))
+            found = conn.execute("SELECT to_regclass(%s)", (name.as_string(conn),)).fetchone()
+            if found is not None and found[0] is not None:
+                conn.execute(SQL("ALTER TABLE {} OWNER TO {}").format(name, projector))
+
+
+def _signature(conn: psycopg.Connection[Any], schema: str) -> Any:
+    """The insert function with its argument types, as ALTER and GRANT name it."""
+    row = conn.execute(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n "
+        "ON n.oid = p.pronamespace WHERE n.nspname = %s AND p.proname = %s",
+        (schema, f"{EVENTS_TABLE}_insert_new"),
+    ).fetchone()
+    assert row is not None, "the event store's insert function is missing"
+    return SQL(str(row[0]))
