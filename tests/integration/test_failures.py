@@ -20,7 +20,6 @@ from pipeline.errors import Reason
 from pipeline.ingest.deadletter import DeadLetters
 from pipeline.ingest.intake import delivery_info
 from pipeline.ops.embedded import EmbeddedNats, EmbeddedPostgres, free_port
-from pipeline.ops.migrate import migrate
 from pipeline.ops.simulate import Expect, Outgoing, Traffic, publish
 from pipeline.settings import Settings
 from pipeline.store.domain import event_id
@@ -68,9 +67,8 @@ async def test_redis_is_only_a_cache(
 
 
 def _pg_settings(nats_url: str, server: EmbeddedPostgres, **overrides: object) -> Settings:
-    """Settings on a PostgreSQL the test may stop, migrated by its superuser."""
     address = server.start()
-    settings = make_settings(
+    return make_settings(
         nats_url,
         "public",
         postgres_host=address.host,
@@ -79,8 +77,6 @@ def _pg_settings(nats_url: str, server: EmbeddedPostgres, **overrides: object) -
         postgres_connect_timeout_s=1.0,
         **overrides,
     )
-    migrate(settings)
-    return settings
 
 
 async def _count(worker: Worker) -> int:
