@@ -51,10 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.app import apply_streams
 from pipeline.ops.embedded import EmbeddedNats, EmbeddedPostgres
+from pipeline.ops.migrate import migrate
 from pipeline.ops.simulate import Outgoing, Traffic, publish
 from pipeline.settings import EVENT_DOMAINS, Settings
 from pipeline.store.domain import event_id
-from pipeline.store.eventstore import EventStore
 from schemas import Domain
 from streams import Subjects
 
@@ -184,9 +184,7 @@ def workspace(base: Settings) -> Iterator[Settings]:
     settings = base.model_copy(
         update={"namespace": namespace, "postgres_schema": schema, "metrics_port": 0}
     )
-    with psycopg.connect(**_conninfo(settings), autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    EventStore(settings.eventsourcing_env()).close()  # the table, before any worker races
+    migrate(settings)  # the schema, its tables and the roles, before any worker starts
     try:
         yield settings
     finally:
@@ -258,7 +256,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "PIPELINE_POSTGRES_HOST": settings.postgres_host,
         "PIPELINE_POSTGRES_PORT": str(settings.postgres_port),
         "PIPELINE_POSTGRES_DBNAME": settings.postgres_dbname,
-        "PIPELINE_POSTGRES_USER": settings.postgres_user,
+        # Workers connect as the writer role, as deployed (`pipeline db migrate` made it).
+        "PIPELINE_POSTGRES_USER": settings.postgres_role("writer"),
         "PIPELINE_POSTGRES_PASSWORD": settings.postgres_password,
         "PIPELINE_POSTGRES_SCHEMA": settings.postgres_schema,
         "PIPELINE_BATCH_SIZE": str(settings.batch_size),
@@ -357,7 +356,7 @@ def fault_run(
                 "metrics_port": 0,
             }
         )
-        EventStore(settings.eventsourcing_env()).close()  # the table, before any worker races
+        migrate(settings)  # the tables and the roles, before any worker starts
         try:
             with StoreWatcher(settings) as store:
                 # A few messages first (this also creates the streams and consumers).

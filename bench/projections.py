@@ -38,7 +38,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg.rows import tuple_row
@@ -46,12 +46,18 @@ from psycopg.sql import SQL, Identifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.ops.migrate import migrate
 from pipeline.ops.simulate import stored_events
 from pipeline.settings import Settings
 from pipeline.store.eventstore import EventStore
 from pipeline.store.reader import EventReader
 from projections import VIEWS
 from projections.rebuild import Rebuilt, rebuild_views
+
+
+def _as(settings: Settings, kind: Literal["writer", "projector", "api"]) -> Settings:
+    """`settings` connecting as one of the store's roles, as that part is deployed."""
+    return settings.model_copy(update={"postgres_user": settings.postgres_role(kind)})
 
 
 def _connect(settings: Settings) -> psycopg.Connection[Any]:
@@ -172,6 +178,7 @@ def live_lag(settings: Settings, store: EventStore, rate: float, seconds: float)
     env = {
         **os.environ,
         "PIPELINE_POSTGRES_SCHEMA": settings.postgres_schema,
+        "PIPELINE_POSTGRES_USER": settings.postgres_role("projector"),
         "PIPELINE_PROJECTIONS_METRICS_PORT": "0",
     }
     service = subprocess.Popen(
@@ -242,9 +249,8 @@ def live_lag(settings: Settings, store: EventStore, rate: float, seconds: float)
 def main(args: argparse.Namespace) -> dict[str, Any]:
     base = Settings()
     settings = base.model_copy(update={"postgres_schema": args.schema})
-    with _connect(settings) as conn:
-        conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(args.schema)))
-    store = EventStore(settings.eventsourcing_env())
+    migrate(settings)  # the schema, tables and roles; each part below runs as its role
+    store = EventStore(_as(settings, "writer").eventsourcing_env())
     try:
         with _connect(settings) as conn:
             have = EventReader(args.schema).head(conn)
@@ -261,7 +267,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         rates = {}
         for label, jobs in (("one process, view after view", 1), ("a process per core", None)):
             print(f"  {label}:")
-            views, seconds = rebuild_all(settings, jobs)
+            views, seconds = rebuild_all(_as(settings, "projector"), jobs)
             events = sum(v["events"] for v in views.values())
             rates[jobs] = events / seconds
             print(
@@ -269,7 +275,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 f"events/s (ratio to the bare read {rates[jobs] / read_rate:.2f})"
             )
         rebuild_rate = rates[None]
-        p50, p99 = api_latency(settings, args.api_requests)
+        p50, p99 = api_latency(_as(settings, "api"), args.api_requests)
         print(
             f"(c) API, main list query ({args.api_requests} requests): "
             f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"

@@ -22,6 +22,7 @@ from ..app import Worker, apply_streams_once
 from ..metrics import serve_metrics
 from ..settings import ALL_DOMAINS, EVENT_DOMAINS, Settings
 from .embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from .migrate import migrate
 from .simulate import Cameras, Outgoing, Traffic, publish
 
 __all__ = ["run_demo"]
@@ -92,20 +93,22 @@ async def run_demo(
         )
         if cameras:
             say(f"detector {settings.detector_model} on a local Ray: loading the model")
-        # The operator's step, then the worker (which only checks the streams).
+        # The owner's and the operator's steps; then each process as its own role.
+        await anyio.to_thread.run_sync(migrate, settings)
         await apply_streams_once(settings)
-        worker = await parts.enter_async_context(Worker(settings))
+        role = _roles(settings)
+        worker = await parts.enter_async_context(Worker(role["writer"]))
         server = serve_metrics(worker.metrics, settings.metrics_host, metrics_port, worker.ready)
         parts.callback(server.shutdown)
         say(
             f"metrics on http://127.0.0.1:{metrics_port}/metrics "
             f"(health: /healthz, /readyz); Ctrl-C stops"
         )
-        views = ProjectionService(settings)
+        views = ProjectionService(role["projector"])
         await anyio.to_thread.run_sync(views.start)
         parts.push_async_callback(anyio.to_thread.run_sync, lambda: views.stop())
         api_stop, api_started = asyncio.Event(), asyncio.Event()
-        api = asyncio.create_task(run_api(settings, api_stop, api_started))
+        api = asyncio.create_task(run_api(role["api"], api_stop, api_started))
         await asyncio.wait(
             {api, asyncio.create_task(api_started.wait())}, return_when=asyncio.FIRST_COMPLETED
         )
@@ -129,6 +132,15 @@ async def run_demo(
             say=say,
         )
     say("stopped")
+
+
+def _roles(settings: Settings) -> dict[str, Settings]:
+    """The settings of each process, connecting as its role (the embedded server trusts
+    its local connections, so the roles need no password)."""
+    return {
+        kind: settings.model_copy(update={"postgres_user": settings.postgres_role(kind)})
+        for kind in ("writer", "projector", "api")
+    }
 
 
 async def _stop_api(api: asyncio.Task[None], stop: asyncio.Event) -> None:
