@@ -20,6 +20,7 @@ from pipeline.errors import Reason
 from pipeline.ingest.deadletter import DeadLetters
 from pipeline.ingest.intake import delivery_info
 from pipeline.ops.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from pipeline.ops.migrate import migrate
 from pipeline.ops.simulate import Expect, Outgoing, Traffic, publish
 from pipeline.settings import Settings
 from pipeline.store.domain import event_id
@@ -67,8 +68,9 @@ async def test_redis_is_only_a_cache(
 
 
 def _pg_settings(nats_url: str, server: EmbeddedPostgres, **overrides: object) -> Settings:
+    """Settings on a PostgreSQL the test may stop, migrated by its superuser."""
     address = server.start()
-    return make_settings(
+    settings = make_settings(
         nats_url,
         "public",
         postgres_host=address.host,
@@ -77,6 +79,8 @@ def _pg_settings(nats_url: str, server: EmbeddedPostgres, **overrides: object) -
         postgres_connect_timeout_s=1.0,
         **overrides,
     )
+    migrate(settings)
+    return settings
 
 
 async def _count(worker: Worker) -> int:
