@@ -177,7 +177,7 @@ def _alive(url: str) -> bool:
 
 
 def _time(value: str) -> datetime:
-    """ISO 8601 (UTC when no offset is given), or a duration ago: 90s, 15m, 2h, 1d."""
+    """ISO 8601 with its offset (as the API takes it), or a duration ago: 90s, 15m, 2h, 1d."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
         return datetime.now(UTC) - timedelta(seconds=float(value[:-1]) * units[value[-1]])
@@ -187,7 +187,11 @@ def _time(value: str) -> datetime:
         raise argparse.ArgumentTypeError(
             f"{value!r} is neither an ISO 8601 time nor a duration such as 15m or 2h"
         ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    if parsed.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} has no UTC offset: add one (Z, +01:00), as in {value}Z"
+        )
+    return parsed
 
 
 async def _replay(args: argparse.Namespace) -> None:

@@ -145,6 +145,9 @@ def test_time_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["replay", "security", "--since", "yesterday"])
     assert "neither an ISO 8601 time nor a duration" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a time means one thing: its offset is given
+        main(["replay", "security", "--since", "2026-11-27T10:00:00"])
+    assert "has no UTC offset: add one" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
