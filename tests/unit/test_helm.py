@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -190,7 +191,9 @@ def test_every_process_and_the_nats_exporter_are_scraped(values_file: str | None
             "nats" if endpoint["port"] == "nats-metrics" else "pipeline-$1"
         )
     policies = {
-        m["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]: m["spec"]["ingress"]
+        m["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]: m["spec"].get(
+            "ingress", []
+        )
         for m in manifests
         if m["kind"] == "NetworkPolicy"
     }
@@ -224,3 +227,155 @@ def test_the_nats_exporter_runs_with_documented_flags_and_the_compose_files_imag
     assert container["args"][-1] == values["natsExporter"]["monitoringUrl"]
     [port] = container["ports"]
     assert f"-port={port['containerPort']}" in container["args"]
+
+
+HOOK = "pre-install,pre-upgrade"
+KINDS = {"worker": "writer", "projections": "projector", "api": "api"}
+"""Each Deployment's PostgreSQL role (`pipeline db migrate` makes them)."""
+
+
+def _values(values_file: str | None) -> dict[str, Any]:
+    """The chart's values with a values file over them (top-level keys merged)."""
+    values: dict[str, Any] = yaml.safe_load((CHART / "values.yaml").read_text())
+    if values_file:
+        for key, value in yaml.safe_load((CHART / values_file).read_text()).items():
+            merged = {**values[key], **value} if isinstance(value, dict) else value
+            values[key] = merged
+    return values
+
+
+def _jobs(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        m["metadata"]["labels"]["app.kubernetes.io/component"]: m
+        for m in manifests
+        if m["kind"] == "Job"
+    }
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+def _secret_of(pod: dict[str, Any], container: dict[str, Any], path: str) -> str:
+    """The Secret a file of the container comes from (it must be a mounted Secret)."""
+    [mount] = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return str(volume["secret"]["secretName"])
+
+
+@pytest.mark.parametrize("values_file", [None, "values-dev.yaml", "values-prod.yaml"])
+def test_the_migration_then_the_streams_run_as_hooks_before_the_processes(
+    values_file: str | None,
+) -> None:
+    """`pipeline db migrate` as the owner, then `pipeline streams apply` as the NATS
+    operator, as pre-install and pre-upgrade hooks, with their NetworkPolicies first."""
+    manifests, values = _render(values_file), _values(values_file)
+    jobs = _jobs(manifests)
+    assert sorted(jobs) == ["db-migrate", "streams-apply"]
+    weights = {}
+    for name, job in jobs.items():
+        annotations = job["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == HOOK
+        assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"]
+        weights[name] = int(annotations["helm.sh/hook-weight"])
+        assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert weights["db-migrate"] < weights["streams-apply"], "the migration runs first"
+    pod = jobs["db-migrate"]["spec"]["template"]["spec"]
+    [migrate] = pod["containers"]
+    env = _env(migrate)
+    assert migrate["args"] == ["db", "migrate"]
+    assert env["PIPELINE_POSTGRES_USER"] == values["postgres"]["owner"]["user"]
+    secret = _secret_of(pod, migrate, env["PIPELINE_POSTGRES_PASSWORD_FILE"])
+    assert secret == values["postgres"]["owner"]["passwordSecret"]
+    for role, role_values in values["postgres"]["roles"].items():
+        path = env[f"PIPELINE_POSTGRES_{role.upper()}_PASSWORD_FILE"]
+        assert _secret_of(pod, migrate, path) == role_values["passwordSecret"]
+    pod = jobs["streams-apply"]["spec"]["template"]["spec"]
+    [apply] = pod["containers"]
+    env = _env(apply)
+    assert apply["args"] == ["streams", "apply"]
+    assert env["PIPELINE_NATS_USER"] == values["nats"]["operator"]["user"] == "operator"
+    secret = _secret_of(pod, apply, env["PIPELINE_NATS_PASSWORD_FILE"])
+    assert secret == values["nats"]["operator"]["passwordSecret"]
+    policies = {
+        m["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]: m
+        for m in manifests
+        if m["kind"] == "NetworkPolicy"
+    }
+    if not values["networkPolicy"]["enabled"]:
+        assert not set(jobs) & set(policies)
+        return
+    nats_port = urlsplit(values["nats"]["url"]).port or 4222
+    ports = {"db-migrate": values["postgres"]["port"], "streams-apply": nats_port}
+    for name, port in ports.items():
+        policy = policies[name]
+        annotations = policy["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == HOOK  # pre-install: before the release's own
+        assert int(annotations["helm.sh/hook-weight"]) < weights[name]
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+        assert not policy["spec"].get("ingress")
+        opened = {(p["port"], p["protocol"]) for r in policy["spec"]["egress"] for p in r["ports"]}
+        assert opened == {(53, "UDP"), (53, "TCP"), (port, "TCP")}
+
+
+@pytest.mark.parametrize("values_file", [None, "values-prod.yaml"])
+def test_each_deployment_connects_as_its_role_with_its_own_secret(
+    values_file: str | None,
+) -> None:
+    """Worker, projections and API log in as the roles the migration makes, each with the
+    Secret the migration set its password from; none holds the owner's or another's."""
+    manifests, values = _render(values_file), _values(values_file)
+    roles = Settings(_env_file=None, postgres_roles_prefix=values["postgres"]["rolesPrefix"])
+    migrate_pod = _jobs(manifests)["db-migrate"]["spec"]["template"]["spec"]
+    [migrate] = migrate_pod["containers"]
+    secrets = {}
+    for component, deployment in _pipeline_deployments(manifests).items():
+        kind = KINDS[component]
+        pod = deployment["spec"]["template"]["spec"]
+        for container in pod["containers"]:
+            env = _env(container)
+            assert env["PIPELINE_POSTGRES_USER"] == roles.postgres_role(kind)  # type: ignore[arg-type]
+            secret = _secret_of(pod, container, env["PIPELINE_POSTGRES_PASSWORD_FILE"])
+            assert secret == values["postgres"]["roles"][kind]["passwordSecret"]
+            role_file = _env(migrate)[f"PIPELINE_POSTGRES_{kind.upper()}_PASSWORD_FILE"]
+            assert _secret_of(migrate_pod, migrate, role_file) == secret
+            secrets[component] = secret
+        mounted = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        assert values["postgres"]["owner"]["passwordSecret"] not in mounted, component
+        assert not (mounted & set(secrets.values())) - {secrets[component]}, component
+    assert len(set(secrets.values())) == 3
+
+
+def test_the_streams_job_applies_what_the_worker_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.app import stream_definitions
+
+    from .test_deploy import settings_of
+
+    manifests = _render("values-prod.yaml")
+    [apply] = _jobs(manifests)["streams-apply"]["spec"]["template"]["spec"]["containers"]
+    applied = stream_definitions(settings_of(_env(apply), monkeypatch))
+    worker = _pipeline_deployments(manifests)["worker"]
+    for container in worker["spec"]["template"]["spec"]["containers"]:
+        assert stream_definitions(settings_of(_env(container), monkeypatch)) == applied
+        assert _env(container)["PIPELINE_NATS_URL"] == _env(apply)["PIPELINE_NATS_URL"]
+
+
+@pytest.mark.parametrize("values_file", [None, "values-dev.yaml", "values-prod.yaml"])
+def test_no_secret_is_inlined_and_every_secret_file_is_a_mounted_secret(
+    values_file: str | None,
+) -> None:
+    fields = {f"PIPELINE_{name.upper()}" for name in Settings.model_fields}
+    for manifest in _render(values_file):
+        if manifest["kind"] not in ("Deployment", "Job"):
+            continue
+        pod = manifest["spec"]["template"]["spec"]
+        for container in pod["containers"]:
+            for variable in container.get("env", []):
+                name = variable["name"]
+                if name.startswith("PIPELINE_"):
+                    assert name in fields, name
+                secret = any(word in name for word in ("PASSWORD", "TOKEN", "REDIS_URL"))
+                if secret and not name.endswith("_FILE"):
+                    assert "value" not in variable, f"{manifest['metadata']['name']}: {name}"
+                if name.endswith("_FILE") and variable["value"].startswith("/run/secrets/"):
+                    assert _secret_of(pod, container, variable["value"])

@@ -26,10 +26,36 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.postgres.port | quote }}
 - name: PIPELINE_POSTGRES_DBNAME
   value: {{ .Values.postgres.dbname | quote }}
+- name: PIPELINE_POSTGRES_ROLES_PREFIX
+  value: {{ .Values.postgres.rolesPrefix | quote }}
+{{- end -}}
+
+{{/* Log in to PostgreSQL as role `role` (writer, projector, api: made by `pipeline db
+migrate`), its password from the Secret mounted at /run/secrets/postgres. */}}
+{{- define "pipeline.postgresRole" -}}
 - name: PIPELINE_POSTGRES_USER
-  value: {{ .Values.postgres.user | quote }}
+  value: {{ printf "%s_%s" .root.Values.postgres.rolesPrefix .role | quote }}
 - name: PIPELINE_POSTGRES_PASSWORD_FILE
   value: /run/secrets/postgres/password
+{{- end -}}
+
+{{/* What the streams and consumers are made of: the streams Job applies them, the worker
+checks them at start and refuses to run on a missing or drifted one. Both read these. */}}
+{{- define "pipeline.streamsEnv" -}}
+- name: PIPELINE_DOMAINS
+  value: {{ .Values.worker.domains | quote }}
+- name: PIPELINE_NATS_URL
+  value: {{ .Values.nats.url | quote }}
+{{- if .Values.nats.caSecret }}
+- name: PIPELINE_NATS_TLS_CA_FILE
+  value: /run/secrets/nats-ca/ca.pem
+{{- end }}
+{{- end -}}
+
+{{/* The port of nats.url (4222 when it names none). */}}
+{{- define "pipeline.natsPort" -}}
+{{- $host := (urlParse .Values.nats.url).host -}}
+{{- if contains ":" $host }}{{ last (splitList ":" $host) }}{{ else }}4222{{ end -}}
 {{- end -}}
 
 {{- define "pipeline.probes" -}}
