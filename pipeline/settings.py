@@ -26,6 +26,7 @@ _SECRETS = (
     "postgres_api_password",
     "postgres_auditor_password",
     "redis_url",
+    "ray_auth_token",
     "api_tokens",
 )
 """Settings that may come from a file named by `PIPELINE_<NAME>_FILE`."""
@@ -88,6 +89,9 @@ class Settings(BaseSettings):
 
     # Detector (Ultralytics YOLO) and its Ray actor pool
     detector_model: str = "yolov8n.yaml"
+    detector_model_sha256: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = Field(
+        "", description="SHA-256 of the model file (hex), checked before the file is loaded"
+    )
     detector_device: str = ""
     detector_imgsz: Annotated[int, Field(ge=32, le=4096)] = 640
     detector_conf: Annotated[float, Field(ge=0, le=1)] = 0.25
@@ -107,6 +111,9 @@ class Settings(BaseSettings):
         "", description="ray://host:10001 or host:6379; empty: RAY_ADDRESS or a local Ray"
     )
     ray_num_cpus: Annotated[int, Field(ge=1)] | None = None
+    # Ray's token authentication: the cluster's token (a Kubernetes/compose secret); a
+    # local Ray without one gets a random token of its own
+    ray_auth_token: str = ""
 
     # PostgreSQL event store
     postgres_host: str = "127.0.0.1"
@@ -147,6 +154,8 @@ class Settings(BaseSettings):
 
     # Redis cache of committed ids (optional)
     redis_url: str | None = None
+    # The CA that signed the Redis server's certificate (rediss:// URLs); empty: the system's
+    redis_tls_ca_file: str = ""
     dedup_ttl_s: Annotated[int, Field(ge=1)] = 24 * 3600
 
     # Metrics endpoint
@@ -164,7 +173,12 @@ class Settings(BaseSettings):
     # Secrets read from files (a mounted secret) instead of the variables above
     nats_password_file: str = ""
     postgres_password_file: str = ""
+    postgres_writer_password_file: str = ""
+    postgres_projector_password_file: str = ""
+    postgres_api_password_file: str = ""
+    postgres_auditor_password_file: str = ""
     redis_url_file: str = ""
+    ray_auth_token_file: str = ""
     api_tokens_file: str = ""
 
     @model_validator(mode="before")
@@ -252,10 +266,37 @@ class Settings(BaseSettings):
             )
         if not self.postgres_password:
             missing.append("a database password: PIPELINE_POSTGRES_PASSWORD(_FILE)")
-        if nats and self.redis_url and not urlsplit(self.redis_url).password:
-            missing.append("a Redis password in PIPELINE_REDIS_URL(_FILE): redis://:PASSWORD@host")
+        if nats and self.redis_url:
+            redis = urlsplit(self.redis_url)
+            if not redis.password or redis.username in (None, "", "default"):
+                # The default user may do anything; the pipeline's own ACL user only
+                # what the id cache needs (see pipeline/ingest/dedup.py).
+                missing.append(
+                    "a Redis ACL user and password in PIPELINE_REDIS_URL(_FILE): "
+                    "redis://pipeline:PASSWORD@host (or rediss://)"
+                )
+        if nats and Domain.FRAMES in self.domains:
+            missing.extend(self._unsafe_detector())
         if api and not self.api_tokens:
             missing.append("API tokens: PIPELINE_API_TOKENS(_FILE)")
+        return missing
+
+    def _unsafe_detector(self) -> list[str]:
+        """What the frames' detector lacks in production: real weights whose hash is
+        pinned, and the Ray cluster's token."""
+        missing = []
+        if Path(self.detector_model).suffix.lower() in (".yaml", ".yml"):
+            missing.append(
+                f"trained weights: PIPELINE_DETECTOR_MODEL is {self.detector_model!r}, a model "
+                "YAML with random weights (name a .pt, .onnx or .engine file)"
+            )
+        elif not self.detector_model_sha256:
+            missing.append(
+                "the model file's hash: PIPELINE_DETECTOR_MODEL_SHA256 (sha256sum of "
+                f"{self.detector_model})"
+            )
+        if self.ray_address and not self.ray_auth_token:
+            missing.append("the Ray cluster's token: PIPELINE_RAY_AUTH_TOKEN(_FILE)")
         return missing
 
     def nats_options(self) -> dict[str, Any]:

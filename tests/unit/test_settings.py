@@ -87,12 +87,52 @@ def test_production_refuses_to_start_without_each_secret() -> None:
         update={
             "nats_creds_file": "/run/secrets/worker.creds",
             "postgres_password": "pw",
-            "redis_url": "redis://:pw@cache:6379/0",
+            "redis_url": "redis://pipeline:pw@cache:6379/0",
             "api_tokens": {"t": ("read",)},
+            "detector_model": "/models/yolo11n.onnx",
+            "detector_model_sha256": "0" * 64,
         }
     )
     safe.refuse_unsafe(nats=True, api=True)
     Settings(_env_file=None).refuse_unsafe(nats=True, api=True)  # development: anything goes
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"redis_url": "redis://:pw@cache:6379/0"}, "a Redis ACL user"),
+        ({"redis_url": "rediss://default:pw@cache:6379/0"}, "a Redis ACL user"),
+        ({"redis_url": "redis://pipeline@cache:6379/0"}, "a Redis ACL user"),
+        ({"detector_model": "yolov8n.yaml"}, "PIPELINE_DETECTOR_MODEL is 'yolov8n.yaml'"),
+        ({"detector_model_sha256": ""}, "PIPELINE_DETECTOR_MODEL_SHA256"),
+        ({"ray_auth_token": ""}, "PIPELINE_RAY_AUTH_TOKEN(_FILE)"),
+    ],
+)
+def test_production_refuses_the_default_redis_user_random_weights_and_unpinned_models(
+    change: dict[str, str], named: str
+) -> None:
+    safe = Settings(
+        _env_file=None,
+        env="production",
+        nats_creds_file="/run/secrets/worker.creds",
+        postgres_password="pw",
+        redis_url="rediss://pipeline:pw@cache:6379/0",
+        detector_model="/models/yolo11n.pt",
+        detector_model_sha256="ab" * 32,
+        ray_address="ray://head:10001",
+        ray_auth_token="t0ken",
+    )
+    safe.refuse_unsafe(nats=True)
+    unsafe = safe.model_copy(update=change)
+    with pytest.raises(ConfigError) as refused:
+        unsafe.refuse_unsafe(nats=True)
+    assert named in str(refused.value)
+    if "detector" in next(iter(change)) or "ray" in next(iter(change)):
+        # Without frames there is no detector to check.
+        no_frames = unsafe.model_copy(update={"domains": (Domain.SECURITY,)})
+        no_frames.refuse_unsafe(nats=True)
+    with pytest.raises(ValidationError, match="detector_model_sha256"):
+        Settings(_env_file=None, detector_model_sha256="ABC")
 
 
 def test_secrets_can_come_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,3 +198,11 @@ def test_the_broker_authenticates_as_the_connections_do(tmp_path: Path) -> None:
     )
     assert isinstance(creds["security"], NatsCredentials)
     assert creds["security"].ssl_context is not None
+
+
+def test_the_roles_passwords_come_from_files(tmp_path: Path) -> None:
+    secret = tmp_path / "writer"
+    secret.write_text("w-secret\n")
+    settings = Settings(_env_file=None, postgres_writer_password_file=str(secret))
+    assert settings.postgres_writer_password == "w-secret"
+    assert settings.postgres_role("writer") == "pipeline_writer"
