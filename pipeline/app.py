@@ -38,7 +38,7 @@ from .detection.frames import FrameIntake
 from .detection.pool import DetectorPool, PoolConfig, connect_ray
 from .errors import ConfigError, StoreUnavailable
 from .ingest.deadletter import DeadLetters
-from .ingest.dedup import CommittedIds
+from .ingest.dedup import CommittedIds, key_prefix
 from .ingest.intake import Intake, IntakeServices
 from .ingest.natsfix import ensure_fetch_timeout_contract
 from .ingest.pause import Pauses
@@ -267,9 +267,12 @@ class Worker:
                 f"/{s.postgres_dbname}: {exc}",
             ) from exc
         if s.redis_url:
-            prefix = f"pipeline:{s.namespace or 'default'}:committed"
             self._cache = CommittedIds(
-                s.redis_url, ttl_s=s.dedup_ttl_s, prefix=prefix, metrics=self.metrics
+                s.redis_url,
+                ttl_s=s.dedup_ttl_s,
+                prefix=key_prefix(s.namespace),
+                metrics=self.metrics,
+                tls_ca_file=s.redis_tls_ca_file,
             )
         dead_letters = DeadLetters(
             self._admin.jetstream(),
@@ -402,7 +405,14 @@ class Worker:
         """Connect to Ray (or start it locally) and load the model in every actor."""
         s = self.settings
         try:
-            self._ray_started = connect_ray(s.ray_address, num_cpus=s.ray_num_cpus)
+            self._ray_started = connect_ray(
+                s.ray_address,
+                num_cpus=s.ray_num_cpus,
+                auth_token=s.ray_auth_token,
+                require_auth=s.env == "production",
+            )
+        except ConfigError:
+            raise
         except Exception as exc:
             raise ConfigError(
                 "PIPELINE_RAY_ADDRESS", f"cannot connect to Ray ({s.ray_address!r}): {exc}"

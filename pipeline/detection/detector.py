@@ -4,7 +4,12 @@ The detector loads whichever file the configuration names: PyTorch `.pt`, ONNX
 `.onnx` (through ONNX Runtime), TensorRT `.engine`,
 or a model YAML such as `yolov8n.yaml` for a randomly initialised model (tests and
 offline demos; seeded, so every actor builds the same weights). It never downloads
-anything unless the file named is an official Ultralytics model that is not on disk.
+anything unless the file named is an official Ultralytics model that is not on disk, and
+never in production (`offline`: Ultralytics runs with `YOLO_OFFLINE`).
+
+A `.pt` file is a pickle: loading it can run code. With `sha256` set (always in
+production), the file's SHA-256 is computed and compared before anything loads it, and a
+file with another hash is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ __all__ = [
     "UltralyticsDetector",
     "export_model",
     "model_format",
+    "verified_sha256",
 ]
 
 FORMATS = {".pt": "pytorch", ".onnx": "onnx", ".engine": "engine", ".yaml": "yaml"}
@@ -49,6 +55,8 @@ class DetectorConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str = "yolov8n.yaml"
+    sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$", description="the file's, if pinned")
+    offline: bool = Field(False, description="never let Ultralytics download (production)")
     device: str = Field(
         "", description="'cpu', 'cuda:0', ...; empty picks cuda:0 if a GPU is given"
     )
@@ -69,6 +77,8 @@ class DetectorConfig(BaseModel):
             raise ConfigError("PIPELINE_DETECTOR_MODEL", str(exc)) from None
         return cls(
             model=settings.detector_model,
+            sha256=settings.detector_model_sha256,
+            offline=settings.env == "production",
             device=settings.detector_device,
             imgsz=settings.detector_imgsz,
             conf=settings.detector_conf,
@@ -90,6 +100,25 @@ def model_format(model: str) -> str:
             "(export other formats with `pipeline model export`)"
         )
     return FORMATS[suffix]
+
+
+def verified_sha256(config: DetectorConfig) -> str:
+    """The SHA-256 of the model file, read before anything loads it; a `ConfigError` if it
+    differs from `config.sha256`, when that is set (or if the file is missing)."""
+    path = Path(config.model)
+    if not path.is_file():
+        raise ConfigError(
+            "PIPELINE_DETECTOR_MODEL",
+            f"model file {config.model!r} not found; set PIPELINE_DETECTOR_MODEL to a "
+            f"{', '.join(FORMATS)} file",
+        )
+    actual = _sha256(path)
+    if config.sha256 and actual != config.sha256:
+        raise ConfigError(
+            "PIPELINE_DETECTOR_MODEL_SHA256",
+            f"{config.model} has SHA-256 {actual}, not {config.sha256}: refusing to load it",
+        )
+    return actual
 
 
 def _sha256(path: Path) -> str:
@@ -122,6 +151,9 @@ class UltralyticsDetector:
 
     def __init__(self, config: DetectorConfig, *, gpu: bool = False) -> None:
         fmt = model_format(config.model)
+        if config.offline:
+            # Read by Ultralytics when it is first imported (an actor sets it before, too).
+            os.environ["YOLO_OFFLINE"] = "1"
         import torch
         from ultralytics import YOLO
 
@@ -132,6 +164,7 @@ class UltralyticsDetector:
         self._torch = torch
         self.config = config
         self.device = config.device or ("cuda:0" if gpu else "cpu")
+        download = False
         if fmt == "yaml":
             from ultralytics.nn.tasks import yaml_model_load
 
@@ -142,15 +175,18 @@ class UltralyticsDetector:
             torch.manual_seed(0)  # the same random weights in every actor
         else:
             path = Path(config.model)
-            official = fmt == "pytorch" and path.parent == Path(".")
-            if not path.exists() and not official:
-                raise FileNotFoundError(
-                    f"model file {config.model!r} not found; set PIPELINE_DETECTOR_MODEL to a "
-                    f"{', '.join(FORMATS)} file"
-                )
-        # A bare official name (yolo11n.pt) not on disk is downloaded by Ultralytics.
+            # A bare official name (yolo11n.pt) not on disk is downloaded by Ultralytics,
+            # in development only and when no hash is pinned.
+            download = (
+                fmt == "pytorch"
+                and path.parent == Path(".")
+                and not path.exists()
+                and not (config.sha256 or config.offline)
+            )
+            if not download:
+                sha256 = verified_sha256(config)  # before the file is loaded
         self._model = YOLO(str(path), task="detect")
-        if fmt != "yaml":
+        if fmt != "yaml" and download:
             path = Path(getattr(self._model, "ckpt_path", None) or path)
             sha256 = _sha256(path)
         if fmt in ("yaml", "pytorch"):

@@ -3,6 +3,10 @@
 It only ever learns an id after the commit, so it can never make the pipeline skip a
 message that is not stored. When Redis is slow or down the pipeline goes on without
 it (the event store's own check is authoritative) and tries Redis again a little later.
+
+It needs two commands, MGET and SET, on the keys under its prefix: `acl_rules` gives the
+Redis ACL rules of a user limited to exactly that (deploy/docker-compose.yml and the
+README's Redis paragraph use them), and the URL names that user.
 """
 
 from __future__ import annotations
@@ -11,24 +15,49 @@ import logging
 import time
 import uuid
 from collections.abc import Collection
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ..metrics import Metrics
 
-__all__ = ["CommittedIds"]
+__all__ = ["COMMANDS", "CommittedIds", "acl_rules", "key_prefix"]
 
 log = logging.getLogger(__name__)
 
 _PAUSE_AFTER_ERROR_S = 5.0
 
+COMMANDS = ("mget", "set")
+"""Every command the cache sends (besides the connection's own HELLO and AUTH)."""
+
+
+def key_prefix(namespace: str) -> str:
+    """The prefix of the cache's keys for a pipeline namespace (`PIPELINE_NAMESPACE`)."""
+    return f"pipeline:{namespace or 'default'}:committed"
+
+
+def acl_rules(prefix: str) -> str:
+    """Redis ACL rules for the cache's user: its keys and commands, no channels.
+
+    `ACL SETUSER <user> on ><password> <rules>`, or a `user` line of an ACL file.
+    """
+    return " ".join(
+        ["resetchannels", "resetkeys", f"~{prefix}:*", "-@all", *(f"+{c}" for c in COMMANDS)]
+    )
+
 
 class CommittedIds:
     """Cache of committed event ids, keyed `<prefix>:<uuid>` with a TTL."""
 
-    def __init__(self, url: str, *, ttl_s: int, prefix: str, metrics: Metrics) -> None:
-        self._redis = Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    def __init__(
+        self, url: str, *, ttl_s: int, prefix: str, metrics: Metrics, tls_ca_file: str = ""
+    ) -> None:
+        # rediss:// is TLS, checked against the system's CAs or `tls_ca_file`.
+        tls: dict[str, Any] = (
+            {"ssl_ca_certs": tls_ca_file} if tls_ca_file and url.startswith("rediss:") else {}
+        )
+        self._redis = Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, **tls)
         self._ttl_s = ttl_s
         self._prefix = prefix
         self._metrics = metrics

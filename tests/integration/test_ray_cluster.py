@@ -1,15 +1,19 @@
-"""The detector pool on an existing Ray cluster (`ray start --head`), through `ray://`."""
+"""The detector pool on an existing Ray cluster (`ray start --head`), through `ray://`:
+with Ray's token authentication on, and refused, naming both sides' versions, when the
+cluster's Python minor or Ray differs from the worker's."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,16 +24,27 @@ RAY = Path(sys.executable).parent / "ray"
 
 SCRIPT = """
 import asyncio, json, sys
+import pipeline.detection.pool as pool_module
 from pipeline.detection.detector import DetectorConfig
-from pipeline.detection.pool import DetectorPool, Frame, PoolConfig, connect_ray
+from pipeline.detection.pool import DetectorPool, Frame, PoolConfig, RayVersions, connect_ray
+from pipeline.errors import ConfigError
 from pipeline.ops.simulate import Cameras
 from streams import Subjects
 
+address, model, token, python = sys.argv[1:5]
+if python:  # this process claims another Python (the cluster's is the real one)
+    ray_version = pool_module.local_versions().ray
+    pool_module.local_versions = lambda: RayVersions(python, ray_version)
+
 async def main() -> None:
-    started = connect_ray(sys.argv[1])
+    try:
+        started = connect_ray(address, auth_token=token, require_auth=True)
+    except ConfigError as exc:
+        print(json.dumps({"refused": str(exc), "setting": exc.setting}))
+        return
     import ray
     pool = DetectorPool(
-        DetectorConfig(model=sys.argv[2], imgsz=320, conf=1e-5), PoolConfig(num_cpus=0.5)
+        DetectorConfig(model=model, imgsz=320, conf=1e-5), PoolConfig(num_cpus=0.5)
     )
     await pool.start()
     cameras = Cameras(Subjects(""), width=320, height=240, variants=2, seed=1)
@@ -45,9 +60,21 @@ asyncio.run(main())
 """
 
 
-@pytest.fixture
-def ray_head() -> Iterator[int]:
-    """A Ray head started with `ray start --block` in a process group of its own."""
+@dataclass(frozen=True)
+class RayHead:
+    """A Ray head with token authentication on: its client port and its token."""
+
+    client_port: int
+    token: str
+    home: Path
+    """A home folder without a token file (~/.ray/auth_token) for the clients."""
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    """A Ray head started with `ray start --block` in a process group of its own, its
+    token given in RAY_AUTH_TOKEN (as the compose file and the chart give it from a
+    secret)."""
     client_port = free_port()
     temp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # socket paths must stay short
     ports = {
@@ -64,12 +91,14 @@ def ray_head() -> Iterator[int]:
     args += ["--include-dashboard", "false", "--temp-dir", temp]
     for flag, port in ports.items():
         args += [flag, str(port)]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    token = secrets.token_hex(32)
+    home = tmp_path_factory.mktemp("home")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HOME": str(home)}
     head = subprocess.Popen(
         args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     try:
-        yield client_port
+        yield RayHead(client_port, token, home)
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -78,24 +107,63 @@ def ray_head() -> Iterator[int]:
             os.killpg(head.pid, signal.SIGKILL)
 
 
-def test_the_pool_runs_on_an_existing_cluster(ray_head: int, model_dir: Path) -> None:
+def _run(head: RayHead, model: Path, *, token: str, python: str = "") -> dict[str, object]:
+    """The script as a worker would run it, in an environment without Ray settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(head.home)
+    address = f"ray://127.0.0.1:{head.client_port}"
     deadline = time.monotonic() + 90
     while True:  # the head takes a few seconds to accept clients
         run = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                SCRIPT,
-                f"ray://127.0.0.1:{ray_head}",
-                str(model_dir / "yolov8n.onnx"),
-            ],
+            [sys.executable, "-c", SCRIPT, address, str(model), token, python],
             capture_output=True,
             text=True,
             timeout=180,
+            env=env,
         )
         if run.returncode == 0 or time.monotonic() > deadline:
             break
         time.sleep(2)
     assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result: dict[str, object] = json.loads(run.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_the_pool_runs_on_an_existing_cluster_with_its_token(
+    ray_head: RayHead, model_dir: Path
+) -> None:
+    result = _run(ray_head, model_dir / "yolov8n.onnx", token=ray_head.token)
     assert result == {"started": True, "cpus": 1.0, "analysed": 4}
+
+
+def test_a_client_without_the_token_is_refused(ray_head: RayHead, model_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(ray_head.home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
+    code = (
+        "import ray, sys; ray.init(sys.argv[1], logging_level='ERROR'); "
+        "print(ray.cluster_resources())"
+    )
+    _run(ray_head, model_dir / "yolov8n.onnx", token=ray_head.token)  # the head is up
+    for name, extra in (("a wrong token", {}), ("no token", {"RAY_AUTH_MODE": "disabled"})):
+        run = subprocess.run(
+            [sys.executable, "-c", code, f"ray://127.0.0.1:{ray_head.client_port}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**env, **extra},
+        )
+        assert run.returncode != 0, f"a client with {name} reached the cluster: {run.stdout}"
+        assert "CPU" not in run.stdout
+
+
+def test_a_cluster_of_another_python_is_refused_naming_both(
+    ray_head: RayHead, model_dir: Path
+) -> None:
+    import ray
+
+    cluster = ".".join(map(str, sys.version_info[:2]))
+    result = _run(ray_head, model_dir / "yolov8n.onnx", token=ray_head.token, python="3.99.0")
+    assert result["setting"] == "PIPELINE_RAY_ADDRESS"
+    message = str(result["refused"])
+    assert f"runs Python {cluster}." in message and f"Ray {ray.__version__}" in message
+    assert "this worker Python 3.99.0" in message

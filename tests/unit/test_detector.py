@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import cv2
@@ -10,7 +11,10 @@ import numpy as np
 import pytest
 
 from pipeline.detection.detector import DetectorConfig, UltralyticsDetector, model_format
+from pipeline.detection.pool import _yolo_env
+from pipeline.errors import ConfigError
 from pipeline.ops.simulate import sample_images
+from pipeline.settings import Settings
 
 # Random weights score every box near 1e-4: thresholds this low let boxes through.
 LOW_CONF = 1e-5
@@ -88,5 +92,74 @@ def test_formats_and_missing_files_give_clear_errors(tmp_path: Path) -> None:
     assert model_format("models/yolo11n.engine") == "engine"  # TensorRT: needs a GPU to load
     with pytest.raises(ValueError, match=r"a model is a \.pt, \.onnx, \.engine, \.yaml file"):
         model_format("model.tflite")
-    with pytest.raises(FileNotFoundError, match="PIPELINE_DETECTOR_MODEL"):
+    with pytest.raises(ConfigError, match=r"PIPELINE_DETECTOR_MODEL: model file .* not found"):
         UltralyticsDetector(DetectorConfig(model=str(tmp_path / "missing.engine")))
+
+
+class _Payload:
+    """Unpickled, it writes a marker file: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (Path.write_text, (self.marker, "unpickled"))  # type: ignore[return-value]
+
+
+def test_a_model_with_another_hash_is_refused_before_it_is_unpickled(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pickle
+
+    import torch
+
+    marker = tmp_path / "marker"
+    tampered = tmp_path / "yolov8n.pt"
+    tampered.write_bytes(pickle.dumps(_Payload(marker)))
+    genuine = hashlib.sha256((model_dir / "yolov8n.pt").read_bytes()).hexdigest()
+    real_load = torch.load
+
+    def no_load(*args: object, **kwargs: object) -> object:
+        pytest.fail("torch.load was called on a model whose hash was not checked")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    config = DetectorConfig(model=str(tampered), sha256=genuine)
+    with pytest.raises(ConfigError, match="PIPELINE_DETECTOR_MODEL_SHA256") as refused:
+        UltralyticsDetector(config)
+    assert hashlib.sha256(tampered.read_bytes()).hexdigest() in str(refused.value)
+    assert not marker.exists()
+
+    # The same file with its own hash pinned is loaded, and its pickle runs: what the
+    # check prevents.
+    monkeypatch.setattr(torch, "load", real_load)
+    own = hashlib.sha256(tampered.read_bytes()).hexdigest()
+    with pytest.raises(Exception):  # noqa: B017 - not a model, once unpickled
+        UltralyticsDetector(config.model_copy(update={"sha256": own}))
+    assert marker.read_text() == "unpickled"
+
+
+def test_a_pinned_hash_is_checked_and_recorded(model_dir: Path) -> None:
+    path = model_dir / "yolov8n.onnx"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    detector = UltralyticsDetector(DetectorConfig(model=str(path), imgsz=320, sha256=digest))
+    assert detector.provenance.sha256 == digest
+    with pytest.raises(
+        ConfigError, match=re.escape(f"{path} has SHA-256 {digest}, not {'0' * 64}")
+    ):
+        UltralyticsDetector(DetectorConfig(model=str(path), imgsz=320, sha256="0" * 64))
+
+
+def test_production_runs_ultralytics_offline_and_never_downloads(tmp_path: Path) -> None:
+    settings = Settings(
+        _env_file=None,
+        env="production",
+        detector_model="yolo11n.pt",
+        detector_model_sha256="1" * 64,
+    )
+    config = DetectorConfig.from_settings(settings)
+    assert config.offline and config.sha256 == "1" * 64
+    assert _yolo_env(offline=True)["YOLO_OFFLINE"] == "1"
+    # An official name not on disk would be downloaded in development; not here.
+    with pytest.raises(ConfigError, match=r"model file 'yolo11n\.pt' not found"):
+        UltralyticsDetector(config)
+    assert not Path("yolo11n.pt").exists()
