@@ -629,3 +629,44 @@ def test_the_dashboard_and_alerts_name_documented_nats_metrics() -> None:
     assert {n for n in named if n.startswith("jetstream_")}, "the dashboard shows JetStream"
     assert {n for n in named if n.startswith("gnatsd_healthz")}, "an alert watches NATS's health"
     assert named <= EXPORTER_METRICS, named - EXPORTER_METRICS
+
+
+def _image_versions(dockerfile: Path) -> tuple[set[str], set[str]]:
+    """The Python minors of an image's stages and the Ray it pins."""
+    text = dockerfile.read_text()
+    stages = re.findall(r"^FROM (\S+)", text, re.M)
+    pythons = {m.group(1) for s in stages if (m := re.match(r"python:(\d+\.\d+)\.\d+-", s))}
+    assert all(s.startswith("python:") for s in stages), f"{dockerfile.name}: {stages}"
+    rays = set(re.findall(r"^ARG RAY_VERSION=(\S+)$", text, re.M))
+    assert '"ray[client]==${RAY_VERSION}"' in text, f"{dockerfile.name} must install that Ray"
+    return pythons, rays
+
+
+def test_the_images_and_the_chart_run_one_python_minor_and_one_ray() -> None:
+    """A Ray client refuses a cluster of another Python minor or Ray: the worker's image,
+    the Ray nodes' image and the chart's RayCluster must agree (and this test run too)."""
+    import ray
+
+    cpu = _image_versions(DEPLOY / "Dockerfile")
+    gpu = _image_versions(DEPLOY / "Dockerfile.gpu")
+    assert cpu == gpu, f"Dockerfile runs {cpu}, Dockerfile.gpu {gpu}"
+    (python,), (ray_version,) = cpu
+    values = yaml.safe_load((DEPLOY / "helm" / "event-pipeline" / "values.yaml").read_text())
+    assert values["ray"]["kuberay"]["rayVersion"] == ray_version
+    assert (ray.__version__, f"{sys.version_info[0]}.{sys.version_info[1]}") == (
+        ray_version,
+        python,
+    ), "the tests run another Python or Ray than the images"
+
+
+def test_compose_gives_the_pipeline_a_redis_user_with_the_caches_rules_only() -> None:
+    from pipeline.ingest.dedup import acl_rules, key_prefix
+
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    script = compose["services"]["redis"]["command"][-1]
+    users = dict(re.findall(r"^printf 'user (\w+) on #%s ([^\\]+)\\n'", script, re.M))
+    assert users == {"default": "~* &* +@all", "pipeline": acl_rules(key_prefix(""))}
+    # Passwords reach Redis as SHA-256 hashes in the ACL file, never on a command line.
+    assert "requirepass" not in script and "on >" not in script
+    worker = compose["services"]["worker"]["environment"]
+    assert "PIPELINE_NAMESPACE" not in worker  # the rules are for the default namespace
