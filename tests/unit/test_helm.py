@@ -379,3 +379,51 @@ def test_no_secret_is_inlined_and_every_secret_file_is_a_mounted_secret(
                     assert "value" not in variable, f"{manifest['metadata']['name']}: {name}"
                 if name.endswith("_FILE") and variable["value"].startswith("/run/secrets/"):
                     assert _secret_of(pod, container, variable["value"])
+
+
+def test_ray_keeps_token_authentication_and_its_nodes_are_closed_both_ways() -> None:
+    """Every Ray node and the worker read the token from the same Secret; the nodes take
+    connections from each other and the worker's client port only, and reach only each
+    other and DNS."""
+    manifests, values = _render("values-prod.yaml"), _values("values-prod.yaml")
+    secret = values["ray"]["authTokenSecret"]
+    [cluster] = [m for m in manifests if m["kind"] == "RayCluster"]
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    selector = {
+        "app.kubernetes.io/name": "event-pipeline",
+        "app.kubernetes.io/instance": "pl",
+        "app.kubernetes.io/component": "ray",
+    }
+    for group in groups:
+        template = group["template"]
+        assert selector.items() <= template["metadata"]["labels"].items()
+        [node] = template["spec"]["containers"]
+        env = _env(node)
+        assert env["RAY_AUTH_MODE"] == "token"
+        assert _secret_of(template["spec"], node, env["RAY_AUTH_TOKEN_PATH"]) == secret
+    [worker] = [
+        m for m in manifests if m["kind"] == "Deployment" and m["metadata"]["name"] == "pl-worker"
+    ]
+    pod = worker["spec"]["template"]["spec"]
+    for container in pod["containers"]:
+        env = _env(container)
+        assert _secret_of(pod, container, env["PIPELINE_RAY_AUTH_TOKEN_FILE"]) == secret
+        assert env["PIPELINE_DETECTOR_MODEL_SHA256"] == values["detector"]["modelSha256"]
+
+    [policy] = [
+        m["spec"]
+        for m in manifests
+        if m["kind"] == "NetworkPolicy" and m["spec"]["podSelector"]["matchLabels"] == selector
+    ]
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    workers = {**selector, "app.kubernetes.io/component": "worker"}
+    assert policy["ingress"] == [
+        {"from": [{"podSelector": {"matchLabels": selector}}]},
+        {
+            "from": [{"podSelector": {"matchLabels": workers}}],
+            "ports": [{"port": 10001, "protocol": "TCP"}],
+        },
+    ]
+    [nodes, dns] = policy["egress"]
+    assert nodes == {"to": [{"podSelector": {"matchLabels": selector}}]}
+    assert {p["port"] for p in dns["ports"]} == {53} and all(t for t in dns["to"])

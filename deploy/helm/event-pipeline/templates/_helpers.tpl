@@ -83,3 +83,11 @@ securityContext:
 {{/* The name of worker process i's metrics port: `metrics` for the first, as every
 process's, then `metrics-1`, `metrics-2`... (its number is 9108 + i). */}}
 {{- define "pipeline.workerPort" -}}{{ if . }}metrics-{{ . }}{{ else }}metrics{{ end }}{{- end -}}
+
+{{/* Ray's token authentication on a Ray node: the token from the mounted secret. */}}
+{{- define "pipeline.rayAuthEnv" -}}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN_PATH
+  value: /run/secrets/ray/token
+{{- end -}}
