@@ -41,17 +41,34 @@ def _float_notation_may_differ(data: bytes) -> bool:
     """Whether orjson may have written a float unlike Python's `repr`.
 
     They differ only for magnitudes below 1e-4 (`0.00001` vs `1e-05`, `1.5e-7` vs
-    `1.5e-07`): such a number holds `0.0000` or a digit followed by `e-`. Text that
-    merely looks like it costs a slower encoding, never a wrong one.
+    `1.5e-07`): such a number holds `0.0000`, or a digit followed by `e-`. Only a number
+    counts (its text starts after `:`, `,` or `[`, and a sign), not the same characters
+    inside a string such as an id (`...5e-7...`); text that still looks like one costs a
+    slower encoding, never a wrong one.
     """
-    if b"0.0000" in data:
-        return True
-    at = data.find(b"e-")
+    find = data.find
+    at = find(b"e-")
     while at > 0:
-        if 48 <= data[at - 1] <= 57:  # a digit before the exponent
+        if 48 <= data[at - 1] <= 57 and _starts_a_number(data, at - 1, b"0123456789."):
             return True
-        at = data.find(b"e-", at + 2)
+        at = find(b"e-", at + 2)
+    at = find(b"0.0000")
+    while at > 0:
+        if _starts_a_number(data, at, b""):
+            return True
+        at = find(b"0.0000", at + 6)
     return False
+
+
+def _starts_a_number(data: bytes, at: int, digits: bytes) -> bool:
+    """Whether the text that ends in `digits` before `at` starts right after a JSON
+    delimiter (`:`, `,`, `[`, and a minus sign): a number, not part of a string."""
+    start = at
+    while start > 0 and data[start - 1] in digits:
+        start -= 1
+    if start > 0 and data[start - 1] == 45:  # a minus sign
+        start -= 1
+    return start > 0 and data[start - 1] in b":,["
 
 
 class OrjsonTranscoder(JSONTranscoder):
