@@ -94,19 +94,20 @@ def _grant(conn: psycopg.Connection[Any], schema: str, roles: dict[str, str]) ->
     events = SQL("{}.{}").format(s, Identifier(EVENTS_TABLE))
     writer, projector, api, auditor = (Identifier(roles[k]) for k in ROLES)
     positions = Positions(schema)
+    insert = _signature(conn, schema)
     statements = [
         # The insert function runs with its owner's rights (it takes the table lock so
         # positions commit in order); writers call it and may not insert directly.
         SQL("ALTER FUNCTION {} SECURITY DEFINER SET search_path = pg_catalog, pg_temp").format(
-            _signature(conn, schema)
+            insert
         ),
-        SQL("REVOKE ALL ON FUNCTION {} FROM PUBLIC").format(_signature(conn, schema)),
+        SQL("REVOKE ALL ON FUNCTION {} FROM PUBLIC").format(insert),
         SQL("REVOKE ALL ON {} FROM PUBLIC").format(events),
         SQL("GRANT USAGE ON SCHEMA {} TO {}, {}, {}, {}").format(
             s, writer, projector, api, auditor
         ),
         SQL("GRANT SELECT ON {} TO {}, {}, {}, {}").format(events, writer, projector, api, auditor),
-        SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(_signature(conn, schema), writer),
+        SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(insert, writer),
         # The projector keeps the views: it makes their tables (and a rebuild's shadow
         # tables, which it swaps in), so it creates in the schema and owns the positions.
         SQL("GRANT CREATE ON SCHEMA {} TO {}").format(s, projector),

@@ -7,6 +7,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -183,8 +184,6 @@ def _accept(domain: Domain, body: bytes, seq: int) -> Accepted:
     source = "api" if domain is Domain.METRICS else "door-7"
     subject = subjects.subject(domain, 1, source)
     decoded = decode(subjects, domain, subject, body, max_bytes=1 << 20)
-    from datetime import UTC, datetime
-
     return Accepted(
         domain=domain,
         message_id=decoded.message_id,

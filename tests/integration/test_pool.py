@@ -165,6 +165,13 @@ async def test_a_killed_actors_frames_go_through_once_it_is_restarted(
     assert pool.metrics.detector_restarts._value.get() == 1  # type: ignore[attr-defined]
 
 
+async def _record_pauses(pauses: Pauses, seen: set[str]) -> None:
+    """Add every pause line of `pauses` to `seen` until cancelled."""
+    while True:
+        seen.update(pauses.active())
+        await asyncio.sleep(0.05)
+
+
 async def test_a_hung_actor_is_replaced_and_its_batch_sent_to_the_new_one(
     make_pool, frames: list[Frame]
 ) -> None:
@@ -174,13 +181,7 @@ async def test_a_hung_actor_is_replaced_and_its_batch_sent_to_the_new_one(
     [pid] = await pool.actor_pids()
     os.kill(pid, signal.SIGSTOP)  # alive, but it never answers
     seen: set[str] = set()
-
-    async def watch_pauses() -> None:
-        while True:
-            seen.update(pauses.active())
-            await asyncio.sleep(0.05)
-
-    watcher = asyncio.create_task(watch_pauses())
+    watcher = asyncio.create_task(_record_pauses(pauses, seen))
     try:
         outcomes = await asyncio.wait_for(pool.detect(frames[:8]), timeout=120)
     finally:
@@ -264,13 +265,7 @@ async def test_actors_slower_than_the_timeout_pause_the_intake_and_fail_no_frame
         actors=2, max_batch=4, max_wait_s=0.0, batch_timeout_s=4.0, pauses=pauses
     )
     seen: set[str] = set()
-
-    async def watch_pauses() -> None:
-        while True:
-            seen.update(pauses.active())
-            await asyncio.sleep(0.05)
-
-    watcher = asyncio.create_task(watch_pauses())
+    watcher = asyncio.create_task(_record_pauses(pauses, seen))
     slow = asyncio.create_task(_stopped(await pool.actor_pids(), 7.0))
     try:
         futures = [await pool.submit(f) for f in frames[:4]]  # to one actor

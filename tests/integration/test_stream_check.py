@@ -21,7 +21,7 @@ async def test_a_worker_refuses_streams_nobody_applied_and_creates_none(
             pass
     assert "stream SECURITY does not exist" in str(refused.value)
     assert "consumer SECURITY/pipeline-security does not exist" in str(refused.value)
-    assert [s async for s in _stream_names(nc)] == []
+    assert await nc.jsm().streams_info() == []
 
 
 async def test_a_worker_refuses_a_consumer_that_drifted(settings: Settings, nc: Client) -> None:
@@ -47,8 +47,3 @@ async def test_an_operators_retention_is_reported_not_overwritten(
             pass
     assert (await jsm.stream_info("MONITORING")).config.max_age == 3600.0
     assert any("stream MONITORING: max_age" in r.getMessage() for r in caplog.records)
-
-
-async def _stream_names(nc: Client):  # type: ignore[no-untyped-def]
-    for info in await nc.jsm().streams_info():
-        yield info.config.name

@@ -33,20 +33,10 @@ def test_nats_conf_is_valid_for_the_server_the_pipeline_ships(tmp_path: Path) ->
         **{f"NATS_{role}_PASSWORD": "secret" for role in ROLES},
     }
     _self_signed(cert, key)
-    result = subprocess.run(
-        [str(nats_server_binary()), "-t", "-c", str(NATS_CONF)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    result = _check_nats_config(env)
     assert result.returncode == 0, result.stderr
     del env["NATS_WORKER_PASSWORD"]
-    missing = subprocess.run(
-        [str(nats_server_binary()), "-t", "-c", str(NATS_CONF)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    missing = _check_nats_config(env)
     assert missing.returncode != 0 and "NATS_WORKER_PASSWORD" in missing.stderr
 
 
@@ -277,13 +267,18 @@ def test_compose_gives_the_nats_server_password_hashes(tmp_path: Path) -> None:
         "NATS_TLS_CERT": str(cert),
         "NATS_TLS_KEY": str(key),
     }
-    result = subprocess.run(
+    result = _check_nats_config(env)
+    assert result.returncode == 0, result.stderr
+
+
+def _check_nats_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`nats-server -t` on the shipped configuration with `env` as its environment."""
+    return subprocess.run(
         [str(nats_server_binary()), "-t", "-c", str(NATS_CONF)],
         capture_output=True,
         text=True,
         env=env,
     )
-    assert result.returncode == 0, result.stderr
 
 
 def _block(text: str, start: int) -> str:
