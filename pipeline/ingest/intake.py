@@ -165,7 +165,8 @@ class Intake:
         self._label = domain.value
         self._committing: asyncio.Task[None] | None = None
         # Messages in hand for long (a slow detector, a server down) are marked in
-        # progress every third of the ack wait, so JetStream does not redeliver them.
+        # progress every third of the ack wait, so JetStream does not redeliver them:
+        # by hold, when it was last marked (or taken) and its messages.
         self._held: dict[int, tuple[float, Sequence[Delivery]]] = {}
         self._progress_every = ack_wait_s / 3
         self._keeper: asyncio.Task[None] | None = None
@@ -253,13 +254,17 @@ class Intake:
         self._held.pop(key, None)
 
     async def _keep_in_progress(self) -> None:
+        # Looks four times per interval, so a hold is marked within 1.25 intervals of
+        # being taken or last marked: most of the ack wait is left for a busy event loop.
         while True:
-            await asyncio.sleep(self._progress_every)
+            await asyncio.sleep(self._progress_every / 4)
             due = time.monotonic() - self._progress_every
-            for since, msgs in list(self._held.values()):
+            for key, (since, msgs) in list(self._held.items()):
                 if since <= due:
                     for msg in msgs:
                         await self._settle(msg.in_progress())
+                    if key in self._held:
+                        self._held[key] = (time.monotonic(), msgs)
 
     # -- verdicts ----------------------------------------------------------------------
 
