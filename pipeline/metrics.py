@@ -19,7 +19,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 
-__all__ = ["Metrics", "ProjectionMetrics", "serve_metrics"]
+__all__ = ["AuditMetrics", "Metrics", "ProjectionMetrics", "serve_metrics"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -251,6 +251,57 @@ class ProjectionMetrics:
         )
 
 
+class AuditMetrics:
+    """Every metric the audit log's process exports; one instance per registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.leaves = Counter(
+            "pipeline_audit_leaves_total", "Events appended to the audit log.", registry=r
+        )
+        self.size = Gauge("pipeline_audit_log_size", "Leaves in the audit log.", registry=r)
+        self.position = Gauge(
+            "pipeline_audit_position", "Store position of the last logged event.", registry=r
+        )
+        self.checkpoint_size = Gauge(
+            "pipeline_audit_checkpoint_size",
+            "Leaves covered by the latest signed checkpoint.",
+            registry=r,
+        )
+        self.checkpoint_age = Gauge(
+            "pipeline_audit_checkpoint_age_seconds",
+            "Seconds since the first leaf no signed checkpoint covers was logged (0: all are).",
+            registry=r,
+        )
+        self.checkpoints = Counter(
+            "pipeline_audit_checkpoints_total", "Checkpoints signed and stored.", registry=r
+        )
+        self.signing_failures = Counter(
+            "pipeline_audit_signing_failures_total",
+            "Checkpoints not signed because a key could not sign (HSM away, wrong PIN).",
+            registry=r,
+        )
+        self.sign_seconds = Histogram(
+            "pipeline_audit_sign_seconds",
+            "Time one key took to sign a checkpoint.",
+            ["key"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "pipeline_audit_batch_seconds",
+            "Time to read, hash and commit one batch of leaves.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.active = Gauge(
+            "pipeline_audit_active",
+            "1 if this process keeps the audit log, 0 while another one does (standby).",
+            registry=r,
+        )
+
+
 class _Quiet(WSGIRequestHandler):
     """No access log line per scrape or probe."""
 
@@ -263,7 +314,10 @@ Readiness = Callable[[], list[str]]
 
 
 def serve_metrics(
-    metrics: Metrics | ProjectionMetrics, host: str, port: int, ready: Readiness | None = None
+    metrics: Metrics | ProjectionMetrics | AuditMetrics,
+    host: str,
+    port: int,
+    ready: Readiness | None = None,
 ) -> WSGIServer:
     """Serve `/metrics`, `/healthz` and `/readyz` from a background thread.
 

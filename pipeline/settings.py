@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from schemas import Domain
 
@@ -28,6 +28,7 @@ _SECRETS = (
     "redis_url",
     "ray_auth_token",
     "api_tokens",
+    "audit_hsm_pin",
 )
 """Settings that may come from a file named by `PIPELINE_<NAME>_FILE`."""
 
@@ -152,6 +153,24 @@ class Settings(BaseSettings):
         description='bearer token -> scopes, as JSON: {"<token>": ["read", "operate"]}',
     )
 
+    # The audit trail (`pipeline run audit`): a Merkle log over every stored event and
+    # checkpoints signed by an Ed25519 key in an HSM (PKCS#11) and an ML-DSA-65 key file
+    audit_origin: Annotated[str, Field(pattern=r"^([^\s+]{1,200})?$")] = Field(
+        "", description="the log's name in its checkpoints; empty: event-pipeline/<dbname>/<schema>"
+    )
+    audit_checkpoint_every: Annotated[int, Field(ge=1)] = 10_000
+    audit_checkpoint_interval_s: Annotated[float, Field(gt=0)] = 10.0
+    audit_batch_size: Annotated[int, Field(ge=1, le=100_000)] = 5000
+    audit_hsm_module: str = "/usr/lib/softhsm/libsofthsm2.so"
+    audit_hsm_token: str = "pipeline-audit"
+    audit_hsm_key_label: str = "pipeline-audit-ed25519"
+    # The HSM user's PIN: from the environment or a file, never a settings file
+    audit_hsm_pin: str = ""
+    audit_mldsa_key_file: str = ""
+    # The public keys (vkey lines) checkpoints are verified with
+    audit_keys_file: str = ""
+    audit_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9300
+
     # Redis cache of committed ids (optional)
     redis_url: str | None = None
     # The CA that signed the Redis server's certificate (rediss:// URLs); empty: the system's
@@ -180,6 +199,18 @@ class Settings(BaseSettings):
     redis_url_file: str = ""
     ray_auth_token_file: str = ""
     api_tokens_file: str = ""
+    audit_hsm_pin_file: str = ""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _NoPinInFiles(dotenv_settings), file_secret_settings
 
     @model_validator(mode="before")
     @classmethod
@@ -357,6 +388,11 @@ class Settings(BaseSettings):
         """The name of one of the store's roles (see `pipeline db migrate`)."""
         return f"{self.postgres_roles_prefix}_{kind}"
 
+    def audit_log_origin(self) -> str:
+        """The audit log's origin line: `PIPELINE_AUDIT_ORIGIN`, or one made from the store's
+        database and schema."""
+        return self.audit_origin or f"event-pipeline/{self.postgres_dbname}/{self.postgres_schema}"
+
     def eventsourcing_env(self, *, create_table: bool = False) -> dict[str, str]:
         """The environment the `eventsourcing` library reads its Postgres settings from.
 
@@ -376,3 +412,25 @@ class Settings(BaseSettings):
             "POSTGRES_LOCK_TIMEOUT": str(self.postgres_lock_timeout_s),
             "CREATE_TABLE": "y" if create_table else "n",
         }
+
+
+class _NoPinInFiles(PydanticBaseSettingsSource):
+    """The `.env` file's settings, refusing the HSM's PIN: it belongs in the environment
+    or in a file of its own (`PIPELINE_AUDIT_HSM_PIN_FILE`), not beside other settings."""
+
+    def __init__(self, source: PydanticBaseSettingsSource) -> None:
+        super().__init__(source.settings_cls)
+        self._source = source
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._source.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        values = self._source()
+        if values.get("audit_hsm_pin"):
+            raise ConfigError(
+                "PIPELINE_AUDIT_HSM_PIN",
+                "is set in a settings file; set it in the environment or put the PIN in a file "
+                "of its own named by PIPELINE_AUDIT_HSM_PIN_FILE",
+            )
+        return values

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg.sql import SQL, Identifier
@@ -399,10 +399,16 @@ _LISTENER_CHECK_S = 10.0
 """How often the listener checks that its connection still answers."""
 
 
+class Wakeable(Protocol):
+    """A follower of the store that waits on `wake` between batches."""
+
+    wake: threading.Event
+
+
 class Listener:
     """Wakes runners when the store notifies a commit; reconnects after a failure."""
 
-    def __init__(self, channel: str, runners: Sequence[ViewRunner]) -> None:
+    def __init__(self, channel: str, runners: Sequence[Wakeable]) -> None:
         self.channel = channel
         self.runners = runners
         self.connected = threading.Event()

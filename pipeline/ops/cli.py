@@ -86,10 +86,38 @@ async def _run(args: argparse.Namespace) -> None:
         from .readside import run_projections
 
         await run_projections(_settings(), _stop_event())
+    elif args.process == "audit":
+        from ..audit.service import run_audit
+
+        await run_audit(_settings(), _stop_event())
     else:
         from ..api.server import run_api
 
         await run_api(_settings(), _stop_event())
+
+
+async def _audit(args: argparse.Namespace) -> None:
+    from . import audit
+
+    settings = _settings()
+    if args.action == "keygen":
+        audit.keygen(settings)
+    elif args.action == "status":
+        audit.status(settings, as_json=args.json)
+    elif args.action == "prove":
+        audit.prove(settings, args.event)
+    elif args.action == "consistency":
+        audit.consistency(settings, args.old_size, args.new_size)
+    elif args.action == "export":
+        audit.export(settings, args.directory)
+    else:
+        audit.verify(
+            settings,
+            source=args.source,
+            keys_file=args.keys,
+            trusted=args.checkpoint,
+            as_json=args.json,
+        )
 
 
 async def _projections(args: argparse.Namespace) -> None:
@@ -378,7 +406,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a process")
-    run.add_argument("process", choices=["worker", "projections", "api"])
+    run.add_argument("process", choices=["worker", "projections", "api", "audit"])
     run.set_defaults(func=_run)
 
     proj = sub.add_parser("projections", help="status, rebuild or skip of the views")
@@ -487,6 +515,39 @@ def _parser() -> argparse.ArgumentParser:
         "action", choices=["migrate"], help="make or update them (as the database owner)"
     )
     db.set_defaults(func=_db)
+
+    audit = sub.add_parser("audit", help="the audit trail: keys, status, proofs, export, verify")
+    audit_sub = audit.add_subparsers(dest="action", required=True)
+    audit_sub.add_parser("keygen", help="make the HSM's Ed25519 key and the ML-DSA-65 key file")
+    audit_status = audit_sub.add_parser("status", help="the log's size and latest checkpoint")
+    audit_status.add_argument("--json", action="store_true")
+    audit_prove = audit_sub.add_parser(
+        "prove", help="an event's inclusion proof against the latest checkpoint (JSON)"
+    )
+    audit_prove.add_argument("event", help="event id or message id")
+    audit_cons = audit_sub.add_parser(
+        "consistency", help="the consistency proof between two tree sizes (JSON)"
+    )
+    audit_cons.add_argument("old_size", type=int)
+    audit_cons.add_argument("new_size", type=int)
+    audit_export = audit_sub.add_parser("export", help="events, log and checkpoints to a folder")
+    audit_export.add_argument("directory", type=Path)
+    audit_verify = audit_sub.add_parser(
+        "verify", help="recompute the log from the events and check every signed checkpoint"
+    )
+    audit_verify.add_argument("--from", dest="source", type=Path, help="an export, offline")
+    audit_verify.add_argument(
+        "--keys", default="", help="the log's public keys (default PIPELINE_AUDIT_KEYS_FILE)"
+    )
+    audit_verify.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        default=[],
+        help="a checkpoint kept elsewhere (a witness's, the stream's); repeatable",
+    )
+    audit_verify.add_argument("--json", action="store_true")
+    audit.set_defaults(func=_audit)
 
     dlq = sub.add_parser("dlq", help="list, show, requeue or purge dead letters")
     dlq_sub = dlq.add_subparsers(dest="action", required=True)

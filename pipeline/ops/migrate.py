@@ -10,7 +10,12 @@ idempotent. Every process then connects as a role holding only what it needs:
   (a rebuild makes and swaps tables); writes no event.
 - `<prefix>_api` (query API): reads events, views and positions; records a skip
   (`operate`); writes no event or view row, no DDL.
-- `<prefix>_auditor` (the audit trail): reads events.
+- `<prefix>_auditor` (the audit trail): reads events; appends to the audit log and its
+  checkpoints.
+
+The event table and the audit tables are append-only: no role is granted UPDATE, DELETE
+or TRUNCATE on them, and a trigger refuses those to the owner too (see
+`pipeline/audit/tables.py` for the logged break-glass setting).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from psycopg.sql import SQL, Identifier, Literal
 from projections import VIEWS
 from projections.positions import Positions
 
+from ..audit.tables import AuditTables
 from ..settings import Settings
 from ..store.eventstore import EventStore
 from ..store.reader import EVENTS_TABLE
@@ -70,6 +76,7 @@ def migrate(settings: Settings) -> Migrated:
         EventStore(settings.eventsourcing_env(create_table=True)).close()
         with conn.transaction():
             Positions(schema).create(conn)
+            AuditTables(schema).create(conn)
             _grant(conn, schema, roles)
     log.info("migrated schema %s", schema)
     return Migrated(schema, roles)
@@ -121,6 +128,18 @@ def _grant(conn: psycopg.Connection[Any], schema: str, roles: dict[str, str]) ->
         # `operate`: move a stalled view past an event, recorded in the skips.
         SQL("GRANT UPDATE ON {} TO {}").format(positions.table, api),
         SQL("GRANT INSERT ON {} TO {}").format(positions.skips, api),
+    ]
+    audit = AuditTables(schema)
+    for table in audit.append_only()[1:]:
+        statements.append(SQL("REVOKE ALL ON {} FROM PUBLIC").format(table))
+    statements += [
+        # The audit log's follower appends leaves and checkpoints; witnesses' cosignatures
+        # arrive through the API.
+        SQL("GRANT SELECT, INSERT ON {}, {} TO {}").format(
+            audit.leaves, audit.checkpoints, auditor
+        ),
+        SQL("GRANT SELECT ON {} TO {}").format(audit.cosignatures, auditor),
+        SQL("GRANT INSERT ON {} TO {}").format(audit.cosignatures, api),
     ]
     for statement in statements:
         conn.execute(statement)

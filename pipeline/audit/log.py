@@ -1,0 +1,358 @@
+"""The audit log's follower: a Merkle leaf per stored event, in store order, and checkpoints.
+
+The follower reads the events after the last logged position and appends one leaf per
+event, in one transaction per batch: the leaves carry the event's position, so the log
+is its own position and a batch is logged once or not at all (a crash, `kill -9`
+included, leaves the log as it was before the batch or after it). Writers take the event
+table's lock before drawing positions, so events become visible in position order and
+none is passed over.
+
+A leaf is `SHA-256(0x00 ‖ leaf_data(event))`, where `leaf_data` is the stored event's
+canonical bytes: its id (16 bytes), its version (8 bytes, big-endian), the length of its
+topic (2 bytes, big-endian), the topic (UTF-8) and the stored state, byte for byte.
+
+Every `checkpoint_every` leaves, or `checkpoint_interval_s` after the first leaf no
+checkpoint covers, the follower signs a checkpoint of the whole log with every signer
+(the HSM's Ed25519 key and the ML-DSA-65 key) and stores it. When a signer cannot sign
+(the HSM is away, the PIN is wrong), no checkpoint is made: events go on being stored
+and logged, the age of the unsigned leaves grows (`pipeline_audit_checkpoint_age_seconds`)
+and the follower tries again on the next round.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.rows import tuple_row
+from psycopg.sql import SQL
+
+from projections.runner import is_outage
+
+from ..metrics import AuditMetrics
+from . import merkle
+from .keys import SigningUnavailable
+from .note import Checkpoint, Signer, sign_note
+from .tables import AuditTables
+
+__all__ = ["AuditLog", "Logged", "leaf_data", "read_edge"]
+
+log = logging.getLogger(__name__)
+
+Connect = Callable[[], "psycopg.Connection[Any]"]
+
+_HEAD = struct.Struct(">QH")
+_SIGN_RETRY_S = 2.0
+"""After a key could not sign, how long until it is asked again."""
+
+
+def leaf_data(originator_id: uuid.UUID, version: int, topic: str, state: bytes) -> bytes:
+    """The canonical bytes of a stored event, the data of its leaf."""
+    name = topic.encode()
+    return originator_id.bytes + _HEAD.pack(version, len(name)) + name + bytes(state)
+
+
+@dataclass(frozen=True)
+class Logged:
+    """Where the log stands: its size, the last logged position, the latest checkpoint."""
+
+    size: int
+    position: int
+    checkpoint_size: int
+    checkpoint_root: bytes | None
+    root: bytes
+
+
+def read_edge(conn: psycopg.Connection[Any], tables: AuditTables, size: int) -> merkle.CompactRange:
+    """The right edge of the stored log of `size` leaves, read in one query."""
+    return merkle.CompactRange(
+        size, [h for _, h in read_nodes(conn, tables, merkle.CompactRange.edge(size))]
+    )
+
+
+def read_nodes(
+    conn: psycopg.Connection[Any], tables: AuditTables, nodes: Sequence[tuple[int, int]]
+) -> list[tuple[tuple[int, int], bytes]]:
+    """The stored hashes of `nodes` ((level, n) pairs), in the order asked, in one query."""
+    where = [merkle.node_row(level, n) for level, n in nodes]
+    rows: dict[int, bytes] = {}
+    if where:
+        with conn.cursor(binary=True, row_factory=tuple_row) as curs:
+            curs.execute(
+                SQL("SELECT idx, hashes FROM {} WHERE idx = ANY(%s)").format(tables.leaves),
+                ([row for row, _ in where],),
+            )
+            rows = {idx: bytes(hashes) for idx, hashes in curs.fetchall()}
+    found = []
+    for node, (row, offset) in zip(nodes, where, strict=True):
+        hashes = rows.get(row)
+        if hashes is None or len(hashes) < offset + merkle.HASH_SIZE:
+            raise LookupError(f"the audit log has no hash of node {node} (row {row})")
+        found.append((node, hashes[offset : offset + merkle.HASH_SIZE]))
+    return found
+
+
+class AuditLog:
+    """Appends the store's events to the Merkle log and signs checkpoints of it."""
+
+    def __init__(
+        self,
+        schema: str,
+        *,
+        origin: str,
+        signers: Callable[[], Sequence[Signer]],
+        checkpoint_every: int = 10_000,
+        checkpoint_interval_s: float = 10.0,
+        batch_size: int = 5000,
+        poll_s: float = 1.0,
+        metrics: AuditMetrics | None = None,
+    ) -> None:
+        self.tables = AuditTables(schema)
+        self.origin = origin
+        self.signers = signers
+        """The keys to sign with (raises `SigningUnavailable` while one cannot be had)."""
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.batch_size = batch_size
+        self.poll_s = poll_s
+        self.metrics = metrics or AuditMetrics()
+        self.wake = threading.Event()
+        """Set when new events may be stored (a notification)."""
+        self._edge: merkle.CompactRange | None = None
+        self._position = 0
+        self._checkpoint_size = 0
+        self._unsigned_since: float | None = None
+        self._last_problem = ""
+        self._sign_again = 0.0
+        t = self.tables
+        self._read = SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state FROM {} "
+            "WHERE notification_id > %s ORDER BY notification_id LIMIT %s"
+        ).format(t.events)
+        self._last = SQL("SELECT idx, position FROM {} ORDER BY idx DESC LIMIT 1").format(t.leaves)
+
+    # -- the log's state -----------------------------------------------------------------
+
+    def load(self, conn: psycopg.Connection[Any]) -> Logged:
+        """Read where the stored log stands (after a start, or a failed transaction)."""
+        with conn.cursor(row_factory=tuple_row) as curs:
+            curs.execute(self._last)
+            last = curs.fetchone()
+            size, position = (last[0] + 1, last[1]) if last else (0, 0)
+            curs.execute(
+                SQL("SELECT size, root FROM {} ORDER BY size DESC LIMIT 1").format(
+                    self.tables.checkpoints
+                )
+            )
+            checkpoint = curs.fetchone()
+        self._edge = read_edge(conn, self.tables, size)
+        self._position = position
+        self._checkpoint_size = checkpoint[0] if checkpoint else 0
+        if size > self._checkpoint_size and self._unsigned_since is None:
+            self._unsigned_since = time.monotonic()
+        self.metrics.size.set(size)
+        self.metrics.checkpoint_size.set(self._checkpoint_size)
+        return Logged(
+            size,
+            position,
+            self._checkpoint_size,
+            bytes(checkpoint[1]) if checkpoint else None,
+            self._edge.root(),
+        )
+
+    @property
+    def size(self) -> int:
+        return self._edge.size if self._edge is not None else 0
+
+    # -- one batch -----------------------------------------------------------------------
+
+    def step(self, conn: psycopg.Connection[Any]) -> int:
+        """Append the leaves of the next batch of stored events; how many (0 at the head)."""
+        started = time.perf_counter()
+        if self._edge is None:
+            self.load(conn)
+        assert self._edge is not None
+        try:
+            with conn.transaction():
+                with conn.cursor(binary=True, row_factory=tuple_row) as curs:
+                    curs.execute(self._last)
+                    last = curs.fetchone()
+                    if (last[0] + 1 if last else 0) != self._edge.size:
+                        raise _Moved
+                    # A batch ends where a checkpoint falls due, so one comes every
+                    # `checkpoint_every` leaves exactly.
+                    unsigned = self._edge.size - self._checkpoint_size
+                    limit = self.batch_size
+                    if unsigned < self.checkpoint_every:
+                        limit = min(limit, self.checkpoint_every - unsigned)
+                    curs.execute(self._read, (self._position, limit), prepare=True)
+                    events = curs.fetchall()
+                if not events:
+                    return 0
+                edge = self._edge
+                start = edge.size
+                rows = []
+                for position, originator_id, version, topic, state in events:
+                    stored = edge.append(
+                        merkle.leaf_hash(leaf_data(originator_id, version, topic, state))
+                    )
+                    rows.append((start + len(rows), position, stored))
+                with (
+                    conn.cursor() as curs,
+                    curs.copy(
+                        SQL("COPY {} (idx, position, hashes) FROM STDIN (FORMAT BINARY)").format(
+                            self.tables.leaves
+                        )
+                    ) as copy,
+                ):
+                    copy.set_types(["int8", "int8", "bytea"])
+                    for row in rows:
+                        copy.write_row(row)
+        except _Moved:
+            log.warning("audit: the log grew in another process; reading it again")
+            self.load(conn)
+            return 0
+        except BaseException:
+            self._edge = None  # the stored log is what counts: read it again
+            raise
+        self._position = events[-1][0]
+        if self._unsigned_since is None:
+            self._unsigned_since = time.monotonic()
+        m = self.metrics
+        m.leaves.inc(len(rows))
+        m.size.set(self._edge.size)
+        m.position.set(self._position)
+        m.batch_seconds.observe(time.perf_counter() - started)
+        return len(rows)
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def due(self) -> bool:
+        """Whether the leaves not yet signed call for a checkpoint now."""
+        unsigned = self.size - self._checkpoint_size
+        if unsigned <= 0:
+            return False
+        if unsigned >= self.checkpoint_every:
+            return True
+        since = self._unsigned_since
+        return since is not None and time.monotonic() - since >= self.checkpoint_interval_s
+
+    def checkpoint(self, conn: psycopg.Connection[Any]) -> bytes | None:
+        """Sign and store a checkpoint of the whole log; the note, or None when a signer
+        cannot sign now (said in the log once per cause; tried again next round)."""
+        if self._edge is None:
+            self.load(conn)
+        assert self._edge is not None
+        body = Checkpoint(self.origin, self._edge.size, self._edge.root()).body()
+        try:
+            note = self._sign(body)
+        except SigningUnavailable as exc:
+            self.metrics.signing_failures.inc()
+            problem = str(exc)
+            if problem != self._last_problem:
+                log.error(
+                    "audit: no checkpoint signed (%s); events are still stored and logged, "
+                    "the checkpoint will be signed once the key answers",
+                    problem,
+                )
+                self._last_problem = problem
+            return None
+        if self._last_problem:
+            log.info("audit: signing again")
+            self._last_problem = ""
+        with conn.transaction():
+            conn.execute(
+                SQL(
+                    "INSERT INTO {} (size, root, note) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
+                ).format(self.tables.checkpoints),
+                (self._edge.size, self._edge.root(), note),
+            )
+        self._checkpoint_size = self._edge.size
+        self._unsigned_since = None
+        self.metrics.checkpoint_size.set(self._checkpoint_size)
+        self.metrics.checkpoints.inc()
+        log.info("audit: checkpoint of %d leaves signed", self._checkpoint_size)
+        return note
+
+    def _sign(self, body: bytes) -> bytes:
+        """The note signed by every key: one that cannot sign fails it all."""
+        return sign_note(body, [_Timed(signer, self.metrics) for signer in self.signers()])
+
+    def checkpoint_age(self) -> float:
+        """Seconds since the first leaf that no checkpoint covers was logged (0: none)."""
+        since = self._unsigned_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    # -- as a thread ---------------------------------------------------------------------
+
+    def run(self, connect: Connect, stop: threading.Event, *, standby_s: float = 5.0) -> None:
+        """Keep the log current and signed until `stop` is set; stand by while another
+        process keeps it."""
+        delay = 0.5
+        conn: psycopg.Connection[Any] | None = None
+        lock_key = f"audit:{self.tables.schema}"
+        stop.wait(random.uniform(0, 0.2))
+        while not stop.is_set():
+            self.metrics.checkpoint_age.set(self.checkpoint_age())
+            try:
+                if conn is None:
+                    conn = connect()
+                    taken = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (lock_key,))
+                    row = taken.fetchone()
+                    if not (row and row[0]):
+                        self.metrics.active.set(0)
+                        conn.close()
+                        conn = None
+                        stop.wait(standby_s)
+                        continue
+                    self.metrics.active.set(1)
+                    self.load(conn)
+                    log.info("audit: log kept by this process (%d leaves)", self.size)
+                self.wake.clear()
+                appended = self.step(conn)
+                if self.due() and time.monotonic() >= self._sign_again:
+                    if self.checkpoint(conn) is None:  # logging goes on; signing is retried
+                        self._sign_again = time.monotonic() + _SIGN_RETRY_S
+                if not appended:
+                    self.wake.wait(self.poll_s)
+                delay = 0.5
+            except Exception as exc:
+                if is_outage(exc, conn):
+                    log.warning("audit: database away (%s); again in %.1f s", exc, delay)
+                else:
+                    log.exception("audit: unexpected error; again in %.1f s", delay)
+                self.metrics.active.set(0)
+                if conn is not None:
+                    conn.close()
+                conn = None
+                stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+        if conn is not None:
+            conn.close()
+
+
+class _Timed:
+    """A signer whose signing time is observed."""
+
+    def __init__(self, signer: Signer, metrics: AuditMetrics) -> None:
+        self._signer, self._metrics = signer, metrics
+        self.name, self.key_id = signer.name, signer.key_id
+        self.sig_type, self.public_key = signer.sig_type, signer.public_key
+
+    def sign(self, message: bytes) -> bytes:
+        started = time.perf_counter()
+        signature = self._signer.sign(message)
+        self._metrics.sign_seconds.labels(self.name).observe(time.perf_counter() - started)
+        return signature
+
+
+class _Moved(Exception):
+    """The stored log is not where this process thought (another process appended)."""
