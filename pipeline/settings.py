@@ -169,6 +169,8 @@ class Settings(BaseSettings):
     audit_mldsa_key_file: str = ""
     # The public keys (vkey lines) checkpoints are verified with
     audit_keys_file: str = ""
+    # Witnesses whose cosignatures the API accepts and serves (their vkey lines)
+    audit_witness_keys_file: str = ""
     audit_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9300
 
     # Redis cache of committed ids (optional)
