@@ -14,6 +14,7 @@ import psycopg
 
 from projections.runner import Listener
 
+from ..errors import ConfigError
 from ..metrics import AuditMetrics, serve_metrics
 from ..settings import Settings
 from ..store.reader import EventReader
@@ -115,6 +116,16 @@ class AuditService:
 
     def start(self) -> None:
         self.settings.refuse_unsafe()
+        with self.connect() as conn:
+            found = conn.execute(
+                "SELECT to_regclass(%s)", (self.log.tables.leaves.as_string(conn),)
+            ).fetchone()
+        if found is None or found[0] is None:
+            raise ConfigError(
+                "PIPELINE_POSTGRES_SCHEMA",
+                f"schema {self.settings.postgres_schema!r} has no audit tables; run "
+                "`pipeline db migrate` as the database owner first",
+            )
         self._stop.clear()
         self._threads = [
             threading.Thread(
