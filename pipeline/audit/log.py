@@ -35,9 +35,8 @@ import psycopg
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL
 
-from projections.runner import is_outage
-
 from ..metrics import AuditMetrics
+from ..store.follow import is_outage
 from . import merkle
 from .keys import SigningUnavailable
 from .note import Checkpoint, Signer, sign_note
@@ -199,7 +198,7 @@ class AuditLog:
                     return 0
                 edge = self._edge
                 start = edge.size
-                rows = []
+                rows: list[tuple[int, int, bytes]] = []
                 for position, originator_id, version, topic, state in events:
                     stored = edge.append(
                         merkle.leaf_hash(leaf_data(originator_id, version, topic, state))
@@ -318,9 +317,9 @@ class AuditLog:
                     log.info("audit: log kept by this process (%d leaves)", self.size)
                 self.wake.clear()
                 appended = self.step(conn)
-                if self.due() and time.monotonic() >= self._sign_again:
-                    if self.checkpoint(conn) is None:  # logging goes on; signing is retried
-                        self._sign_again = time.monotonic() + _SIGN_RETRY_S
+                signing = self.due() and time.monotonic() >= self._sign_again
+                if signing and self.checkpoint(conn) is None:  # logging goes on; retried
+                    self._sign_again = time.monotonic() + _SIGN_RETRY_S
                 if not appended:
                     self.wake.wait(self.poll_s)
                 delay = 0.5

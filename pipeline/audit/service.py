@@ -12,11 +12,10 @@ from typing import Any
 import anyio
 import psycopg
 
-from projections.runner import Listener
-
 from ..errors import ConfigError
 from ..metrics import AuditMetrics, serve_metrics
 from ..settings import Settings
+from ..store.follow import Listener
 from ..store.reader import EventReader
 from .keys import HsmSigner, MldsaSigner, SigningUnavailable
 from .log import AuditLog

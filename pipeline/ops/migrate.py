@@ -130,8 +130,8 @@ def _grant(conn: psycopg.Connection[Any], schema: str, roles: dict[str, str]) ->
         SQL("GRANT INSERT ON {} TO {}").format(positions.skips, api),
     ]
     audit = AuditTables(schema)
-    for table in audit.append_only()[1:]:
-        statements.append(SQL("REVOKE ALL ON {} FROM PUBLIC").format(table))
+    for audit_table in audit.append_only()[1:]:
+        statements.append(SQL("REVOKE ALL ON {} FROM PUBLIC").format(audit_table))
     statements += [
         # The audit log's follower appends leaves and checkpoints; witnesses' cosignatures
         # arrive through the API.

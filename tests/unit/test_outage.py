@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from projections.runner import is_outage
+from pipeline.store.follow import is_outage
 
 
 @pytest.mark.parametrize(
