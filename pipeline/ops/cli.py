@@ -575,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         log_format = Settings().log_format
-    except ValidationError:  # the command that needs the settings reports what is wrong
+    except (ValidationError, ConfigError):  # the command that needs them says what is wrong
         log_format = "text"
     configure_logging(args.log_level, log_format)
     func: Callable[[argparse.Namespace], Coroutine[Any, Any, None]] = args.func

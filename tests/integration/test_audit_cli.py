@@ -1,0 +1,207 @@
+"""The audit trail as an operator runs it: `pipeline audit keygen`, `pipeline run audit` with
+its Ed25519 key in a real SoftHSM2 token, and the commands an auditor runs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pipeline.audit import merkle
+from pipeline.audit.note import Checkpoint, Verifier, open_note
+from pipeline.store.eventstore import EventStore
+from tests.softhsm import SoftHsm, softhsm
+
+from ..conftest import PG_DB, PG_HOST, as_role, make_settings
+from .helpers import write_events
+
+ORIGIN = "audit.test/cli"
+
+
+@pytest.fixture(scope="module")
+def hsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
+    with softhsm(tmp_path_factory.mktemp("softhsm")) as made:
+        yield made
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _until(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_an_operator_signs_in_the_hsm_and_an_auditor_verifies_live_and_offline(
+    hsm: SoftHsm, pg_schema: str, tmp_path: Path
+) -> None:
+    token = hsm.token()
+    metrics_port = _free_port()
+    env = {
+        **os.environ,
+        "SOFTHSM2_CONF": str(hsm.conf),
+        "PIPELINE_POSTGRES_HOST": PG_HOST,
+        "PIPELINE_POSTGRES_DBNAME": PG_DB,
+        "PIPELINE_POSTGRES_SCHEMA": pg_schema,
+        "PIPELINE_POSTGRES_USER": "pipeline_auditor",
+        "PIPELINE_AUDIT_ORIGIN": ORIGIN,
+        "PIPELINE_AUDIT_HSM_TOKEN": token.label,
+        "PIPELINE_AUDIT_HSM_PIN": token.pin,
+        "PIPELINE_AUDIT_MLDSA_KEY_FILE": str(tmp_path / "mldsa.key"),
+        "PIPELINE_AUDIT_CHECKPOINT_EVERY": "100",
+        "PIPELINE_AUDIT_CHECKPOINT_INTERVAL_S": "0.5",
+        "PIPELINE_AUDIT_METRICS_PORT": str(metrics_port),
+        "PIPELINE_PROJECTIONS_POLL_S": "0.2",
+    }
+
+    def pipeline(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check:
+            assert done.returncode == 0, done.stderr + done.stdout
+        return done
+
+    keygen = pipeline("audit", "keygen")
+    vkeys = [line for line in keygen.stdout.splitlines() if line and not line.startswith("#")]
+    keys = [Verifier.parse(line) for line in vkeys]
+    assert [k.name for k in keys] == [ORIGIN, f"{ORIGIN}/ml-dsa-65"]
+    assert oct((tmp_path / "mldsa.key").stat().st_mode & 0o777) == "0o600"
+    keys_file = tmp_path / "log.vkeys"
+    keys_file.write_text("\n".join(vkeys) + "\n")
+    again = pipeline("audit", "keygen", check=False)
+    assert again.returncode == 1 and "already holds" in again.stderr
+
+    settings = make_settings("nats://unused", pg_schema)
+    store = EventStore(as_role(settings, "writer").eventsourcing_env())
+    events = write_events(store, 250, seed=11)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", "audit"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def status() -> dict[str, int]:
+        return json.loads(pipeline("audit", "status", "--json").stdout)  # type: ignore[no-any-return]
+
+    def age() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("pipeline_audit_checkpoint_age_seconds "):
+                    return float(line.split()[1])
+        raise AssertionError("no checkpoint age metric")
+
+    try:
+        _until(lambda: status()["checkpoint_size"] == 250)
+
+        # The HSM goes away: events are still logged, no checkpoint is signed, the age grows.
+        with hsm.unplugged(token):
+            write_events(store, 50, seed=12)
+            _until(lambda: status()["log_size"] == 300)
+            _until(lambda: age() >= 2.0)
+            assert status()["checkpoint_size"] == 250
+        # Back: the next checkpoint covers everything.
+        _until(lambda: status()["checkpoint_size"] == 300)
+        _until(lambda: age() == 0.0)
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+        store.close()
+    assert "no checkpoint signed" in output, output
+
+    # An inclusion proof of one event, by its message id, against the signed checkpoint.
+    proof = json.loads(pipeline("audit", "prove", events[7].message_id).stdout)
+    text, _ = open_note(proof["checkpoint"].encode(), keys, require=[k.name for k in keys])
+    checkpoint = Checkpoint.parse(text)
+    assert checkpoint.size == proof["tree_size"] == 300
+    merkle.verify_inclusion(
+        proof["leaf_index"],
+        300,
+        base64.b64decode(proof["leaf_hash"]),
+        [base64.b64decode(h) for h in proof["proof"]],
+        checkpoint.root,
+    )
+    consistency = json.loads(pipeline("audit", "consistency", "100", "300").stdout)
+    merkle.verify_consistency(
+        100,
+        300,
+        base64.b64decode(consistency["old_root"]),
+        checkpoint.root,
+        [base64.b64decode(h) for h in consistency["proof"]],
+    )
+
+    assert "verified: 300 events" in pipeline("audit", "verify", "--keys", str(keys_file)).stdout
+    pipeline("audit", "export", str(tmp_path / "export"))
+    offline = pipeline(
+        "audit", "verify", "--from", str(tmp_path / "export"), "--keys", str(keys_file)
+    )
+    assert "verified: 300 events" in offline.stdout
+
+    # Someone with the owner's rights changes a stored event: verify says which, and fails.
+    owner = psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True)
+    with owner as conn, conn.transaction():
+        conn.execute("SET LOCAL pipeline.break_glass = 'on'")
+        conn.execute(
+            f"UPDATE \"{pg_schema}\".journal_events SET state = state || '\\x20'::bytea "
+            "WHERE notification_id = 42"
+        )
+    tampered = pipeline("audit", "verify", "--keys", str(keys_file), check=False)
+    assert tampered.returncode == 1
+    assert "at position 42" in tampered.stdout and "changed after it was logged" in tampered.stdout
+    # The export made before still verifies on its own: it holds the events as logged.
+    offline = pipeline(
+        "audit", "verify", "--from", str(tmp_path / "export"), "--keys", str(keys_file)
+    )
+    assert offline.returncode == 0
+
+
+def test_verify_needs_the_public_keys(pg_schema: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "audit", "verify"],
+        env={
+            **os.environ,
+            "PIPELINE_POSTGRES_HOST": PG_HOST,
+            "PIPELINE_POSTGRES_DBNAME": PG_DB,
+            "PIPELINE_POSTGRES_SCHEMA": pg_schema,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "PIPELINE_AUDIT_KEYS_FILE" in done.stderr + done.stdout
+
+
+def test_the_settings_files_may_not_hold_the_pin(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("PIPELINE_AUDIT_HSM_PIN=1234\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "audit", "status"],
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "PIPELINE_AUDIT_HSM_PIN_FILE" in done.stderr + done.stdout
