@@ -295,6 +295,11 @@ class AuditMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.published_size = Gauge(
+            "pipeline_audit_published_size",
+            "Leaves covered by the latest checkpoint copied to the AUDIT stream in JetStream.",
+            registry=r,
+        )
         self.active = Gauge(
             "pipeline_audit_active",
             "1 if this process keeps the audit log, 0 while another one does (standby).",

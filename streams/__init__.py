@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .apply import Applied, Checked, ConsumerStatus, StreamStatus, apply, check, status
 from .definitions import (
+    AUDIT_RETENTION,
     DEAD_LETTER_RETENTION,
     RETENTION,
     ConsumerLimits,
@@ -14,6 +15,7 @@ from .definitions import (
 from .subjects import ParsedSubject, SubjectError, Subjects
 
 __all__ = [
+    "AUDIT_RETENTION",
     "DEAD_LETTER_RETENTION",
     "RETENTION",
     "Applied",

@@ -20,6 +20,7 @@ from schemas import Domain
 from .subjects import Subjects
 
 __all__ = [
+    "AUDIT_RETENTION",
     "DEAD_LETTER_RETENTION",
     "LETTER_HEADER_BYTES",
     "RETENTION",
@@ -65,6 +66,14 @@ DEAD_LETTER_RETENTION = Retention(
     one_per_subject=True,
 )
 """Full, the DLQ refuses new letters (discard new): the worker pauses, nothing is dropped."""
+AUDIT_RETENTION = Retention(
+    max_age_s=0.0,  # for ever: a copy of every signed checkpoint outside the database
+    deny_delete=True,
+    deny_purge=True,
+    max_msg_bytes=256 * 1024,
+)
+"""The audit log's checkpoints: kept for ever; no message may be deleted, nor the stream
+purged (by anyone: the server refuses it)."""
 LETTER_HEADER_BYTES = 64 * 1024
 """Room for a dead letter's headers beside its body, in the DLQ's largest message."""
 
@@ -91,7 +100,7 @@ def stream_configs(
     dead_letters_max_bytes: int | None = None,
     dead_letter_max_body_bytes: int | None = None,
 ) -> list[StreamConfig]:
-    """Configs of every domain stream plus the dead-letter stream.
+    """Configs of every domain stream, the dead-letter stream and the audit stream.
 
     JetStream reserves a stream's `max_bytes` on disk up front, so the frames and
     dead-letter caps are settings: size them to the disk the server has. A letter's
@@ -116,6 +125,15 @@ def stream_configs(
             subjects.dead_letter_stream(),
             subjects.dead_letter_wildcard(),
             dead_letters,
+            replicas,
+            storage,
+        )
+    )
+    configs.append(
+        _stream(
+            subjects.audit_stream(),
+            subjects.audit_checkpoints(),
+            AUDIT_RETENTION,
             replicas,
             storage,
         )

@@ -91,6 +91,14 @@ class Subjects:
         """Name of the dead-letter stream."""
         return self._stream_name("dlq")
 
+    def audit_checkpoints(self) -> str:
+        """The subject the audit log's signed checkpoints are copied to."""
+        return f"{self._prefix}audit.checkpoints"
+
+    def audit_stream(self) -> str:
+        """Name of the stream keeping the copies of the audit log's checkpoints."""
+        return self._stream_name("audit")
+
     def durable(self, domain: Domain) -> str:
         """Name of the durable pull consumer shared by all workers of a domain."""
         return f"{self.consumer_prefix}-{domain.value}"

@@ -1,19 +1,18 @@
-"""`pipeline run audit`: the audit log's follower, its keys, and its metrics endpoint."""
+"""The audit log's process parts: its keys, the follower's thread and the listener that
+wakes it (`pipeline run audit` composes them in `pipeline/ops/auditor.py`)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import anyio
 import psycopg
 
 from ..errors import ConfigError
-from ..metrics import AuditMetrics, serve_metrics
+from ..metrics import AuditMetrics
 from ..settings import Settings
 from ..store.follow import Listener
 from ..store.reader import EventReader
@@ -21,7 +20,7 @@ from .keys import HsmSigner, MldsaSigner, SigningUnavailable
 from .log import AuditLog
 from .note import Signer, Verifier
 
-__all__ = ["AuditService", "KeyRing", "mldsa_name", "read_keys", "run_audit"]
+__all__ = ["AuditService", "KeyRing", "mldsa_name", "read_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -165,25 +164,3 @@ class AuditService:
         if age > 10 * self.settings.audit_checkpoint_interval_s:
             problems.append(f"no checkpoint signed for {age:.0f} s (see the log for why)")
         return problems
-
-
-async def run_audit(settings: Settings, stop: asyncio.Event) -> None:
-    """Keep the audit log current and signed until `stop` is set."""
-    service = AuditService(settings)
-    await anyio.to_thread.run_sync(service.start)
-    server = None
-    if settings.audit_metrics_port:
-        server = serve_metrics(
-            service.metrics, settings.metrics_host, settings.audit_metrics_port, ready=service.ready
-        )
-        log.info(
-            "audit: metrics on http://%s:%d/metrics, health on /healthz and /readyz",
-            settings.metrics_host,
-            settings.audit_metrics_port,
-        )
-    try:
-        await stop.wait()
-    finally:
-        await anyio.to_thread.run_sync(service.stop)
-        if server is not None:
-            server.shutdown()

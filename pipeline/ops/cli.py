@@ -87,7 +87,7 @@ async def _run(args: argparse.Namespace) -> None:
 
         await run_projections(_settings(), _stop_event())
     elif args.process == "audit":
-        from ..audit.service import run_audit
+        from .auditor import run_audit
 
         await run_audit(_settings(), _stop_event())
     else:
@@ -110,10 +110,24 @@ async def _audit(args: argparse.Namespace) -> None:
         audit.consistency(settings, args.old_size, args.new_size)
     elif args.action == "export":
         audit.export(settings, args.directory)
+    elif args.action == "witness-keygen":
+        audit.witness_keygen(args.file, args.name)
+    elif args.action == "witness":
+        await audit.witness(
+            url=args.url,
+            key=args.key,
+            log_keys=args.log_keys,
+            state=args.state,
+            interval_s=args.interval,
+            once=args.once,
+            stop=_stop_event(),
+        )
     else:
         audit.verify(
             settings,
             source=args.source,
+            url=args.url,
+            state=args.state,
             keys_file=args.keys,
             trusted=args.checkpoint,
             as_json=args.json,
@@ -516,7 +530,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     db.set_defaults(func=_db)
 
-    audit = sub.add_parser("audit", help="the audit trail: keys, status, proofs, export, verify")
+    audit = sub.add_parser(
+        "audit", help="the audit trail: keys, status, proofs, export, verify, witness"
+    )
     audit_sub = audit.add_subparsers(dest="action", required=True)
     audit_sub.add_parser("keygen", help="make the HSM's Ed25519 key and the ML-DSA-65 key file")
     audit_status = audit_sub.add_parser("status", help="the log's size and latest checkpoint")
@@ -537,6 +553,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     audit_verify.add_argument("--from", dest="source", type=Path, help="an export, offline")
     audit_verify.add_argument(
+        "--url",
+        default="",
+        help="a remote log's tlog-tiles prefix (the API's URL + /audit): verify it from its "
+        "checkpoint and tiles alone",
+    )
+    audit_verify.add_argument(
+        "--state",
+        type=Path,
+        default=None,
+        help="with --url: the last checkpoint verified, kept in this file; the new one must "
+        "extend it",
+    )
+    audit_verify.add_argument(
         "--keys", default="", help="the log's public keys (default PIPELINE_AUDIT_KEYS_FILE)"
     )
     audit_verify.add_argument(
@@ -547,6 +576,36 @@ def _parser() -> argparse.ArgumentParser:
         help="a checkpoint kept elsewhere (a witness's, the stream's); repeatable",
     )
     audit_verify.add_argument("--json", action="store_true")
+    audit_wkeygen = audit_sub.add_parser(
+        "witness-keygen", help="make a witness's Ed25519 key file (mode 0600); print its vkey"
+    )
+    audit_wkeygen.add_argument("file", type=Path, help="where to write the key (a new file)")
+    audit_wkeygen.add_argument(
+        "--name", required=True, help="the witness's name in notes, e.g. witness.example.com/w1"
+    )
+    audit_witness = audit_sub.add_parser(
+        "witness", help="cosign the log's checkpoints that extend the last one cosigned"
+    )
+    audit_witness.add_argument(
+        "--url", required=True, help="the log's tlog-tiles prefix (the API's URL + /audit)"
+    )
+    audit_witness.add_argument(
+        "--key", type=Path, required=True, help="the witness's key file (witness-keygen)"
+    )
+    audit_witness.add_argument(
+        "--log-keys", required=True, help="the log's public keys (the lines keygen printed)"
+    )
+    audit_witness.add_argument(
+        "--state", type=Path, default=None, help="the last checkpoint cosigned (default KEY.state)"
+    )
+    audit_witness.add_argument(
+        "--interval", type=float, default=60.0, help="seconds between rounds (default 60)"
+    )
+    audit_witness.add_argument(
+        "--once",
+        action="store_true",
+        help="one round; exit non-zero if the checkpoint is refused or cannot be checked",
+    )
     audit.set_defaults(func=_audit)
 
     dlq = sub.add_parser("dlq", help="list, show, requeue or purge dead letters")

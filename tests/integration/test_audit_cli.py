@@ -3,6 +3,7 @@ its Ed25519 key in a real SoftHSM2 token, and the commands an auditor runs."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -14,11 +15,15 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import nats
 import psycopg
 import pytest
 
+from pipeline.app import apply_streams_once
 from pipeline.audit import merkle
-from pipeline.audit.note import Checkpoint, Verifier, open_note
+from pipeline.audit.note import Checkpoint, Verifier, open_note, parse_note
+from pipeline.audit.publish import SIZE_HEADER
+from pipeline.ops.embedded import EmbeddedNats
 from pipeline.store.eventstore import EventStore
 from tests.softhsm import SoftHsm, softhsm
 
@@ -32,6 +37,21 @@ ORIGIN = "audit.test/cli"
 def hsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
     with softhsm(tmp_path_factory.mktemp("softhsm")) as made:
         yield made
+
+
+async def _stream_sizes(url: str) -> list[int]:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        last = (await js.stream_info("AUDIT")).state.last_seq
+        sizes = []
+        for seq in range(1, last + 1):
+            message = await js.get_msg("AUDIT", seq)
+            sizes.append(int((message.headers or {})[SIZE_HEADER]))
+            assert Checkpoint.parse(parse_note(message.data or b"")[0]).size == sizes[-1]
+        return sizes
+    finally:
+        await nc.close()
 
 
 def _free_port() -> int:
@@ -48,9 +68,11 @@ def _until(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
 
 
 def test_an_operator_signs_in_the_hsm_and_an_auditor_verifies_live_and_offline(
-    hsm: SoftHsm, pg_schema: str, tmp_path: Path
+    hsm: SoftHsm, nats_server: EmbeddedNats, pg_schema: str, tmp_path: Path
 ) -> None:
     token = hsm.token()
+    settings = make_settings(nats_server.url, pg_schema)
+    asyncio.run(apply_streams_once(settings))  # the AUDIT stream keeps a copy of each checkpoint
     metrics_port = _free_port()
     env = {
         **os.environ,
@@ -59,6 +81,7 @@ def test_an_operator_signs_in_the_hsm_and_an_auditor_verifies_live_and_offline(
         "PIPELINE_POSTGRES_DBNAME": PG_DB,
         "PIPELINE_POSTGRES_SCHEMA": pg_schema,
         "PIPELINE_POSTGRES_USER": "pipeline_auditor",
+        "PIPELINE_NATS_URL": nats_server.url,
         "PIPELINE_AUDIT_ORIGIN": ORIGIN,
         "PIPELINE_AUDIT_HSM_TOKEN": token.label,
         "PIPELINE_AUDIT_HSM_PIN": token.pin,
@@ -91,7 +114,6 @@ def test_an_operator_signs_in_the_hsm_and_an_auditor_verifies_live_and_offline(
     again = pipeline("audit", "keygen", check=False)
     assert again.returncode == 1 and "already holds" in again.stderr
 
-    settings = make_settings("nats://unused", pg_schema)
     store = EventStore(as_role(settings, "writer").eventsourcing_env())
     events = write_events(store, 250, seed=11)
     process = subprocess.Popen(
@@ -104,6 +126,10 @@ def test_an_operator_signs_in_the_hsm_and_an_auditor_verifies_live_and_offline(
 
     def status() -> dict[str, int]:
         return json.loads(pipeline("audit", "status", "--json").stdout)  # type: ignore[no-any-return]
+
+    def copied() -> list[int]:
+        """The sizes of the checkpoints in the AUDIT stream, in order."""
+        return asyncio.run(_stream_sizes(nats_server.url))
 
     def age() -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as r:
@@ -124,6 +150,14 @@ def test_an_operator_signs_in_the_hsm_and_an_auditor_verifies_live_and_offline(
         # Back: the next checkpoint covers everything.
         _until(lambda: status()["checkpoint_size"] == 300)
         _until(lambda: age() == 0.0)
+        _until(lambda: copied() == [100, 200, 250, 300])
+
+        # NATS away: checkpoints are signed and stored, and copied once it is back.
+        nats_server.stop()
+        write_events(store, 50, seed=13)
+        _until(lambda: status()["checkpoint_size"] == 350)
+        nats_server.start()
+        _until(lambda: copied() == [100, 200, 250, 300, 350])
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=30)
@@ -134,29 +168,29 @@ def test_an_operator_signs_in_the_hsm_and_an_auditor_verifies_live_and_offline(
     proof = json.loads(pipeline("audit", "prove", events[7].message_id).stdout)
     text, _ = open_note(proof["checkpoint"].encode(), keys, require=[k.name for k in keys])
     checkpoint = Checkpoint.parse(text)
-    assert checkpoint.size == proof["tree_size"] == 300
+    assert checkpoint.size == proof["tree_size"] == 350
     merkle.verify_inclusion(
         proof["leaf_index"],
-        300,
+        350,
         base64.b64decode(proof["leaf_hash"]),
         [base64.b64decode(h) for h in proof["proof"]],
         checkpoint.root,
     )
-    consistency = json.loads(pipeline("audit", "consistency", "100", "300").stdout)
+    consistency = json.loads(pipeline("audit", "consistency", "100", "350").stdout)
     merkle.verify_consistency(
         100,
-        300,
+        350,
         base64.b64decode(consistency["old_root"]),
         checkpoint.root,
         [base64.b64decode(h) for h in consistency["proof"]],
     )
 
-    assert "verified: 300 events" in pipeline("audit", "verify", "--keys", str(keys_file)).stdout
+    assert "verified: 350 events" in pipeline("audit", "verify", "--keys", str(keys_file)).stdout
     pipeline("audit", "export", str(tmp_path / "export"))
     offline = pipeline(
         "audit", "verify", "--from", str(tmp_path / "export"), "--keys", str(keys_file)
     )
-    assert "verified: 300 events" in offline.stdout
+    assert "verified: 350 events" in offline.stdout
 
     # Someone with the owner's rights changes a stored event: verify says which, and fails.
     owner = psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True)

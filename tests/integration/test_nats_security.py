@@ -23,6 +23,7 @@ from typing import Any
 import bcrypt
 import nats
 import nkeys
+import psycopg
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -30,18 +31,24 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from pipeline.app import Worker, apply_streams, apply_streams_once
+from pipeline.audit.log import AuditLog
+from pipeline.audit.note import Ed25519Signer
+from pipeline.audit.publish import CheckpointPublisher
+from pipeline.audit.tables import AuditTables
 from pipeline.errors import ConfigError
+from pipeline.metrics import AuditMetrics
 from pipeline.ops.embedded import free_port, nats_server_binary, wait_for_port
 from pipeline.ops.simulate import Traffic
 from pipeline.settings import Settings
+from pipeline.store.eventstore import EventStore
 from schemas import Domain
 from streams import Subjects
 
-from ..conftest import make_settings, wait_until
-from .helpers import ids_of, stored_ids
+from ..conftest import as_role, make_settings, wait_until
+from .helpers import ids_of, stored_ids, write_events
 
 CONF = Path(__file__).parents[2] / "deploy" / "nats" / "nats.conf"
-ROLES = ("operator", "worker", "security-producer", "monitoring-producer")
+ROLES = ("operator", "worker", "auditor", "security-producer", "monitoring-producer")
 ROLES += ("metrics-producer", "frames-producer")
 
 
@@ -233,6 +240,60 @@ async def test_each_role_may_do_its_part_only(secure_nats: SecureNats, pg_schema
     assert info.state.messages == 1
     assert info.config.max_msgs == security.max_msgs
     for nc in (operator, producer, worker):
+        await nc.close()
+
+
+async def test_the_auditor_copies_checkpoints_to_a_stream_nobody_may_delete_from(
+    secure_nats: SecureNats, pg_schema: str
+) -> None:
+    operator = await secure_nats.connect("operator")
+    await apply_streams(operator, _settings(secure_nats, pg_schema, "operator"))
+    settings = make_settings("nats://unused", pg_schema)
+    store = EventStore(as_role(settings, "writer").eventsourcing_env())
+    write_events(store, 120, seed=1)
+    store.close()
+    signer = Ed25519Signer.generate("test/audit")
+    log = AuditLog(pg_schema, origin="test/audit", signers=lambda: [signer], checkpoint_every=50)
+
+    def connect() -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            **as_role(settings, "auditor").postgres_connection(), autocommit=True
+        )
+
+    with connect() as conn:
+        while log.step(conn):
+            if log.due():
+                log.checkpoint(conn)
+        log.checkpoint_interval_s = 0
+        log.checkpoint(conn)
+
+    refused: list[Exception] = []
+
+    async def record(exc: Exception) -> None:
+        refused.append(exc)
+
+    auditor = await secure_nats.connect("auditor", error_cb=record)
+    publisher = CheckpointPublisher(
+        auditor.jetstream(),
+        Subjects(),
+        AuditTables(pg_schema),
+        "test/audit",
+        connect,
+        AuditMetrics(),
+    )
+    assert await publisher.copy() == 3  # 50, 100 and 120 leaves
+    assert await publisher.copy() == 0
+    assert await publisher.published() == 120
+    # The auditor may publish checkpoints only; nobody may take one back.
+    with pytest.raises(nats.errors.Error):
+        await auditor.jetstream().publish("security.v1.door-7", b"{}", timeout=1)
+    await wait_until(lambda: any("permissions violation" in str(e).lower() for e in refused), 5)
+    jsm = operator.jsm(timeout=2.0)
+    for forbidden in (jsm.delete_msg("AUDIT", 1), jsm.purge_stream("AUDIT")):
+        with pytest.raises(nats.errors.Error):
+            await forbidden
+    assert (await jsm.stream_info("AUDIT")).state.messages == 3
+    for nc in (operator, auditor):
         await nc.close()
 
 

@@ -40,7 +40,7 @@ def test_nats_conf_is_valid_for_the_server_the_pipeline_ships(tmp_path: Path) ->
     assert missing.returncode != 0 and "NATS_WORKER_PASSWORD" in missing.stderr
 
 
-ROLES = ("OPERATOR", "WORKER", "SECURITY_PRODUCER", "MONITORING_PRODUCER")
+ROLES = ("OPERATOR", "WORKER", "AUDITOR", "SECURITY_PRODUCER", "MONITORING_PRODUCER")
 ROLES += ("METRICS_PRODUCER", "FRAMES_PRODUCER")
 
 
@@ -182,15 +182,15 @@ def test_compose_processes_connect_as_their_own_roles(monkeypatch: pytest.Monkey
     roles = settings_of(migrate["environment"], monkeypatch)
     owner = _secret_file(migrate, "PIPELINE_POSTGRES_PASSWORD_FILE")
     used = {owner}
-    for name, kind in {"worker": "writer", "projections": "projector", "api": "api"}.items():
+    kinds = {"worker": "writer", "projections": "projector", "api": "api", "audit": "auditor"}
+    for name, kind in kinds.items():
         env = services[name]["environment"]
         assert env["PIPELINE_POSTGRES_USER"] == roles.postgres_role(kind)  # type: ignore[arg-type]
         secret = _secret_file(services[name], "PIPELINE_POSTGRES_PASSWORD_FILE")
         assert secret == _secret_file(migrate, f"PIPELINE_POSTGRES_{kind.upper()}_PASSWORD_FILE")
         assert owner not in services[name].get("secrets", []), f"{name} holds the owner's"
         used.add(secret)
-    assert len(used) == 4, "each process has a password of its own"
-    assert _secret_file(migrate, "PIPELINE_POSTGRES_AUDITOR_PASSWORD_FILE") not in used
+    assert len(used) == 5, "each process has a password of its own"
     assert services["worker"]["environment"]["PIPELINE_NATS_USER"] == "worker"
     assert _secret_file(services["worker"], "PIPELINE_NATS_PASSWORD_FILE")
     for name, service in services.items():
@@ -448,7 +448,7 @@ def test_the_dashboard_queries_are_promql(tmp_path: Path) -> None:
 def test_alerts_have_runbooks_and_alerts_and_dashboard_name_exported_metrics() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from pipeline.metrics import Metrics, ProjectionMetrics, serve_metrics
+    from pipeline.metrics import AuditMetrics, Metrics, ProjectionMetrics, serve_metrics
     from pipeline.ops.embedded import free_port
 
     rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"][0]["rules"]
@@ -456,7 +456,8 @@ def test_alerts_have_runbooks_and_alerts_and_dashboard_name_exported_metrics() -
     queries = [rule["expr"] for rule in rules] + _dashboard_queries()
     named = {m for expr in queries for m in re.findall(r"\bpipeline_[a-z_]+", expr)}
     exported: set[str] = set()
-    for metrics in (Metrics(), ProjectionMetrics()):  # scraped as Prometheus would
+    # Scraped as Prometheus would.
+    for metrics in (Metrics(), ProjectionMetrics(), AuditMetrics()):
         port = free_port()
         server = serve_metrics(metrics, "127.0.0.1", port)
         try:
@@ -606,6 +607,7 @@ def test_prometheus_scrapes_every_pipeline_process_of_the_compose_file() -> None
         "pipeline-worker": [f"worker:{port}" for port in metrics_ports(settings)],
         "pipeline-projections": [f"projections:{settings.projections_metrics_port}"],
         "pipeline-api": [f"api:{settings.api_port}"],
+        "pipeline-audit": [f"audit:{settings.audit_metrics_port}"],
         "nats": ["nats:7777"],
     }
     scraped = {
