@@ -104,6 +104,7 @@ def check(
     roots = _checkpoints(checkpoints, keys, origin, report)
     edge = merkle.CompactRange()
     stream = _Events(events)
+    previous = 0
     for idx, position, hashes in rows:
         if idx != edge.size:
             report.problem(
@@ -111,6 +112,12 @@ def check(
             )
             break
         leaf = hashes[: merkle.HASH_SIZE]
+        if position <= previous:
+            report.problem(
+                f"log row {idx} logs position {position}, not after the row before it "
+                f"({previous}): the log was reordered"
+            )
+        previous = position
         while stream.head is not None and stream.head[0] < position:
             report.problem(
                 f"{event_label(*stream.head)} is in no leaf, yet leaf {idx} logs position "
