@@ -32,6 +32,7 @@ from schemas.monitoring import HealthStatus
 
 from ..settings import Settings
 from ..store.reader import EventReader
+from .audit import audit_router
 from .errors import (
     ERROR_RESPONSES,
     REQUEST_ID,
@@ -104,6 +105,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         # A database that fails is answered by the error handlers (503 or 500).
         with pool.connection() as conn:
             yield conn
+
+    app.include_router(audit_router(settings, db))  # public: see pipeline.api.audit
 
     bearer = HTTPBearer(auto_error=False)
 

@@ -1,25 +1,40 @@
-"""`pipeline audit ...`: keys, status, proofs, export and verification of the audit trail."""
+"""`pipeline audit ...`: keys, status, proofs, export and verification of the audit trail,
+and the witness."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psycopg
 
 from ..audit import trail
 from ..audit.keys import MldsaSigner, SigningUnavailable, generate_hsm_key
 from ..audit.note import Checkpoint, NoteError, Verifier, key_id, parse_note
+from ..audit.remote import RemoteLog, verify_remote
 from ..audit.service import mldsa_name, read_keys
 from ..audit.tables import AuditTables
 from ..audit.verify import Report, check
+from ..audit.witness import Refused, Witness, generate_key, read_key, state_lock
 from ..errors import PipelineError
 from ..settings import Settings
 from ..store.reader import EventReader
 
-__all__ = ["consistency", "export", "keygen", "prove", "status", "verify"]
+__all__ = [
+    "consistency",
+    "export",
+    "keygen",
+    "prove",
+    "status",
+    "verify",
+    "witness",
+    "witness_keygen",
+]
 
 Print = Callable[[str], None]
 
@@ -131,12 +146,15 @@ def verify(
     settings: Settings,
     *,
     source: Path | None = None,
+    url: str = "",
+    state: Path | None = None,
     keys_file: str = "",
     trusted: Sequence[Path] = (),
     as_json: bool = False,
     out: Print = print,
 ) -> Report:
-    """Check the live trail (or an export) with the public keys; raise if it fails."""
+    """Check the live trail (or an export, or a remote log from its endpoints alone) with
+    the public keys; raise if it fails."""
     path = keys_file or settings.audit_keys_file
     if not path:
         raise PipelineError(
@@ -148,6 +166,12 @@ def verify(
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
     extra = [_checkpoint_file(path) for path in trusted]
+    if url:
+        if source is not None:
+            raise PipelineError("--url and --from: verify one log at a time")
+        return _verify_url(url, keys, state, [note for _, note in extra], as_json, out)
+    if state is not None:
+        raise PipelineError("--state goes with --url (the last checkpoint verified remotely)")
     if source is not None:
         try:
             sources, manifest = trail.exported(source)
@@ -191,6 +215,79 @@ def verify(
     if not report.ok:
         raise PipelineError("the audit trail does not verify (see above)")
     return report
+
+
+def _verify_url(
+    url: str,
+    keys: Sequence[Verifier],
+    state: Path | None,
+    earlier: Sequence[bytes],
+    as_json: bool,
+    out: Print,
+) -> Report:
+    """`verify --url`: the remote log's checkpoint, tiles and (with `state` or earlier
+    checkpoints) its consistency with what was seen before."""
+    try:
+        remote = RemoteLog(url)
+    except ValueError as exc:
+        raise PipelineError(f"--url: {exc}") from None
+    report = verify_remote(remote, keys, state=state, earlier=earlier)
+    out(json.dumps(report.as_json()) if as_json else report.summary())
+    if not report.ok:
+        raise PipelineError(f"the log at {url} does not verify (see above)")
+    return report
+
+
+def witness_keygen(path: Path, name: str, *, out: Print = print) -> str:
+    """Make a witness's key file (mode 0600); print its vkey for the log's operator."""
+    try:
+        vkey = generate_key(path, name)
+    except (OSError, NoteError) as exc:
+        raise PipelineError(str(exc)) from None
+    out(
+        f"# The witness {name}'s public key (its private key is in {path}): give this line "
+        "to the log's operator, for PIPELINE_AUDIT_WITNESS_KEYS_FILE."
+    )
+    out(vkey)
+    return vkey
+
+
+async def witness(
+    *,
+    url: str,
+    key: Path,
+    log_keys: str,
+    state: Path | None,
+    interval_s: float,
+    once: bool,
+    stop: asyncio.Event,
+    out: Print = print,
+) -> None:
+    """Witness the log at `url`: one round (`once`; raises unless it cosigned or found the
+    log as cosigned), or rounds every `interval_s` until `stop` is set."""
+    try:
+        signer = read_key(key)
+        keys = read_keys(log_keys)
+        remote = RemoteLog(url)
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
+    state = state or key.with_name(key.name + ".state")
+    watcher = Witness(remote, signer, keys, state)
+    with state_lock(state):
+        if once:
+            try:
+                done = await anyio.to_thread.run_sync(watcher.round)
+            except Refused as exc:
+                raise PipelineError(f"refused the log's checkpoint: {exc}") from None
+            out(f"{done.outcome}: the log's checkpoint of {done.size} leaves")
+            return
+        stopped = threading.Event()
+        relay = asyncio.create_task(stop.wait())
+        relay.add_done_callback(lambda _: stopped.set())
+        try:
+            await anyio.to_thread.run_sync(watcher.run, stopped, interval_s)
+        finally:
+            relay.cancel()
 
 
 def _checkpoint_file(path: Path) -> tuple[int, bytes]:
