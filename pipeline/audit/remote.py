@@ -91,8 +91,15 @@ class RemoteLog:
             raise
 
     def tile(self, tile: tiles.Tile) -> bytes:
-        """The bytes served for `tile`."""
-        return self._get(tile.path(), tile.width * merkle.HASH_SIZE + 1)
+        """The bytes served for `tile`, which must be its `width` hashes."""
+        want = tile.width * merkle.HASH_SIZE
+        data = self._get(tile.path(), want)
+        if len(data) != want:
+            raise RemoteError(
+                f"{self.url}/{tile.path()}",
+                f"{len(data)} bytes, not the {want} of {tile.width} hashes",
+            )
+        return data
 
     def post(self, path: str, body: bytes) -> bytes:
         """POST `body` (text) to `<prefix>/<path>`; the answer's body."""

@@ -60,7 +60,14 @@ from .note import (
     Verifier,
     parse_note,
 )
-from .remote import NotExtension, RemoteLog, check_extension, open_checkpoint, write_state
+from .remote import (
+    NotExtension,
+    RemoteLog,
+    check_extension,
+    open_checkpoint,
+    read_state,
+    write_state,
+)
 from .tables import AuditTables
 
 __all__ = [
@@ -137,7 +144,7 @@ class Witness:
             if checkpoint.size == last.size and self._served_ours(note):
                 return Round("current", checkpoint.size)
         write_state(self.state, note)  # before cosigning: never cosign behind the state
-        text = checkpoint.body()
+        text = parse_note(note)[0]
         line = NoteSignature(self.signer.name, self.signer.key_id, self.signer.sign(text))
         self.log.post("cosignature", text + b"\n" + line.line())
         log.info(
@@ -158,19 +165,13 @@ class Witness:
                 pass  # logged as an error when refused
             except PipelineError as exc:
                 log.warning("witness: round failed (%s); again in %.0f s", exc, interval_s)
+            except Exception:  # a bug: the witness keeps its rounds going
+                log.exception("witness: round failed; again in %.0f s", interval_s)
             stop.wait(interval_s)
 
     def _last(self) -> Checkpoint | None:
-        try:
-            note = self.state.read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            return open_checkpoint(note, self.log_keys)
-        except NoteError as exc:
-            raise PipelineError(
-                f"state file {self.state} holds no checkpoint of this log ({exc})"
-            ) from None
+        kept = read_state(self.state, self.log_keys)
+        return kept[1] if kept else None
 
     def _served_ours(self, note: bytes) -> bool:
         """Whether the log serves this witness's valid cosignature with the checkpoint."""
