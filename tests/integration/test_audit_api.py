@@ -213,6 +213,13 @@ def logged(signers: list[Signer], cosigner: CosignatureSigner, tmp_path: Path) -
     made.close()
 
 
+@pytest.fixture
+def log_vkeys(signers: list[Signer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The log's vkeys in a file, for the command (run in tmp_path: no stray .env file)."""
+    monkeypatch.chdir(tmp_path)
+    return vkeys_file(tmp_path / "log.vkeys", signers)
+
+
 def _get(url: str) -> httpx.Response:
     return httpx.get(url, timeout=10)
 
@@ -329,14 +336,8 @@ def test_a_tree_past_one_level_one_tile_from_nodes_in_memory() -> None:
 
 
 def test_verify_url_passes_on_the_honest_log_and_names_what_a_lying_one_changed(
-    logged: Logged,
-    signers: list[Signer],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    logged: Logged, log_vkeys: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(tmp_path)  # no stray .env file
-    keys = vkeys_file(tmp_path / "log.vkeys", signers)
     logged.grow(600)
     other = software_signers(tmp_path)  # the same names, other keys
 
@@ -356,37 +357,37 @@ def test_verify_url_passes_on_the_honest_log_and_names_what_a_lying_one_changed(
         (resigned, ["/checkpoint: note: no signature by a known key"]),
     ]
     with logged.api() as prefix:
-        assert main(["audit", "verify", "--url", prefix, "--keys", str(keys)]) == 0
+        assert main(["audit", "verify", "--url", prefix, "--keys", str(log_vkeys)]) == 0
         out = capsys.readouterr().out
         assert f"verified {prefix}: checkpoint of 600 leaves signed by every key" in out
         assert "from 4 tiles" in out  # 2 full and 1 partial at level 0, 1 partial at level 1
         for rewrite, words in cases:
             with lying(prefix, rewrite) as liar:
-                code = main(["audit", "verify", "--url", liar, "--keys", str(keys), "--json"])
+                code = main(["audit", "verify", "--url", liar, "--keys", str(log_vkeys), "--json"])
                 report = json.loads(capsys.readouterr().out)
             assert code == 1 and report["ok"] is False
             for word in words:
                 assert any(word in problem for problem in report["problems"]), (word, report)
         # A log that answers nothing is a failure too, and says where.
-        assert main(["audit", "verify", "--url", "http://127.0.0.1:9/audit", "--keys", str(keys)])
+        assert main(
+            ["audit", "verify", "--url", "http://127.0.0.1:9/audit", "--keys", str(log_vkeys)]
+        )
         assert "127.0.0.1:9/audit/checkpoint: no answer" in capsys.readouterr().out
 
 
 def test_verify_url_with_a_state_file_sees_growth_and_refuses_a_fork(
     logged: Logged,
     signers: list[Signer],
+    log_vkeys: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    keys = vkeys_file(tmp_path / "log.vkeys", signers)
     state = tmp_path / "verified.note"
     fork = Logged(signers)
     try:
         logged.grow(300)
         fork.grow(300)
-        args = ["audit", "verify", "--keys", str(keys), "--state", str(state)]
+        args = ["audit", "verify", "--keys", str(log_vkeys), "--state", str(state)]
         with logged.api() as prefix:
             assert main([*args, "--url", prefix]) == 0
             assert Checkpoint.parse(state.read_bytes().split(b"\n\n")[0] + b"\n").size == 300

@@ -56,6 +56,13 @@ def logs(signers: list[Signer], tmp_path: Path, key: Path) -> Iterator[tuple[Log
     fork.close()
 
 
+@pytest.fixture
+def log_vkeys(signers: list[Signer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The log's vkeys in a file, for the command (run in tmp_path: no stray .env file)."""
+    monkeypatch.chdir(tmp_path)
+    return vkeys_file(tmp_path / "log.vkeys", signers)
+
+
 def _witness(prefix: str, key: Path, signers: list[Signer], state: Path) -> Witness:
     return Witness(RemoteLog(prefix), read_key(key), verifiers(signers), state)
 
@@ -87,11 +94,10 @@ def test_the_witness_cosigns_an_honest_growing_log(
     logs: tuple[Logged, Logged],
     signers: list[Signer],
     key: Path,
+    log_vkeys: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.chdir(tmp_path)
     log, _ = logs
     state = tmp_path / "witness.state"
     ours = Verifier.for_signer(read_key(key))
@@ -111,7 +117,7 @@ def test_the_witness_cosigns_an_honest_growing_log(
         # The command, one round, on the state the rounds above kept.
         log.grow(11)
         args = ["audit", "witness", "--url", prefix, "--key", str(key), "--once"]
-        args += ["--log-keys", str(vkeys_file(tmp_path / "log.vkeys", signers))]
+        args += ["--log-keys", str(log_vkeys)]
         assert main([*args, "--state", str(state)]) == 0
         assert "cosigned: the log's checkpoint of 711 leaves" in capsys.readouterr().out
     assert log.cosignatures() == [(300, NAME), (700, NAME), (711, NAME)]
@@ -121,12 +127,11 @@ def test_a_fork_a_rewrite_and_a_rollback_are_refused_and_never_cosigned(
     logs: tuple[Logged, Logged],
     signers: list[Signer],
     key: Path,
+    log_vkeys: Path,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.chdir(tmp_path)
     honest, fork = logs
     state = tmp_path / "witness.state"
     honest.grow(300)
@@ -146,7 +151,7 @@ def test_a_fork_a_rewrite_and_a_rollback_are_refused_and_never_cosigned(
         assert _size(evidence.read_bytes()) == 400
         # The command exits non-zero and logs an error.
         args = ["audit", "witness", "--url", prefix, "--key", str(key), "--once"]
-        args += ["--log-keys", str(vkeys_file(tmp_path / "log.vkeys", signers))]
+        args += ["--log-keys", str(log_vkeys)]
         with caplog.at_level(logging.ERROR, logger="pipeline.audit.witness"):
             assert main([*args, "--state", str(state)]) == 1
         assert "refused the log's checkpoint" in capsys.readouterr().err
@@ -205,16 +210,15 @@ def _until(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
 
 
 def test_the_witness_process_cosigns_round_after_round_until_sigterm(
-    logs: tuple[Logged, Logged], signers: list[Signer], key: Path, tmp_path: Path
+    logs: tuple[Logged, Logged], key: Path, log_vkeys: Path, tmp_path: Path
 ) -> None:
     log, _ = logs
     log.grow(50)
-    keys = vkeys_file(tmp_path / "log.vkeys", signers)
     output = tmp_path / "witness.log"
     with log.api() as prefix, output.open("wb") as out:
         command = ["audit", "witness", "--url", prefix, "--key", str(key), "--interval", "0.2"]
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", *command, "--log-keys", str(keys)],
+            [sys.executable, "-m", "pipeline", *command, "--log-keys", str(log_vkeys)],
             cwd=tmp_path,
             stdout=out,
             stderr=out,
