@@ -198,10 +198,12 @@ async def test_frames_waiting_for_a_slow_detector_are_not_redelivered(
     )
     async with running_worker(settings) as worker:
         cameras = Cameras(worker.subjects, width=320, height=240, variants=2, seed=4)
-        sent = [cameras.frame() for _ in range(60)]
+        # Enough frames that the last ones wait in hand well past the ack wait even on a
+        # fast host (60 took 2.1 s on an idle one: the premise did not hold).
+        sent = [cameras.frame() for _ in range(150)]
         started = asyncio.get_running_loop().time()
         await _publish(nc, sent)
-        await wait_until(lambda: len(stored_ids(pg_schema)) == 60, timeout_s=120)
+        await wait_until(lambda: len(stored_ids(pg_schema)) == 150, timeout_s=240)
         assert asyncio.get_running_loop().time() - started > 4.0, "slower than the ack wait"
         info = await nc.jsm().consumer_info(
             worker.subjects.stream(Domain.FRAMES), worker.subjects.durable(Domain.FRAMES)
