@@ -132,11 +132,18 @@ class AuditLog:
         self._last_problem = ""
         self._sign_again = 0.0
         t = self.tables
+        # The log's stored size beside the next events, in one statement: a follower
+        # at the head asks once per round, and learns whether the log moved too.
         self._read = SQL(
-            "SELECT notification_id, originator_id, originator_version, topic, state FROM {} "
-            "WHERE notification_id > %s ORDER BY notification_id LIMIT %s"
-        ).format(t.events)
+            "SELECT s.size, e.* FROM (SELECT coalesce(max(idx) + 1, 0) AS size FROM {}) s "
+            "LEFT JOIN LATERAL (SELECT notification_id, originator_id, originator_version, "
+            "topic, state FROM {} WHERE notification_id > %s ORDER BY notification_id "
+            "LIMIT %s) e ON true"
+        ).format(t.leaves, t.events)
         self._last = SQL("SELECT idx, position FROM {} ORDER BY idx DESC LIMIT 1").format(t.leaves)
+        self._copy = SQL("COPY {} (idx, position, hashes) FROM STDIN (FORMAT BINARY)").format(
+            t.leaves
+        )
 
     # -- the log's state -----------------------------------------------------------------
 
@@ -179,42 +186,34 @@ class AuditLog:
         if self._edge is None:
             self.load(conn)
         assert self._edge is not None
+        # A batch ends where a checkpoint falls due, so one comes every
+        # `checkpoint_every` leaves exactly.
+        unsigned = self._edge.size - self._checkpoint_size
+        limit = self.batch_size
+        if unsigned < self.checkpoint_every:
+            limit = min(limit, self.checkpoint_every - unsigned)
         try:
-            with conn.transaction():
-                with conn.cursor(binary=True, row_factory=tuple_row) as curs:
-                    curs.execute(self._last)
-                    last = curs.fetchone()
-                    if (last[0] + 1 if last else 0) != self._edge.size:
-                        raise _Moved
-                    # A batch ends where a checkpoint falls due, so one comes every
-                    # `checkpoint_every` leaves exactly.
-                    unsigned = self._edge.size - self._checkpoint_size
-                    limit = self.batch_size
-                    if unsigned < self.checkpoint_every:
-                        limit = min(limit, self.checkpoint_every - unsigned)
-                    curs.execute(self._read, (self._position, limit), prepare=True)
-                    events = curs.fetchall()
-                if not events:
-                    return 0
-                edge = self._edge
-                start = edge.size
-                rows: list[tuple[int, int, bytes]] = []
-                for position, originator_id, version, topic, state in events:
-                    stored = edge.append(
-                        merkle.leaf_hash(leaf_data(originator_id, version, topic, state))
-                    )
-                    rows.append((start + len(rows), position, stored))
-                with (
-                    conn.cursor() as curs,
-                    curs.copy(
-                        SQL("COPY {} (idx, position, hashes) FROM STDIN (FORMAT BINARY)").format(
-                            self.tables.leaves
-                        )
-                    ) as copy,
-                ):
-                    copy.set_types(["int8", "int8", "bytea"])
-                    for row in rows:
-                        copy.write_row(row)
+            with conn.cursor(binary=True, row_factory=tuple_row) as curs:
+                curs.execute(self._read, (self._position, limit), prepare=True)
+                events = curs.fetchall()
+            if events[0][0] != self._edge.size:
+                raise _Moved
+            if events[0][1] is None:
+                return 0
+            edge = self._edge
+            start = edge.size
+            rows: list[tuple[int, int, bytes]] = []
+            for _, position, originator_id, version, topic, state in events:
+                stored = edge.append(
+                    merkle.leaf_hash(leaf_data(originator_id, version, topic, state))
+                )
+                rows.append((start + len(rows), position, stored))
+            # One transaction: the batch is logged whole or not at all; the log's keys
+            # refuse rows that another process appended since the read.
+            with conn.transaction(), conn.cursor() as curs, curs.copy(self._copy) as copy:
+                copy.set_types(["int8", "int8", "bytea"])
+                for row in rows:
+                    copy.write_row(row)
         except _Moved:
             log.warning("audit: the log grew in another process; reading it again")
             self.load(conn)
@@ -222,7 +221,7 @@ class AuditLog:
         except BaseException:
             self._edge = None  # the stored log is what counts: read it again
             raise
-        self._position = events[-1][0]
+        self._position = events[-1][1]
         if self._unsigned_since is None:
             self._unsigned_since = time.monotonic()
         m = self.metrics
