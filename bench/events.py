@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -283,12 +283,27 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def pipeline_rate(
-    base: Settings, processes: int, count: int, log: Path, latency_s: float = 0.0
+    base: Settings,
+    processes: int,
+    count: int,
+    log: Path,
+    latency_s: float = 0.0,
+    beside: Callable[[Settings], contextlib.AbstractContextManager[object]] | None = None,
 ) -> tuple[float, list[float], float]:
-    """Events/s of `processes` workers on a backlog of `count`; then latency at half rate."""
-    with workspace(base) as settings, CommitWatcher(settings, settings.postgres_schema) as clock:
+    """Events/s of `processes` workers on a backlog of `count`; then latency at half rate.
+
+    `beside(settings)`, when given, is entered before the workers start and left after
+    they stop, on the run's schema (bench/audit.py runs the audit log's follower there).
+    """
+    with (
+        workspace(base) as settings,
+        CommitWatcher(settings, settings.postgres_schema) as clock,
+        contextlib.ExitStack() as side,
+    ):
         backlog = messages(settings, count, seed=1)
         asyncio.run(publish_all(settings, backlog))
+        if beside is not None:
+            side.enter_context(beside(settings))
         workers = start_workers(settings, processes, log)
         try:
             clock.wait_for(count)
