@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import ray.exceptions
 from nats.aio.client import Client
 
 from pipeline.app import Worker, apply_streams
@@ -172,14 +173,25 @@ async def test_killing_the_detector_actor_loses_no_frame_and_stores_none_twice(
             await wait_until(
                 lambda k=kill: len(stored_ids(pg_schema)) >= 15 * (k + 1), timeout_s=60
             )
-            [pid] = await worker.pool.actor_pids()
-            os.kill(pid, signal.SIGKILL)
+            os.kill(await _actor_pid(worker.pool), signal.SIGKILL)
         await publishing
         expected = ids_of(Domain.FRAMES, [o.message_id for o in sent])
         await wait_until(lambda: set(stored_ids(pg_schema)) == expected, timeout_s=120)
         assert worker.metrics.total("pipeline_detector_failures") >= 2
         assert worker.metrics.total("pipeline_dead_lettered") == 0
     assert set(stored_ids(pg_schema).values()) == {1}
+
+
+async def _actor_pid(pool: pool_module.DetectorPool) -> int:
+    """The detector actor's process id, once the actor answers (it may be restarting
+    after the previous kill)."""
+    for _ in range(150):
+        try:
+            [pid] = await pool.actor_pids()
+            return int(pid)
+        except ray.exceptions.RayError:
+            await asyncio.sleep(0.2)
+    raise AssertionError("the detector actor did not answer for 30 s")
 
 
 async def test_frames_waiting_for_a_slow_detector_are_not_redelivered(
