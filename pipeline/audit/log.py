@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 Connect = Callable[[], "psycopg.Connection[Any]"]
 
 _HEAD = struct.Struct(">QH")
+_GATHER_S = 0.1
+"""At the head of the store, how long new commits gather before the next batch: fewer,
+larger transactions beside the writers, for a log at most this much later."""
 _SIGN_RETRY_S = 2.0
 """After a key could not sign, how long until it is asked again."""
 
@@ -210,10 +213,15 @@ class AuditLog:
                 rows.append((start + len(rows), position, stored))
             # One transaction: the batch is logged whole or not at all; the log's keys
             # refuse rows that another process appended since the read.
-            with conn.transaction(), conn.cursor() as curs, curs.copy(self._copy) as copy:
-                copy.set_types(["int8", "int8", "bytea"])
-                for row in rows:
-                    copy.write_row(row)
+            with conn.transaction(), conn.cursor() as curs:
+                # Leaves are made again from the events if a crash loses them, and a
+                # checkpoint's (synchronous) commit makes every leaf before it durable:
+                # no need to wait for the disk here, beside the writers' own commits.
+                curs.execute("SET LOCAL synchronous_commit = off")
+                with curs.copy(self._copy) as copy:
+                    copy.set_types(["int8", "int8", "bytea"])
+                    for row in rows:
+                        copy.write_row(row)
         except _Moved:
             log.warning("audit: the log grew in another process; reading it again")
             self.load(conn)
@@ -319,8 +327,10 @@ class AuditLog:
                 signing = self.due() and time.monotonic() >= self._sign_again
                 if signing and self.checkpoint(conn) is None:  # logging goes on; retried
                     self._sign_again = time.monotonic() + _SIGN_RETRY_S
-                if not appended:
-                    self.wake.wait(self.poll_s)
+                if appended < self.batch_size:  # at the head: let a few commits gather
+                    if not appended:
+                        self.wake.wait(self.poll_s)
+                    stop.wait(_GATHER_S)
                 delay = 0.5
             except Exception as exc:
                 if is_outage(exc, conn):

@@ -116,22 +116,25 @@ def prove(conn: psycopg.Connection[Any], tables: AuditTables, event: uuid.UUID) 
     checkpoint yet (each said).
     """
     with conn.transaction():
+        # Two lookups by unique index each, whatever the planner's statistics say.
         found = conn.execute(
-            SQL(
-                "SELECT e.notification_id, l.idx, l.hashes FROM {} e LEFT JOIN {} l "
-                "ON l.position = e.notification_id WHERE e.originator_id = %s"
-            ).format(tables.events, tables.leaves),
+            SQL("SELECT notification_id FROM {} WHERE originator_id = %s").format(tables.events),
             (event,),
         ).fetchone()
         if found is None:
             raise LookupError(f"no stored event has the id {event}")
-        position, index, hashes = found
-        if index is None:
+        position = found[0]
+        logged = conn.execute(
+            SQL("SELECT idx, hashes FROM {} WHERE position = %s").format(tables.leaves),
+            (position,),
+        ).fetchone()
+        if logged is None:
             raise LookupError(
                 f"event {event} (position {position}) is not in the audit log yet; is "
                 "`pipeline run audit` running? (`pipeline audit status`)"
             )
         checkpoint = latest_checkpoint(conn, tables)
+        index, hashes = logged
         if checkpoint is None or checkpoint[0] <= index:
             raise LookupError(
                 f"event {event} is leaf {index}, which no signed checkpoint covers yet; "
