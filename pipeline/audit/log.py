@@ -134,6 +134,8 @@ class AuditLog:
         self._unsigned_since: float | None = None
         self._last_problem = ""
         self._sign_again = 0.0
+        self._at_head = False
+        """Whether the last batch read all there was (fewer events than it asked for)."""
         t = self.tables
         # The log's stored size beside the next events, in one statement: a follower
         # at the head asks once per round, and learns whether the log moved too.
@@ -199,6 +201,7 @@ class AuditLog:
             with conn.cursor(binary=True, row_factory=tuple_row) as curs:
                 curs.execute(self._read, (self._position, limit), prepare=True)
                 events = curs.fetchall()
+            self._at_head = events[0][1] is None or len(events) < limit
             if events[0][0] != self._edge.size:
                 raise _Moved
             if events[0][1] is None:
@@ -327,7 +330,7 @@ class AuditLog:
                 signing = self.due() and time.monotonic() >= self._sign_again
                 if signing and self.checkpoint(conn) is None:  # logging goes on; retried
                     self._sign_again = time.monotonic() + _SIGN_RETRY_S
-                if appended < self.batch_size:  # at the head: let a few commits gather
+                if self._at_head:  # let a few commits gather into the next batch
                     if not appended:
                         self.wake.wait(self.poll_s)
                     stop.wait(_GATHER_S)
