@@ -18,19 +18,17 @@ the cosignature itself: only a line that verifies with a key of
 `PIPELINE_AUDIT_WITNESS_KEYS_FILE` over a checkpoint this log signed is stored.
 """
 
-# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations.
-from collections.abc import Callable, Iterator
+from __future__ import annotations
+
 from typing import Annotated, Any
 
-import psycopg
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from ..audit import tiles
-from ..audit.note import COSIGNATURE_V1, Verifier
-from ..audit.service import read_keys
-from ..audit.tables import AuditTables
-from ..audit.witness import (
+from ...audit import tiles
+from ...audit.note import COSIGNATURE_V1, Verifier
+from ...audit.service import read_keys
+from ...audit.witness import (
     BadCosignature,
     CheckpointMismatch,
     CosignatureRefused,
@@ -39,11 +37,12 @@ from ..audit.witness import (
     UnknownWitness,
     accept_cosignatures,
 )
-from ..errors import ConfigError
-from ..settings import Settings
-from .errors import ApiError
+from ...errors import ConfigError
+from ...settings import Settings
+from ..deps import Context, Db
+from ..errors import ApiError
 
-__all__ = ["audit_router"]
+__all__ = ["router", "witness_keys"]
 
 MAX_COSIGNATURE_BYTES = 64 * 1024
 CHECKPOINT_CACHE = "public, max-age=5"
@@ -88,59 +87,50 @@ async def _body(request: Request) -> bytes:
     return bytes(body)
 
 
-def audit_router(
-    settings: Settings, db: Callable[[], Iterator[psycopg.Connection[Any]]]
-) -> APIRouter:
-    """The `/audit` endpoints on the API's connections (`db`, a dependency); the witnesses'
-    keys are read now."""
-    tables = AuditTables(settings.postgres_schema)
-    witnesses = witness_keys(settings)
-    router = APIRouter(prefix="/audit", tags=["audit"])
-    Db = Annotated[psycopg.Connection[Any], Depends(db)]
+router = APIRouter(prefix="/audit", tags=["audit"])
 
-    @router.get("/checkpoint", response_class=Response)
-    def checkpoint(conn: Db) -> Response:
-        """The latest signed checkpoint, with the witnesses' cosignatures (a signed note)."""
-        note = tiles.read_checkpoint(conn, tables)
-        if note is None:
-            raise ApiError(404, "not_found", "the log has no signed checkpoint yet")
-        return Response(
-            note,
-            media_type="text/plain; charset=utf-8",
-            headers={"Cache-Control": CHECKPOINT_CACHE},
+
+@router.get("/checkpoint", response_class=Response)
+def checkpoint(api: Context, conn: Db) -> Response:
+    """The latest signed checkpoint, with the witnesses' cosignatures (a signed note)."""
+    note = tiles.read_checkpoint(conn, api.audit_tables)
+    if note is None:
+        raise ApiError(404, "not_found", "the log has no signed checkpoint yet")
+    return Response(
+        note,
+        media_type="text/plain; charset=utf-8",
+        headers={"Cache-Control": CHECKPOINT_CACHE},
+    )
+
+
+@router.get("/tile/{path:path}", response_class=Response)
+def tile(api: Context, conn: Db, path: str) -> Response:
+    """A tile of the latest checkpoint's tree: `<L>/<N>[.p/<W>]`, N as x001/x234/067."""
+    if path.startswith("entries/"):
+        raise ApiError(
+            404,
+            "not_found",
+            "entry bundles are not served: read events through /v1/events/{id}",
         )
+    try:
+        wanted = tiles.Tile.parse(path)
+    except tiles.TileError as exc:
+        raise ApiError(400, "invalid_tile", str(exc)) from None
+    data = tiles.read_tile(conn, api.audit_tables, wanted)
+    if data is None:
+        raise ApiError(404, "not_found", f"{wanted.path()} is not in the latest checkpoint's tree")
+    return Response(
+        data, media_type="application/octet-stream", headers={"Cache-Control": TILE_CACHE}
+    )
 
-    @router.get("/tile/{path:path}", response_class=Response)
-    def tile(conn: Db, path: str) -> Response:
-        """A tile of the latest checkpoint's tree: `<L>/<N>[.p/<W>]`, N as x001/x234/067."""
-        if path.startswith("entries/"):
-            raise ApiError(
-                404,
-                "not_found",
-                "entry bundles are not served: read events through /v1/events/{id}",
-            )
-        try:
-            wanted = tiles.Tile.parse(path)
-        except tiles.TileError as exc:
-            raise ApiError(400, "invalid_tile", str(exc)) from None
-        data = tiles.read_tile(conn, tables, wanted)
-        if data is None:
-            raise ApiError(
-                404, "not_found", f"{wanted.path()} is not in the latest checkpoint's tree"
-            )
-        return Response(
-            data, media_type="application/octet-stream", headers={"Cache-Control": TILE_CACHE}
-        )
 
-    @router.post("/cosignature")
-    def cosignature(conn: Db, body: Annotated[bytes, Depends(_body)]) -> dict[str, Any]:
-        """Take a witness's cosignature: the checkpoint note followed by its cosignature
-        line(s) (tlog-cosignature/v1). Stored once per witness key and checkpoint."""
-        try:
-            size, accepted = accept_cosignatures(conn, tables, body, witnesses)
-        except CosignatureRefused as exc:
-            status, code = _REFUSED[type(exc)]
-            raise ApiError(status, code, str(exc)) from None
-        return {"size": size, "cosignatures": [{"key": a.key, "new": a.new} for a in accepted]}
-
-    return router
+@router.post("/cosignature")
+def cosignature(api: Context, conn: Db, body: Annotated[bytes, Depends(_body)]) -> dict[str, Any]:
+    """Take a witness's cosignature: the checkpoint note followed by its cosignature
+    line(s) (tlog-cosignature/v1). Stored once per witness key and checkpoint."""
+    try:
+        size, accepted = accept_cosignatures(conn, api.audit_tables, body, api.witnesses)
+    except CosignatureRefused as exc:
+        status, code = _REFUSED[type(exc)]
+        raise ApiError(status, code, str(exc)) from None
+    return {"size": size, "cosignatures": [{"key": a.key, "new": a.new} for a in accepted]}

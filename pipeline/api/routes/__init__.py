@@ -1,0 +1,20 @@
+"""The API's routers, one per resource, in the order `create_app` includes them."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from . import audit, cameras, events, health, metrics, projections, security, services
+
+__all__ = ["ROUTERS"]
+
+ROUTERS: tuple[APIRouter, ...] = (
+    audit.router,  # public: see pipeline.api.routes.audit
+    health.router,
+    security.router,
+    services.router,
+    metrics.router,
+    cameras.router,
+    events.router,
+    projections.router,
+)
