@@ -29,7 +29,7 @@ from ..settings import Settings
 from ..store.reader import EventReader
 from .deps import ApiContext
 from .errors import ERROR_RESPONSES, REQUEST_ID, install_error_handlers, request_id, server_error
-from .routes import ROUTERS
+from .routes import ROUTERS, docs
 from .routes.audit import witness_keys
 
 __all__ = ["create_app"]
@@ -70,12 +70,15 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         description=__doc__,
         lifespan=lifespan,
         responses=ERROR_RESPONSES,
+        docs_url=None,  # served by routes.docs, from the package rather than a CDN
+        redoc_url=None,
     )
     app.state.api = api
     install_error_handlers(app)
     _measure(app, api.registry)
     for router in ROUTERS:
         app.include_router(router)
+    app.mount(docs.STATIC_PATH, docs.static_files(), name="static")
     return app
 
 

@@ -2,7 +2,8 @@
 
 The dependency closure of `event-pipeline` as installed (extras not asked for left out),
 each with the licence its metadata declares, read as SPDX identifiers where it gives
-them (`License-Expression`), else from its classifiers or `License` field. Images ship
+them (`License-Expression`), else from its classifiers or `License` field, and the npm
+packages whose files the API serves (`pipeline/api/static/`, `npm:<name>`). Images ship
 this report (`/opt/pipeline/licences.json`); a test fails when a dependency's licence is
 not one of `ALLOWED`.
 """
@@ -10,12 +11,17 @@ not one of `ALLOWED`.
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import json
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from packaging.requirements import Requirement
 
-__all__ = ["ALLOWED", "Licence", "dependency_licences"]
+__all__ = ["ALLOWED", "VENDORED", "Licence", "dependency_licences", "vendored_licences"]
+
+VENDORED = Path(__file__).parents[1] / "api" / "static"
+"""Files of npm packages the API serves, a folder per package with its `package.json`."""
 
 ALLOWED = frozenset(
     {
@@ -125,4 +131,16 @@ def dependency_licences(root: str = "event-pipeline") -> list[Licence]:
             requirement = Requirement(line)
             if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
                 todo.append(requirement.name)
-    return [Licence(key, found[key].version, _licence(found[key])) for key in sorted(found)]
+    listed = [Licence(key, found[key].version, _licence(found[key])) for key in sorted(found)]
+    return listed + (vendored_licences() if "event-pipeline" in found else [])
+
+
+def vendored_licences(directory: Path = VENDORED) -> list[Licence]:
+    """The npm packages vendored under `directory` (`npm:<name>`), as their `package.json`
+    declares them."""
+    found = []
+    for manifest in sorted(directory.glob("*/package.json")):
+        package = json.loads(manifest.read_text())
+        licence = package.get("license") or "unknown: nothing declared"
+        found.append(Licence(f"npm:{package['name']}", package["version"], licence))
+    return found

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import audit, cameras, events, health, metrics, projections, security, services
+from . import audit, cameras, docs, events, health, metrics, projections, security, services
 
 __all__ = ["ROUTERS"]
 
 ROUTERS: tuple[APIRouter, ...] = (
+    docs.router,
     audit.router,  # public: see pipeline.api.routes.audit
     health.router,
     security.router,
