@@ -10,6 +10,9 @@ none is passed over.
 A leaf is `SHA-256(0x00 ‖ leaf_data(event))`, where `leaf_data` is the stored event's
 canonical bytes: its id (16 bytes), its version (8 bytes, big-endian), the length of its
 topic (2 bytes, big-endian), the topic (UTF-8) and the stored state, byte for byte.
+The follower has the database compute leaf hashes as it reads (`_LEAF_HASH`, the same
+bytes), so the events' states never cross the wire to it; `pipeline audit verify`
+recomputes every leaf from the events in Python (`leaf_data`), trusting neither.
 
 Every `checkpoint_every` leaves, or `checkpoint_interval_s` after the first leaf no
 checkpoint covers, the follower signs a checkpoint of the whole log with every signer
@@ -27,7 +30,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,15 +43,22 @@ from ..store.follow import is_outage
 from . import merkle
 from .keys import SigningUnavailable
 from .note import Checkpoint, Signer, sign_note
-from .tables import AuditTables
+from .tables import ROW_LEAVES, AuditTables
 
-__all__ = ["AuditLog", "Logged", "leaf_data", "read_edge"]
+__all__ = ["AuditLog", "Logged", "leaf_data", "logged_end", "read_edge", "read_nodes", "runs"]
 
 log = logging.getLogger(__name__)
 
 Connect = Callable[[], "psycopg.Connection[Any]"]
 
 _HEAD = struct.Struct(">QH")
+_POSITION = struct.Struct(">Q")
+_LEAF_HASH = (
+    "sha256('\\x00'::bytea || uuid_send(originator_id) || int8send(originator_version::int8) "
+    "|| substring(int4send(octet_length(convert_to(topic, 'UTF8'))) FROM 3) "
+    "|| convert_to(topic, 'UTF8') || state)"
+)
+"""`merkle.leaf_hash(leaf_data(event))`, computed by the database from the event's row."""
 _GATHER_S = 0.1
 """At the head of the store, how long new commits gather before the next batch: fewer,
 larger transactions beside the writers, for a log at most this much later."""
@@ -73,6 +83,22 @@ class Logged:
     root: bytes
 
 
+def logged_end(conn: psycopg.Connection[Any], tables: AuditTables) -> tuple[int, int]:
+    """The stored log's size and the position of its last leaf ((0, 0): empty)."""
+    with conn.cursor(binary=True, row_factory=tuple_row) as curs:
+        curs.execute(
+            SQL(
+                "SELECT idx + octet_length(positions) / 8, "
+                "substring(positions FROM octet_length(positions) - 7) "
+                "FROM {} ORDER BY idx DESC LIMIT 1"
+            ).format(tables.leaves)
+        )
+        last = curs.fetchone()
+    if last is None:
+        return 0, 0
+    return last[0], _POSITION.unpack(bytes(last[1]).rjust(_POSITION.size, b"\0"))[0]
+
+
 def read_edge(conn: psycopg.Connection[Any], tables: AuditTables, size: int) -> merkle.CompactRange:
     """The right edge of the stored log of `size` leaves, read in one query."""
     return merkle.CompactRange(
@@ -83,23 +109,50 @@ def read_edge(conn: psycopg.Connection[Any], tables: AuditTables, size: int) -> 
 def read_nodes(
     conn: psycopg.Connection[Any], tables: AuditTables, nodes: Sequence[tuple[int, int]]
 ) -> list[tuple[tuple[int, int], bytes]]:
-    """The stored hashes of `nodes` ((level, n) pairs), in the order asked, in one query."""
+    """The stored hashes of `nodes` ((level, n) pairs), in the order asked, in one query:
+    for each, its leaf's row by index, and 32 bytes of it at the node's offset."""
     where = [merkle.node_row(level, n) for level, n in nodes]
     rows: dict[int, bytes] = {}
     if where:
+        leaves = [leaf for leaf, _ in where]
+        offsets = [merkle.HASH_SIZE * merkle.stored_offset(leaf) + at for leaf, at in where]
         with conn.cursor(binary=True, row_factory=tuple_row) as curs:
             curs.execute(
-                SQL("SELECT idx, hashes FROM {} WHERE idx = ANY(%s)").format(tables.leaves),
-                ([row for row, _ in where],),
+                SQL(
+                    "SELECT q.i, substring(r.hashes FROM (q.at - %s * "
+                    "(2 * r.idx - bit_count(r.idx::bit(64))) + 1)::int4 FOR %s::int4) "
+                    "FROM unnest(%s::int8[], %s::int8[]) WITH ORDINALITY q(leaf, at, i) "
+                    "JOIN LATERAL (SELECT idx, positions, hashes FROM {} WHERE idx <= q.leaf "
+                    "ORDER BY idx DESC LIMIT 1) r ON q.leaf < r.idx + octet_length(r.positions) / 8"
+                ).format(tables.leaves),
+                (merkle.HASH_SIZE, merkle.HASH_SIZE, leaves, offsets),
             )
-            rows = {idx: bytes(hashes) for idx, hashes in curs.fetchall()}
+            rows = {i: bytes(value) for i, value in curs.fetchall()}
     found = []
-    for node, (row, offset) in zip(nodes, where, strict=True):
-        hashes = rows.get(row)
-        if hashes is None or len(hashes) < offset + merkle.HASH_SIZE:
-            raise LookupError(f"the audit log has no hash of node {node} (row {row})")
-        found.append((node, hashes[offset : offset + merkle.HASH_SIZE]))
+    for i, (node, (leaf, _)) in enumerate(zip(nodes, where, strict=True), start=1):
+        value = rows.get(i)
+        if value is None or len(value) != merkle.HASH_SIZE:
+            raise LookupError(f"the audit log has no hash of node {node} (leaf {leaf})")
+        found.append((node, value))
     return found
+
+
+def runs(idx: int, positions: bytes, hashes: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """The leaves of one stored run as (index, position, stored hashes). A run whose
+    lengths do not add up gives its last leaf the bytes left over (so that leaf's hashes
+    are found altered), rather than failing."""
+    count = len(positions) // _POSITION.size
+    start = merkle.stored_offset(idx)
+    at = 0
+    for k in range(count):
+        end = merkle.HASH_SIZE * (merkle.stored_offset(idx + k + 1) - start)
+        if k == count - 1:
+            end = len(hashes)
+        value = hashes[at:end]
+        if k == count - 1 and len(positions) % _POSITION.size:
+            value += positions[count * _POSITION.size :]
+        yield idx + k, _POSITION.unpack_from(positions, k * _POSITION.size)[0], value
+        at = end
 
 
 class AuditLog:
@@ -140,24 +193,21 @@ class AuditLog:
         # The log's stored size beside the next events, in one statement: a follower
         # at the head asks once per round, and learns whether the log moved too.
         self._read = SQL(
-            "SELECT s.size, e.* FROM (SELECT coalesce(max(idx) + 1, 0) AS size FROM {}) s "
-            "LEFT JOIN LATERAL (SELECT notification_id, originator_id, originator_version, "
-            "topic, state FROM {} WHERE notification_id > %s ORDER BY notification_id "
-            "LIMIT %s) e ON true"
+            "SELECT s.size, e.* FROM (SELECT coalesce((SELECT idx + octet_length(positions) / 8 "
+            "FROM {} ORDER BY idx DESC LIMIT 1), 0) AS size) s "
+            "LEFT JOIN LATERAL (SELECT notification_id, " + _LEAF_HASH + " FROM {} "
+            "WHERE notification_id > %s ORDER BY notification_id LIMIT %s) e ON true"
         ).format(t.leaves, t.events)
-        self._last = SQL("SELECT idx, position FROM {} ORDER BY idx DESC LIMIT 1").format(t.leaves)
-        self._copy = SQL("COPY {} (idx, position, hashes) FROM STDIN (FORMAT BINARY)").format(
-            t.leaves
-        )
+        self._copy = SQL(
+            "COPY {} (idx, position, positions, hashes) FROM STDIN (FORMAT BINARY)"
+        ).format(t.leaves)
 
     # -- the log's state -----------------------------------------------------------------
 
     def load(self, conn: psycopg.Connection[Any]) -> Logged:
         """Read where the stored log stands (after a start, or a failed transaction)."""
+        size, position = logged_end(conn, self.tables)
         with conn.cursor(row_factory=tuple_row) as curs:
-            curs.execute(self._last)
-            last = curs.fetchone()
-            size, position = (last[0] + 1, last[1]) if last else (0, 0)
             curs.execute(
                 SQL("SELECT size, root FROM {} ORDER BY size DESC LIMIT 1").format(
                     self.tables.checkpoints
@@ -208,12 +258,8 @@ class AuditLog:
                 return 0
             edge = self._edge
             start = edge.size
-            rows: list[tuple[int, int, bytes]] = []
-            for _, position, originator_id, version, topic, state in events:
-                stored = edge.append(
-                    merkle.leaf_hash(leaf_data(originator_id, version, topic, state))
-                )
-                rows.append((start + len(rows), position, stored))
+            positions = [position for _, position, _ in events]
+            stored = [edge.append(bytes(leaf)) for _, _, leaf in events]
             # One transaction: the batch is logged whole or not at all; the log's keys
             # refuse rows that another process appended since the read.
             with conn.transaction(), conn.cursor() as curs:
@@ -222,9 +268,17 @@ class AuditLog:
                 # no need to wait for the disk here, beside the writers' own commits.
                 curs.execute("SET LOCAL synchronous_commit = off")
                 with curs.copy(self._copy) as copy:
-                    copy.set_types(["int8", "int8", "bytea"])
-                    for row in rows:
-                        copy.write_row(row)
+                    copy.set_types(["int8", "int8", "bytea", "bytea"])
+                    for at in range(0, len(events), ROW_LEAVES):
+                        run = slice(at, at + ROW_LEAVES)
+                        copy.write_row(
+                            (
+                                start + at,
+                                positions[at],
+                                b"".join(map(_POSITION.pack, positions[run])),
+                                b"".join(stored[run]),
+                            )
+                        )
         except _Moved:
             log.warning("audit: the log grew in another process; reading it again")
             self.load(conn)
@@ -232,15 +286,15 @@ class AuditLog:
         except BaseException:
             self._edge = None  # the stored log is what counts: read it again
             raise
-        self._position = events[-1][1]
+        self._position = positions[-1]
         if self._unsigned_since is None:
             self._unsigned_since = time.monotonic()
         m = self.metrics
-        m.leaves.inc(len(rows))
+        m.leaves.inc(len(events))
         m.size.set(self._edge.size)
         m.position.set(self._position)
         m.batch_seconds.observe(time.perf_counter() - started)
-        return len(rows)
+        return len(events)
 
     # -- checkpoints ---------------------------------------------------------------------
 

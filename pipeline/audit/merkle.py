@@ -13,7 +13,9 @@ golang.org/x/mod/sumdb/tlog, appending leaf i stores its leaf hash (level 0) and
 of every complete subtree that leaf i completes (levels 1..k, k the number of trailing
 1 bits of i), concatenated in level order into one row of 32·(1+k) bytes for leaf i. So
 node (level, n) lives in the row of leaf ((n+1) << level) - 1, at byte offset 32·level
-(`node_row`), and is stored once the tree holds that leaf.
+(`node_row`), and is stored once the tree holds that leaf. Leaf rows laid end to end,
+leaf i's row starts `stored_offset(i)` hashes in (`2·i - popcount(i)`), so a run of
+leaves can be kept as one blob and a node found in it by arithmetic.
 
 Proofs are exactly RFC 9162's (section 2.1.3 inclusion, 2.1.4 consistency; the same as Go's
 tlog.ProveRecord / ProveTree and Certificate Transparency's), so any RFC 9162 verifier
@@ -48,6 +50,7 @@ __all__ = [
     "range_nodes",
     "root_of",
     "stored_count",
+    "stored_offset",
     "tree_root",
     "verify_consistency",
     "verify_inclusion",
@@ -88,6 +91,13 @@ def stored_count(index: int) -> int:
     _check_count("index", index)
     lowest_zero = (index + 1) & -(index + 1)
     return lowest_zero.bit_length()
+
+
+def stored_offset(index: int) -> int:
+    """How many hashes the rows of the leaves before `index` hold together: 2·index less
+    the 1 bits of index (the rows' trailing 1 bits add up to index less its 1 bits)."""
+    _check_count("index", index)
+    return 2 * index - index.bit_count()
 
 
 def range_nodes(lo: int, hi: int) -> list[tuple[int, int]]:

@@ -15,6 +15,7 @@ All integers are big-endian. Everything is read in one repeatable-read snapshot.
 from __future__ import annotations
 
 import base64
+import bisect
 import json
 import mmap
 import struct
@@ -29,8 +30,8 @@ from psycopg.rows import tuple_row
 from psycopg.sql import SQL
 
 from . import merkle
-from .log import leaf_data, read_nodes
-from .tables import AuditTables
+from .log import leaf_data, logged_end, read_nodes, runs
+from .tables import ROW_LEAVES, AuditTables
 
 __all__ = [
     "AuditStatus",
@@ -44,6 +45,7 @@ __all__ = [
 
 _EVENT = struct.Struct(">QI")
 _ROW = struct.Struct(">QQH")
+_POSITION = struct.Struct(">Q")
 _FETCH = 10_000
 
 
@@ -73,24 +75,24 @@ class AuditStatus:
 
 def status(conn: psycopg.Connection[Any], tables: AuditTables) -> AuditStatus:
     """The log's size and position, the store's head and the latest checkpoint."""
-    row = conn.execute(
-        SQL(
-            "SELECT (SELECT coalesce(max(notification_id), 0) FROM {events}), "
-            "(SELECT coalesce(max(idx) + 1, 0) FROM {leaves}), "
-            "(SELECT coalesce(max(position), 0) FROM {leaves}), "
-            "c.size, extract(epoch FROM clock_timestamp() - c.signed_at), "
-            "(SELECT count(*) FROM {cosigs} s WHERE s.size = c.size) "
-            "FROM (SELECT NULL) AS one LEFT JOIN "
-            "(SELECT size, signed_at FROM {checkpoints} ORDER BY size DESC LIMIT 1) AS c ON true"
-        ).format(
-            events=tables.events,
-            leaves=tables.leaves,
-            checkpoints=tables.checkpoints,
-            cosigs=tables.cosignatures,
-        )
-    ).fetchone()
+    with conn.transaction():
+        size, position = logged_end(conn, tables)
+        row = conn.execute(
+            SQL(
+                "SELECT (SELECT coalesce(max(notification_id), 0) FROM {events}), "
+                "c.size, extract(epoch FROM clock_timestamp() - c.signed_at), "
+                "(SELECT count(*) FROM {cosigs} s WHERE s.size = c.size) "
+                "FROM (SELECT NULL) AS one LEFT JOIN "
+                "(SELECT size, signed_at FROM {checkpoints} ORDER BY size DESC LIMIT 1) AS c "
+                "ON true"
+            ).format(
+                events=tables.events,
+                checkpoints=tables.checkpoints,
+                cosigs=tables.cosignatures,
+            )
+        ).fetchone()
     assert row is not None
-    head, size, position, cp_size, age, cosigs = row
+    head, cp_size, age, cosigs = row
     return AuditStatus(
         head, size, position, cp_size or 0, float(age) if age is not None else None, cosigs or 0
     )
@@ -124,25 +126,22 @@ def prove(conn: psycopg.Connection[Any], tables: AuditTables, event: uuid.UUID) 
         if found is None:
             raise LookupError(f"no stored event has the id {event}")
         position = found[0]
-        logged = conn.execute(
-            SQL("SELECT idx, hashes FROM {} WHERE position = %s").format(tables.leaves),
-            (position,),
-        ).fetchone()
-        if logged is None:
+        index = _leaf_of(conn, tables, position)
+        if index is None:
             raise LookupError(
                 f"event {event} (position {position}) is not in the audit log yet; is "
                 "`pipeline run audit` running? (`pipeline audit status`)"
             )
         checkpoint = latest_checkpoint(conn, tables)
-        index, hashes = logged
         if checkpoint is None or checkpoint[0] <= index:
             raise LookupError(
                 f"event {event} is leaf {index}, which no signed checkpoint covers yet; "
                 "try again after the next checkpoint (`pipeline audit status`)"
             )
         size, root, note = checkpoint
-        nodes = dict(read_nodes(conn, tables, merkle.inclusion_nodes(index, size)))
-    leaf = bytes(hashes[: merkle.HASH_SIZE])
+        wanted = [(0, index), *merkle.inclusion_nodes(index, size)]
+        nodes = dict(read_nodes(conn, tables, wanted))
+    leaf = nodes[(0, index)]
     proof = merkle.inclusion_proof(index, size, nodes)
     merkle.verify_inclusion(index, size, leaf, proof, root)
     return {
@@ -157,6 +156,25 @@ def prove(conn: psycopg.Connection[Any], tables: AuditTables, event: uuid.UUID) 
     }
 
 
+def _leaf_of(conn: psycopg.Connection[Any], tables: AuditTables, position: int) -> int | None:
+    """The index of the leaf that logs the event at `position`, or None: the run that
+    starts at or before it, by unique index, and the position looked up in it."""
+    with conn.cursor(binary=True, row_factory=tuple_row) as curs:
+        curs.execute(
+            SQL(
+                "SELECT idx, positions FROM {} WHERE position <= %s ORDER BY position DESC LIMIT 1"
+            ).format(tables.leaves),
+            (position,),
+        )
+        run = curs.fetchone()
+    if run is None:
+        return None
+    idx, packed = run[0], bytes(run[1])
+    logged = [p for (p,) in _POSITION.iter_unpack(packed[: len(packed) // 8 * 8])]
+    k = bisect.bisect_left(logged, position)
+    return idx + k if k < len(logged) and logged[k] == position else None
+
+
 def consistency(
     conn: psycopg.Connection[Any], tables: AuditTables, old: int, new: int
 ) -> dict[str, Any]:
@@ -164,10 +182,7 @@ def consistency(
     if not 0 <= old <= new:
         raise ValueError(f"sizes must satisfy 0 <= OLD <= NEW (got {old} and {new})")
     with conn.transaction():
-        size = conn.execute(
-            SQL("SELECT coalesce(max(idx) + 1, 0) FROM {}").format(tables.leaves)
-        ).fetchone()
-        have = size[0] if size else 0
+        have, _ = logged_end(conn, tables)
         if new > have:
             raise LookupError(f"the audit log has {have} leaves, fewer than {new}")
         wanted = (
@@ -233,10 +248,12 @@ def _live_rows(
     conn: psycopg.Connection[Any], tables: AuditTables
 ) -> Iterator[tuple[int, int, bytes]]:
     with conn.cursor("audit_rows", binary=True, row_factory=tuple_row) as curs:
-        curs.itersize = _FETCH
-        curs.execute(SQL("SELECT idx, position, hashes FROM {} ORDER BY idx").format(tables.leaves))
-        for idx, position, hashes in curs:
-            yield idx, position, bytes(hashes)
+        curs.itersize = _FETCH // ROW_LEAVES  # runs of up to ROW_LEAVES leaves each
+        curs.execute(
+            SQL("SELECT idx, positions, hashes FROM {} ORDER BY idx").format(tables.leaves)
+        )
+        for idx, positions, hashes in curs:
+            yield from runs(idx, bytes(positions), bytes(hashes))
 
 
 def export(

@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.audit import merkle
 from pipeline.audit.keys import MldsaSigner, SigningUnavailable
-from pipeline.audit.log import AuditLog, leaf_data
+from pipeline.audit.log import AuditLog, leaf_data, runs
 from pipeline.audit.note import Checkpoint, Ed25519Signer, Signer, Verifier, open_note
 from pipeline.audit.tables import AuditTables
 from pipeline.audit.trail import consistency, exported, live, prove
@@ -118,22 +118,20 @@ def test_every_stored_event_is_a_leaf_in_store_order_and_the_checkpoints_verify(
     log = _audit_log(settings, signers)
     with _connect(settings) as conn:
         _follow(log, conn)
-        rows = conn.execute(
-            f"SELECT e.notification_id, e.originator_id, e.originator_version, e.topic, e.state, "
-            f'l.idx, l.hashes FROM "{settings.postgres_schema}".journal_events e JOIN '
-            f'"{settings.postgres_schema}".audit_leaves l ON l.position = e.notification_id '
-            "ORDER BY e.notification_id"
+        events = conn.execute(
+            f"SELECT notification_id, originator_id, originator_version, topic, state "
+            f'FROM "{settings.postgres_schema}".journal_events ORDER BY notification_id'
         ).fetchall()
+        logged = _leaves(settings)
         checkpoints = conn.execute(
             f'SELECT size, note FROM "{settings.postgres_schema}".audit_checkpoints ORDER BY size'
         ).fetchall()
-    assert [r[5] for r in rows] == list(range(1234))
-    for _, ident, version, topic, state, _, hashes in rows:
-        assert bytes(hashes[:32]) == merkle.leaf_hash(
-            leaf_data(ident, version, topic, bytes(state))
-        )
+    assert [idx for idx, _, _ in logged] == list(range(1234))
+    assert [position for _, position, _ in logged] == [e[0] for e in events]
+    for (_, ident, version, topic, state), (_, _, hashes) in zip(events, logged, strict=True):
+        assert hashes[:32] == merkle.leaf_hash(leaf_data(ident, version, topic, bytes(state)))
     assert [size for size, _ in checkpoints] == [500, 1000, 1234]
-    _, root = merkle.root_of(bytes(r[6][:32]) for r in rows)
+    _, root = merkle.root_of(hashes[:32] for _, _, hashes in logged)
     text, _ = open_note(
         bytes(checkpoints[-1][1]), _keys(signers), require=[s.name for s in signers]
     )
@@ -234,6 +232,26 @@ def test_a_checkpoint_comes_after_the_interval_and_none_while_a_key_cannot_sign(
     assert report.ok and report.latest == 400, report.summary()
 
 
+def _leaves(settings: Settings) -> list[tuple[int, int, bytes]]:
+    """Every stored leaf as (index, position, stored hashes), from the log's runs."""
+    with _owner() as conn:
+        stored = conn.execute(
+            f'SELECT idx, positions, hashes FROM "{settings.postgres_schema}".audit_leaves '
+            "ORDER BY idx"
+        ).fetchall()
+    return [leaf for idx, p, h in stored for leaf in runs(idx, bytes(p), bytes(h))]
+
+
+def _logged(settings: Settings) -> int:
+    """How many leaves the log holds."""
+    with _owner() as conn:
+        row = conn.execute(
+            "SELECT coalesce(sum(octet_length(positions) / 8), 0) "
+            f'FROM "{settings.postgres_schema}".audit_leaves'
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def _count(settings: Settings, table: str) -> int:
     with _owner() as conn:
         row = conn.execute(f'SELECT count(*) FROM "{settings.postgres_schema}".{table}').fetchone()
@@ -257,13 +275,13 @@ def test_a_follower_killed_mid_batch_resumes_and_logs_each_event_once(
     for _ in range(3):
         process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "audit"], env=env)
         try:
-            before = _count(settings, "audit_leaves")
-            _until(lambda b=before: _count(settings, "audit_leaves") > b, timeout_s=60)
+            before = _logged(settings)
+            _until(lambda b=before: _logged(settings) > b, timeout_s=60)
             time.sleep(random.uniform(0, 0.2))
         finally:
             process.send_signal(signal.SIGKILL)
             process.wait(10)
-        if _count(settings, "audit_leaves") == 20_000:
+        if _logged(settings) == 20_000:
             break
         killed_midway += 1
     assert killed_midway >= 1
@@ -274,23 +292,17 @@ def test_a_follower_killed_mid_batch_resumes_and_logs_each_event_once(
         stderr=subprocess.DEVNULL,
     )
     try:
-        _until(lambda: _count(settings, "audit_leaves") == 20_000, timeout_s=120)
+        _until(lambda: _logged(settings) == 20_000, timeout_s=120)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(30)
-    with _owner() as conn:
-        row = conn.execute(
-            f"SELECT count(*), count(DISTINCT position), min(idx), max(idx) FROM "
-            f'"{settings.postgres_schema}".audit_leaves'
-        ).fetchone()
-    assert row == (20_000, 20_000, 0, 19_999)
+    logged = _leaves(settings)
+    assert [idx for idx, _, _ in logged] == list(range(20_000))
+    assert len({position for _, position, _ in logged}) == 20_000
     log = _audit_log(settings, [])
     with _connect(settings) as conn:
-        logged = log.load(conn)
-        rows = conn.execute(
-            f'SELECT hashes FROM "{settings.postgres_schema}".audit_leaves ORDER BY idx'
-        ).fetchall()
-    assert logged.root == merkle.root_of(bytes(r[0][:32]) for r in rows)[1]
+        root = log.load(conn).root
+    assert root == merkle.root_of(hashes[:32] for _, _, hashes in logged)[1]
 
 
 _STATEMENTS = ("UPDATE {t} SET {c} = {c}", "DELETE FROM {t}", "TRUNCATE {t} CASCADE")
@@ -456,3 +468,110 @@ def test_a_thousand_random_tamperings_are_each_found_and_named(
         assert any(words in problem for problem in report.problems), (kind, report.problems)
         kinds[kind] = kinds.get(kind, 0) + 1
     assert len(kinds) == 11 and min(kinds.values()) >= 50, kinds
+
+
+# -- the log's runs ---------------------------------------------------------------------
+
+
+def test_runs_of_any_length_prove_and_verify(
+    settings: Settings, store: EventStore, signers: list[Signer]
+) -> None:
+    """A batch of more than ROW_LEAVES leaves is split into runs; batches of a few leaves
+    are runs of a few: proofs, consistency and verification read across them all."""
+    write_events(store, 2600, seed=11)
+    log = _audit_log(settings, signers, checkpoint_every=5000, batch_size=2500)
+    tables = AuditTables(settings.postgres_schema)
+    with _connect(settings) as conn:
+        _follow(log, conn)
+        write_events(store, 300, seed=12)
+        log.batch_size = 7
+        _follow(log, conn)
+        with _owner() as owner:
+            lengths = [
+                r[0]
+                for r in owner.execute(
+                    "SELECT octet_length(positions) / 8 FROM "
+                    f'"{settings.postgres_schema}".audit_leaves ORDER BY idx'
+                ).fetchall()
+            ]
+        assert lengths[:4] == [1024, 1024, 452, 100] and set(lengths[4:]) <= {7, 6}
+        assert sum(lengths) == 2900
+        ids = [
+            r[0]
+            for r in conn.execute(
+                f'SELECT originator_id FROM "{settings.postgres_schema}".journal_events'
+            ).fetchall()
+        ]
+        for event in random.Random(13).sample(ids, 200):
+            proof = prove(conn, tables, event)
+            merkle.verify_inclusion(
+                proof["leaf_index"],
+                proof["tree_size"],
+                base64.b64decode(proof["leaf_hash"]),
+                [base64.b64decode(h) for h in proof["proof"]],
+                base64.b64decode(proof["root"]),
+            )
+        for old, new in [(1, 2900), (1023, 1025), (2048, 2600), (2600, 2900), (2899, 2900)]:
+            consistency(conn, tables, old, new)
+    report = _verify(settings, signers)
+    assert report.ok and report.leaves == 2900, report.summary()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "hashes = substring(hashes FROM 1 FOR octet_length(hashes) - 5)",
+        "hashes = hashes || '\\x00'::bytea",
+        "positions = substring(positions FROM 1 FOR octet_length(positions) - 3)",
+        "positions = substring(positions FROM 1 FOR octet_length(positions) - 8)",
+    ],
+)
+def test_a_run_whose_lengths_do_not_add_up_is_found_not_crashed_on(
+    settings: Settings, store: EventStore, signers: list[Signer], change: str
+) -> None:
+    write_events(store, 300, seed=14)
+    log = _audit_log(settings, signers, batch_size=100)
+    with _connect(settings) as conn:
+        _follow(log, conn)
+    with _owner() as conn, conn.transaction():
+        conn.execute("SET LOCAL pipeline.break_glass = 'on'")
+        conn.execute(
+            f'UPDATE "{settings.postgres_schema}".audit_leaves SET {change} WHERE idx = 100'
+        )
+    report = _verify(settings, signers)
+    assert not report.ok
+    assert "log" in report.summary(), report.summary()
+
+
+def test_a_log_kept_a_row_per_leaf_is_made_into_runs_by_the_migration(
+    settings: Settings, store: EventStore, signers: list[Signer]
+) -> None:
+    """An earlier release kept one row per leaf: `pipeline db migrate` converts it, and
+    the log goes on from where it was."""
+    from pipeline.ops.migrate import migrate
+
+    write_events(store, 2100, seed=15)
+    log = _audit_log(settings, signers, checkpoint_every=1000)
+    with _connect(settings) as conn:
+        _follow(log, conn)
+    before = _leaves(settings)
+    schema = settings.postgres_schema
+    with _owner() as conn, conn.transaction():
+        conn.execute(f'DROP TABLE "{schema}".audit_leaves')
+        conn.execute(
+            f'CREATE TABLE "{schema}".audit_leaves (idx bigint PRIMARY KEY, '
+            "position bigint NOT NULL UNIQUE, hashes bytea NOT NULL)"
+        )
+        with conn.cursor().copy(
+            f'COPY "{schema}".audit_leaves (idx, position, hashes) FROM STDIN'
+        ) as copy:
+            for row in before:
+                copy.write_row(row)
+    migrate(make_settings("nats://unused", schema))
+    assert _leaves(settings) == before
+    write_events(store, 50, seed=16)
+    log = _audit_log(settings, signers, checkpoint_every=1000)
+    with _connect(settings) as conn:
+        _follow(log, conn)
+    report = _verify(settings, signers)
+    assert report.ok and report.leaves == 2150, report.summary()

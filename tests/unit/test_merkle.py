@@ -25,6 +25,7 @@ from pipeline.audit.merkle import (
     range_nodes,
     root_of,
     stored_count,
+    stored_offset,
     tree_root,
     verify_consistency,
     verify_inclusion,
@@ -401,6 +402,17 @@ def test_each_row_holds_the_leaf_and_the_subtrees_it_completes() -> None:
     assert [stored_count(i) for i in range(8)] == [1, 2, 1, 3, 1, 2, 1, 4]
     assert node_row(0, 5) == (5, 0)
     assert node_row(3, 1) == (15, 96)
+
+
+def test_rows_laid_end_to_end_start_at_their_stored_offset() -> None:
+    blob = b"".join(ROWS)
+    for index, row in enumerate(ROWS):
+        start = HASH_SIZE * stored_offset(index)
+        assert blob[start : start + len(row)] == row
+    assert stored_offset(len(ROWS)) * HASH_SIZE == len(blob)
+    assert [stored_offset(i) for i in range(9)] == [0, 1, 3, 4, 7, 8, 10, 11, 15]
+    with pytest.raises(ValueError):
+        stored_offset(-1)
 
 
 def test_range_nodes_split_into_complete_subtrees() -> None:
