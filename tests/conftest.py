@@ -30,6 +30,8 @@ from pipeline.settings import EVENT_DOMAINS, Settings
 from schemas import Domain
 from streams import Subjects
 
+from . import servers
+
 # Ultralytics offline, its settings in a folder of the test run; inherited by Ray actors.
 os.environ["YOLO_OFFLINE"] = "1"
 os.environ["YOLO_AUTOINSTALL"] = "0"
@@ -37,9 +39,44 @@ os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="yolo-config-")
 os.environ["YOLO_VERBOSE"] = "False"
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
+# Where the tests' PostgreSQL and Redis are: set by pytest_configure (see tests/servers.py)
+# before any test module imports them.
+SERVERS: servers.Servers
 PG_HOST = "127.0.0.1"
+PG_PORT = 5432
 PG_DB = "test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Find the configured servers, or plan embedded ones where none answers."""
+    global SERVERS, PG_HOST, PG_PORT, PG_DB, REDIS_URL
+    SERVERS = servers.plan(os.environ)
+    PG_HOST, PG_PORT = SERVERS.postgres_host, SERVERS.postgres_port
+    PG_DB, REDIS_URL = SERVERS.postgres_dbname, SERVERS.redis_url
+    if PG_PORT != 5432:
+        # Tests connect with libpq's default port, and start processes that read
+        # PIPELINE_* settings: both follow a server on another port.
+        os.environ["PGPORT"] = os.environ["PIPELINE_POSTGRES_PORT"] = str(PG_PORT)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return SERVERS.describe()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if SERVERS.startup_s:
+        started = ", ".join(f"{name} in {s:.1f} s" for name, s in SERVERS.startup_s.items())
+        terminalreporter.write_line(f"embedded test servers started: {started}")
+
+
+@pytest.fixture(scope="session")
+def test_servers() -> Iterator[servers.Servers]:
+    """The tests' PostgreSQL (its database created if missing) and Redis, started for the
+    session where the configured ones do not answer."""
+    SERVERS.start()
+    yield SERVERS
+    SERVERS.stop()
 
 
 @pytest.hookimpl(wrapper=True)
@@ -174,13 +211,15 @@ async def nc(nats_server: EmbeddedNats) -> AsyncIterator[Client]:
 
 
 @pytest.fixture
-def pg_schema() -> Iterator[str]:
-    """A PostgreSQL schema of its own in the machine's `test` database, migrated (tables and
-    roles, as `pipeline db migrate` makes them) by the `postgres` superuser."""
+def pg_schema(test_servers: servers.Servers) -> Iterator[str]:
+    """A PostgreSQL schema of its own in the tests' database, migrated (tables and roles, as
+    `pipeline db migrate` makes them) by the `postgres` superuser."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
     migrate(make_settings("nats://unused", schema))
     yield schema
-    with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True) as conn:
+    with psycopg.connect(
+        host=PG_HOST, port=PG_PORT, dbname=PG_DB, user="postgres", autocommit=True
+    ) as conn:
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
@@ -195,6 +234,7 @@ def make_settings(nats_url: str, schema: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "nats_url": nats_url,
         "postgres_host": PG_HOST,
+        "postgres_port": PG_PORT,
         "postgres_dbname": PG_DB,
         "postgres_schema": schema,
         "batch_timeout_s": 0.02,
