@@ -55,6 +55,13 @@ class Metrics:
             ["domain", "reason"],
             registry=r,
         )
+        self.dead_letters_held = Counter(
+            "pipeline_dead_letters_held_total",
+            "Messages dead-lettered whose letter the DLQ held already (a replay, a late "
+            "redelivery): acked, not written again; counted in pipeline_dead_lettered too.",
+            ["domain"],
+            registry=r,
+        )
         self.retried = Counter(
             "pipeline_retries_total",
             "Messages nak'd for redelivery after a transient failure.",

@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import RawStreamMsg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 from nats.js.errors import APIError, NotFoundError
 
 from schemas import Domain
@@ -231,15 +231,16 @@ class DeadLetters:
             self._max_letter_bytes = min(max_payload, max_body_bytes + LETTER_HEADER_BYTES)
         self._timeout_s = timeout_s
 
-    async def publish(self, domain: Domain, letters: Sequence[DeadLetter]) -> None:
-        """Publish dead letters and wait for the DLQ stream to hold every one.
+    async def publish(self, domain: Domain, letters: Sequence[DeadLetter]) -> list[bool]:
+        """Publish dead letters and wait for the DLQ stream to hold every one; for each,
+        whether it was written now (False: the stream held it already).
 
         A letter already in the stream (its source was dead-lettered before) is not
         written again. Raises `DeadLetterUnavailable` when the stream does not answer.
         """
-        await asyncio.gather(*(self._publish(domain, letter) for letter in letters))
+        return list(await asyncio.gather(*(self._publish(domain, letter) for letter in letters)))
 
-    async def _publish(self, domain: Domain, letter: DeadLetter) -> None:
+    async def _publish(self, domain: Domain, letter: DeadLetter) -> bool:
         if self._max_body_bytes is not None:
             letter = letter.bounded(self._max_body_bytes)
         letter = letter.fitted(self._max_letter_bytes)
@@ -260,23 +261,25 @@ class DeadLetters:
                 )
         except APIError as exc:
             if exc.err_code == _SUBJECT_LIMIT and _SUBJECT_HOLDS_ONE in (exc.description or ""):
-                return  # written before, by this or another worker
+                return False  # written before, by this or another worker
             # Full ("maximum bytes exceeded") or down: the domain pauses until it takes it.
             raise DeadLetterUnavailable(
                 f"DLQ publish to {subject} failed: {exc.description or exc!r}"
             ) from exc
         except (NatsError, TimeoutError) as exc:
             raise DeadLetterUnavailable(f"DLQ publish to {subject} failed: {exc!r}") from exc
+        return True
 
-    async def list(self, domain: Domain | None = None, limit: int = 100) -> list[DeadLetter]:
-        """Dead letters in stream order, optionally of one domain."""
+    async def list(self, domain: Domain | None = None, limit: int | None = 100) -> list[DeadLetter]:
+        """Dead letters in stream order, optionally of one domain; the first `limit`
+        (None: all)."""
         if domain is None:
             subject = self._subjects.dead_letter_wildcard()
         else:
             subject = self._subjects.dead_letters(domain)
         out: list[DeadLetter] = []
         seq = 1
-        while len(out) < limit:
+        while limit is None or len(out) < limit:
             try:
                 raw = await self._js.get_msg(self._stream, seq=seq, subject=subject, next=True)
             except NotFoundError:
@@ -285,6 +288,27 @@ class DeadLetters:
             out.append(letter)
             seq = (letter.dlq_seq or seq) + 1
         return out
+
+    async def count(self, domain: Domain | None = None) -> int:
+        """How many dead letters the DLQ holds, or how many of one domain."""
+        if domain is None:
+            return (await self._js.stream_info(self._stream)).state.messages
+        # Each letter has a subject of its own: a consumer counts them, where the
+        # stream's per-subject counts would list every one.
+        info = await self._js.add_consumer(
+            self._stream,
+            ConsumerConfig(
+                filter_subject=self._subjects.dead_letters(domain),
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.NONE,
+                inactive_threshold=10.0,
+                mem_storage=True,
+            ),
+        )
+        try:
+            return info.num_pending or 0
+        finally:
+            await self._js.delete_consumer(self._stream, info.name)
 
     async def adopt_legacy(self) -> int:
         """Give letters of earlier releases (a domain's all on one subject) subjects of their own.

@@ -350,7 +350,7 @@ class Intake:
         """Publish the dead letters (waiting while the DLQ is down), then ack their sources."""
         letters = [letter for _, letter in rejected]
         try:
-            await self._pauses.until_available(
+            written = await self._pauses.until_available(
                 self._label, lambda: self._dead_letters.publish(self.domain, letters)
             )
         except Stopping:
@@ -358,12 +358,15 @@ class Intake:
                 await self._settle(msg.nak())
                 self._end_trace(msg, "given back")
             return
-        for msg, letter in rejected:
+        for (msg, letter), new in zip(rejected, written, strict=True):
             await self._ack(msg, f"dead-lettered: {letter.reason.value}")
             self._metrics.dead_lettered.labels(self._label, letter.reason.value).inc()
+            if not new:
+                self._metrics.dead_letters_held.labels(self._label).inc()
             log.info(
-                "dead-lettered (%s): %s",
+                "dead-lettered (%s%s): %s",
                 letter.reason.value,
+                "" if new else ", its letter in the DLQ already",
                 letter.detail,
                 extra={**message_fields(self.domain, msg), "reason": letter.reason.value},
             )

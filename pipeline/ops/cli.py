@@ -2,44 +2,43 @@
 
 from __future__ import annotations
 
+# Only what every command needs is imported here: each command imports its own modules,
+# so that `pipeline --help` and the quick commands start at once (bench/startup.py).
 import argparse
-import asyncio
-import json
 import logging
-import signal
+import os
 import sys
-import urllib.request
-from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
-
-import anyio
-import nats
-import psycopg
-from nats.js.errors import NotFoundError
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any
 
 from schemas import Domain
-from streams import Subjects, status
 
-from ..app import Worker, apply_streams, connect_nats
 from ..errors import ConfigError, PipelineError
-from ..ingest.deadletter import DeadLetter, DeadLetters
-from ..logs import configure_logging
-from ..metrics import serve_metrics
-from ..settings import Settings
-from .supervisor import metrics_ports, supervise
+from .demoenv import DEMO_DIR, chosen_env_file
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from ..ingest.deadletter import DeadLetter
+    from ..settings import Settings
 
 __all__ = ["main"]
 
 log = logging.getLogger("pipeline")
 
 
-def _settings() -> Settings:
+def _settings(args: argparse.Namespace) -> Settings:
+    """The settings, from the environment and the settings file the command was given
+    (`--demo`, `PIPELINE_ENV_FILE`; `./.env` by default)."""
+    from pydantic import ValidationError
+
+    from ..settings import Settings
+
+    env_file = getattr(args, "env_file", None)
     try:
-        return Settings()
+        return Settings(_env_file=env_file) if env_file else Settings()
     except ValidationError as exc:
         problems = "; ".join(
             f"PIPELINE_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
@@ -50,6 +49,9 @@ def _settings() -> Settings:
 
 def _stop_event() -> asyncio.Event:
     """An event set by SIGINT or SIGTERM."""
+    import asyncio
+    import signal
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -58,9 +60,13 @@ def _stop_event() -> asyncio.Event:
 
 
 async def _run_worker(args: argparse.Namespace) -> None:
-    settings = _settings()
+    from ..app import Worker
+    from ..metrics import serve_metrics
+    from .supervisor import supervise
+
+    settings = _settings(args)
     if settings.processes > 1:
-        await supervise(settings, _stop_event())
+        await supervise(settings, _stop_event(), getattr(args, "env_file", None))
         return
     async with Worker(settings) as worker:
         server = None
@@ -85,21 +91,21 @@ async def _run(args: argparse.Namespace) -> None:
     elif args.process == "projections":
         from .readside import run_projections
 
-        await run_projections(_settings(), _stop_event())
+        await run_projections(_settings(args), _stop_event())
     elif args.process == "audit":
         from .auditor import run_audit
 
-        await run_audit(_settings(), _stop_event())
+        await run_audit(_settings(args), _stop_event())
     else:
         from ..api.server import run_api
 
-        await run_api(_settings(), _stop_event())
+        await run_api(_settings(args), _stop_event())
 
 
 async def _audit(args: argparse.Namespace) -> None:
     from . import audit
 
-    settings = _settings()
+    settings = _settings(args)
     if args.action == "keygen":
         audit.keygen(settings)
     elif args.action == "status":
@@ -139,7 +145,7 @@ async def _projections(args: argparse.Namespace) -> None:
 
     from . import readside
 
-    settings = _settings()
+    settings = _settings(args)
     try:
         if args.action == "status":
             readside.projections_status(settings, as_json=args.json)
@@ -158,17 +164,16 @@ async def _projections(args: argparse.Namespace) -> None:
 
 
 async def _events(args: argparse.Namespace) -> None:
+    import anyio
+
     from . import readside
 
-    settings = _settings()
+    settings = _settings(args)
     if args.action == "get":
         if not readside.events_get(settings, args.id):
             raise PipelineError(f"no stored event with event id or message id {args.id!r}")
         return
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = _stop_event()
     await anyio.to_thread.run_sync(
         lambda: readside.events_tail(
             settings,
@@ -182,6 +187,8 @@ async def _events(args: argparse.Namespace) -> None:
 
 
 async def _licences(args: argparse.Namespace) -> None:
+    import json
+
     from .licences import ALLOWED, dependency_licences
 
     found = dependency_licences()
@@ -196,7 +203,11 @@ async def _licences(args: argparse.Namespace) -> None:
 async def _healthcheck(args: argparse.Namespace) -> None:
     """Exit 0 if a process of this host answers `/healthz` (the container's HEALTHCHECK);
     with `PIPELINE_PROCESSES=N`, only if each of the N worker processes does."""
-    settings = _settings()
+    import anyio
+
+    from .supervisor import metrics_ports
+
+    settings = _settings(args)
     roles = [metrics_ports(settings), [settings.projections_metrics_port], [settings.api_port]]
     for ports in (r for r in roles if r and all(r)):
         urls = [f"http://127.0.0.1:{port}/healthz" for port in ports]
@@ -211,6 +222,8 @@ async def _healthcheck(args: argparse.Namespace) -> None:
 
 
 def _alive(url: str) -> bool:
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url, timeout=2) as answer:
             return bool(answer.status == 200)
@@ -237,15 +250,28 @@ def _time(value: str) -> datetime:
 
 
 async def _replay(args: argparse.Namespace) -> None:
+    import json
+
     from .replay import replay
 
-    done = await replay(_settings(), Domain(args.domain), args.since, args.until)
+    settings = _settings(args)
+    # A line per message only when asked: a replay goes over thousands (a bar shows them).
+    quiet = None if getattr(args, "verbose", False) else logging.getLogger("pipeline")
+    level = quiet.level if quiet else logging.NOTSET
+    if quiet:
+        quiet.setLevel(logging.WARNING)
+    try:
+        done = await replay(settings, Domain(args.domain), args.since, args.until)
+    finally:
+        if quiet:
+            quiet.setLevel(level)
     if args.json:
         print(json.dumps(done.__dict__))
     else:
         print(
             f"replayed {done.messages:,} {done.domain} messages: {done.stored:,} stored, "
-            f"{done.duplicates:,} stored already, {done.dead_lettered:,} dead-lettered"
+            f"{done.duplicates:,} stored already, {done.dead_lettered:,} dead-lettered, "
+            f"{done.already_dead_lettered:,} invalid, already in the DLQ"
         )
 
 
@@ -260,13 +286,21 @@ async def _demo(args: argparse.Namespace) -> None:
         cameras=args.cameras,
         fps=args.fps,
         model=args.model,
+        max_disk_bytes=int(args.max_disk_mb * 1000**2),
     )
 
 
 async def _simulate(args: argparse.Namespace) -> None:
+    import asyncio
+    import json
+    from collections import Counter
+
+    from streams import Subjects
+
+    from ..app import connect_nats
     from .simulate import Cameras, Traffic, publish
 
-    settings = _settings()
+    settings = _settings(args)
     subjects = Subjects(settings.namespace)
     nc = await connect_nats(settings)
     try:
@@ -309,6 +343,8 @@ async def _simulate(args: argparse.Namespace) -> None:
 
 
 async def _model(args: argparse.Namespace) -> None:
+    import anyio
+
     from ..detection.detector import export_model
 
     out = await anyio.to_thread.run_sync(
@@ -325,7 +361,11 @@ async def _model(args: argparse.Namespace) -> None:
 
 
 async def _streams(args: argparse.Namespace) -> None:
-    settings = _settings()
+    from streams import Subjects, status
+
+    from ..app import apply_streams, connect_nats
+
+    settings = _settings(args)
     nc = await connect_nats(settings)
     try:
         if args.action == "apply":
@@ -344,9 +384,12 @@ async def _streams(args: argparse.Namespace) -> None:
 
 
 async def _db(args: argparse.Namespace) -> None:
+    import anyio
+    import psycopg
+
     from .migrate import migrate
 
-    settings = _settings()
+    settings = _settings(args)
     try:
         print(await anyio.to_thread.run_sync(migrate, settings))
     except psycopg.Error as exc:
@@ -355,6 +398,14 @@ async def _db(args: argparse.Namespace) -> None:
             f"at {settings.postgres_host}:{settings.postgres_port}: {exc} (run it as the "
             "database owner: PIPELINE_POSTGRES_USER, PIPELINE_POSTGRES_PASSWORD(_FILE))"
         ) from exc
+
+
+def _listed(shown: int, total: int, domain: Domain | None) -> str:
+    """The last line of `dlq list`: how many letters there are and how many it showed."""
+    of = f" {domain.value}" if domain else ""
+    if shown >= total:
+        return f"{total:,}{of} dead letter(s)"
+    return f"showing {shown:,} of {total:,}{of} dead letter(s); --limit N or --all for more"
 
 
 def _describe(letter: DeadLetter, *, full: bool) -> str:
@@ -379,16 +430,29 @@ def _describe(letter: DeadLetter, *, full: bool) -> str:
 
 
 async def _dlq(args: argparse.Namespace) -> None:
-    settings = _settings()
+    from nats.js.errors import NotFoundError
+
+    from streams import Subjects
+
+    from ..app import connect_nats
+    from ..ingest.deadletter import DeadLetters
+    from .failures import no_stream
+
+    settings = _settings(args)
     nc = await connect_nats(settings)
-    letters = DeadLetters(nc.jetstream(), Subjects(settings.namespace), max_payload=nc.max_payload)
+    subjects = Subjects(settings.namespace)
+    letters = DeadLetters(nc.jetstream(), subjects, max_payload=nc.max_payload)
     domain = Domain(args.domain) if getattr(args, "domain", None) else None
     try:
         if args.action == "list":
-            found = await letters.list(domain, limit=args.limit)
+            try:
+                total = await letters.count(domain)
+            except NotFoundError:
+                raise no_stream(settings, subjects.dead_letter_stream()) from None
+            found = await letters.list(domain, limit=None if args.all else args.limit)
             for letter in found:
                 print(_describe(letter, full=False))
-            print(f"{len(found)} dead letter(s)")
+            print(_listed(len(found), max(total, len(found)), domain))
         elif args.action == "show":
             print(_describe(await letters.get(args.seq), full=True))
         elif args.action == "requeue":
@@ -406,6 +470,7 @@ async def _dlq(args: argparse.Namespace) -> None:
 
 
 async def _schemas(args: argparse.Namespace) -> None:
+    from ..settings import Settings
     from .export import export_schemas
 
     for path in export_schemas(Path(args.directory), Settings(_env_file=None)):
@@ -416,6 +481,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="use the settings of the `pipeline demo` running from this folder "
+        "(.pipeline-demo/demo.env; elsewhere: PIPELINE_ENV_FILE=<its data dir>/demo.env)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -471,6 +542,9 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--since", type=_time, required=True, help="ISO 8601, or 15m, 2h...")
     replay.add_argument("--until", type=_time, default=None, help="ISO 8601, or 15m, 2h...")
     replay.add_argument("--json", action="store_true")
+    replay.add_argument(
+        "--verbose", action="store_true", help="a line for each message dead-lettered"
+    )
     replay.set_defaults(func=_replay)
 
     licences = sub.add_parser("licences", help="the licence of every package installed for it")
@@ -481,7 +555,11 @@ def _parser() -> argparse.ArgumentParser:
     health.set_defaults(func=_healthcheck)
 
     demo = sub.add_parser("demo", help="embedded servers + worker + simulator, no setup")
-    demo.add_argument("--data-dir", default=".pipeline-demo", help="where the servers keep data")
+    demo.add_argument(
+        "--data-dir",
+        default=str(DEMO_DIR),
+        help="where the servers keep data, and demo.env the settings for `pipeline --demo`",
+    )
     demo.add_argument("--rate", type=float, default=500.0, help="messages per second")
     demo.add_argument(
         "--duration", type=float, default=None, help="seconds (default: until Ctrl-C)"
@@ -490,6 +568,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--fps", type=float, default=1.0, help="frames per second per camera")
     demo.add_argument(
         "--model", default=None, help="detection model (default: PIPELINE_DETECTOR_MODEL)"
+    )
+    demo.add_argument(
+        "--max-disk-mb",
+        type=float,
+        default=1000.0,
+        help="stop the producers once the data dir holds this many MB (default 1000)",
     )
     demo.set_defaults(func=_demo)
 
@@ -610,9 +694,11 @@ def _parser() -> argparse.ArgumentParser:
 
     dlq = sub.add_parser("dlq", help="list, show, requeue or purge dead letters")
     dlq_sub = dlq.add_subparsers(dest="action", required=True)
-    dlq_list = dlq_sub.add_parser("list")
+    dlq_list = dlq_sub.add_parser("list", help="the first dead letters and how many there are")
     dlq_list.add_argument("--domain", choices=[d.value for d in Domain])
-    dlq_list.add_argument("--limit", type=int, default=100)
+    dlq_shown = dlq_list.add_mutually_exclusive_group()
+    dlq_shown.add_argument("--limit", type=int, default=100, help="show the first N (100)")
+    dlq_shown.add_argument("--all", action="store_true", help="show every one")
     dlq_show = dlq_sub.add_parser("show")
     dlq_show.add_argument("seq", type=int)
     dlq_requeue = dlq_sub.add_parser("requeue", help="publish back to the original subject")
@@ -631,14 +717,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pipeline` console script."""
+    import asyncio
+
+    from ..logs import configure_logging
+
     args = _parser().parse_args(argv)
     try:
-        log_format = Settings().log_format
-    except (ValidationError, ConfigError):  # the command that needs them says what is wrong
-        log_format = "text"
-    configure_logging(args.log_level, log_format)
-    func: Callable[[argparse.Namespace], Coroutine[Any, Any, None]] = args.func
-    try:
+        args.env_file = chosen_env_file(args.demo, os.environ)
+        try:
+            log_format = _settings(args).log_format
+        except ConfigError:  # the command that needs them says what is wrong
+            log_format = "text"
+        configure_logging(args.log_level, log_format)
+        func: Callable[[argparse.Namespace], Coroutine[Any, Any, None]] = args.func
         asyncio.run(func(args))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
@@ -646,10 +737,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (nats.errors.Error, TimeoutError) as exc:
-        print(f"error talking to NATS: {exc!r}", file=sys.stderr)
-        return 1
-    except psycopg.OperationalError as exc:
-        print(f"error talking to PostgreSQL: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        from .failures import explain
+
+        failure = explain(exc, _settings_or_none(args))
+        if failure is None:
+            raise
+        print(failure.message, file=sys.stderr)
+        return failure.exit_code
     return 0
+
+
+def _settings_or_none(args: argparse.Namespace) -> Settings | None:
+    try:
+        return _settings(args)
+    except ConfigError:
+        return None

@@ -6,43 +6,77 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import nats
+import psycopg
+from nats.js.api import PubAck
 
 from projections.service import ProjectionService
 
 from ..api.server import run_api
 from ..app import Worker, apply_streams_once
-from ..metrics import serve_metrics
+from ..metrics import Metrics, serve_metrics
 from ..settings import ALL_DOMAINS, EVENT_DOMAINS, Settings
+from .demoenv import DEMO_DIR, remove_env_file, write_env_file
 from .embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from .migrate import migrate
 from .simulate import Cameras, Outgoing, Traffic, publish
 
-__all__ = ["run_demo"]
+__all__ = ["LEGEND", "LIMITS", "MAX_DISK_BYTES", "WINDOW", "disk_usage", "run_demo", "status_line"]
+
+LIMITS = {
+    "frames_max_bytes": 128 * 1024**2,
+    "dead_letters_max_bytes": 32 * 1024**2,
+    "dead_letter_max_body_bytes": 16 * 1024,
+}
+"""What the demo's streams keep at most (settings, where production keeps 2 GiB of frames
+and 1 GiB of dead letters): the newest 128 MiB of frames (about ten minutes of two
+cameras) and 32 MiB of dead letters, a letter's body cut at 16 KiB (a bad frame's image
+left out, its size and hash kept). With PostgreSQL's WAL kept to 64 MB between
+checkpoints, what grows is the events: the store and the event streams, which the disk
+budget (`MAX_DISK_BYTES`) bounds."""
+MAX_DISK_BYTES = 1000 * 1000**2
+"""The data folder's size at which the producers stop (`pipeline demo --max-disk-mb`)."""
+_DISK_EVERY_S = 5.0
+
+LEGEND = (
+    "published = stored + duplicates dropped (by JetStream's duplicate window, or by the "
+    "pipeline's own dedup when a copy came later with a new Nats-Msg-Id) + dead-lettered "
+    "+ not yet handled"
+)
+"""The first status line: how the counts of the others add up."""
+WINDOW = "dropped by the duplicate window"
+"""The key, among the published counts, of the copies JetStream acked as duplicates."""
 
 
-def _line(published: Counter[str], worker: Worker) -> str:
-    m = worker.metrics
+def status_line(published: Counter[str], m: Metrics) -> str:
+    """The demo's counts: what was published and what became of it, adding up (`LEGEND`)."""
+    sent = sum(count for key, count in published.items() if key != WINDOW)
+    window = published[WINDOW]
+    deduplicated = m.total("pipeline_duplicates")
+    stored = m.total("pipeline_events_stored")
+    dead = m.total("pipeline_dead_lettered")
+    waiting = max(sent - window - deduplicated - stored - dead, 0)
     return (
-        f"published {sum(published.values()):>7} "
-        f"(dup {published['duplicate']}, bad {published['dead_letter']}) | "
-        f"stored {m.total('pipeline_events_stored'):>7.0f} | "
-        f"duplicates dropped {m.total('pipeline_duplicates'):>5.0f} | "
-        f"dead-lettered {m.total('pipeline_dead_lettered'):>5.0f} | "
-        f"frames analysed {_frames(worker, 'analysed'):>5.0f}, "
+        f"published {sent:>7} = stored {stored:>7.0f} "
+        f"+ duplicates dropped {window + deduplicated:>5.0f} "
+        f"(JetStream {window:>4}, pipeline {deduplicated:>4.0f}) "
+        f"+ dead-lettered {dead:>5.0f} + not yet handled {waiting:>5.0f} | "
+        f"frames analysed {_frames(m, 'analysed'):>5.0f}, "
         f"detections {m.total('pipeline_detections'):>5.0f}"
     )
 
 
-def _frames(worker: Worker, outcome: str) -> float:
-    value = worker.metrics.registry.get_sample_value("pipeline_frames_total", {"outcome": outcome})
+def _frames(m: Metrics, outcome: str) -> float:
+    value = m.registry.get_sample_value("pipeline_frames_total", {"outcome": outcome})
     return value or 0.0
 
 
@@ -55,6 +89,7 @@ async def run_demo(
     cameras: int = 2,
     fps: float = 1.0,
     model: str | None = None,
+    max_disk_bytes: int = MAX_DISK_BYTES,
     say: Callable[[str], None] = print,
 ) -> None:
     """Run everything on embedded servers until `stop` is set or `duration_s` passes.
@@ -62,7 +97,9 @@ async def run_demo(
     The detector is `model`, else PIPELINE_DETECTOR_MODEL, else a randomly initialised
     yolov8n (no download; it finds next to nothing: name a trained `.pt` to see objects).
     Parts start in order (NATS, PostgreSQL, the worker, the producers) and stop in the
-    reverse order; the servers' own logs stay in files under `data_dir`.
+    reverse order; the servers' own logs stay in files under `data_dir`. While it runs,
+    `data_dir/demo.env` holds the settings `pipeline --demo <command>` reads. Once
+    `data_dir` holds `max_disk_bytes`, the producers stop and the rest runs on.
     """
     # The demo's own lines are its output; the worker's routine INFO lines are not.
     for name in ("pipeline", "projections"):
@@ -90,11 +127,13 @@ async def run_demo(
             api_port=free_port(),
             api_tokens={f"demo-{secrets.token_hex(8)}": ("read", "operate")},
             domains=ALL_DOMAINS if cameras else EVENT_DOMAINS,
+            **LIMITS,  # type: ignore[arg-type]
         )
         if cameras:
             say(f"detector {settings.detector_model} on a local Ray: loading the model")
         # The owner's and the operator's steps; then each process as its own role.
         await anyio.to_thread.run_sync(migrate, settings)
+        await anyio.to_thread.run_sync(_bound_wal, settings)
         await apply_streams_once(settings)
         role = _roles(settings)
         worker = await parts.enter_async_context(Worker(role["writer"]))
@@ -121,6 +160,9 @@ async def run_demo(
             f"'Authorization: Bearer {token}' "
             f"'http://127.0.0.1:{settings.api_port}/v1/security/events?limit=5'"
         )
+        env_file = write_env_file(data_dir, settings)
+        parts.callback(remove_env_file, env_file)
+        say(f"CLI in another terminal: {_cli_line(env_file)}")
         await _simulate(
             settings,
             worker,
@@ -130,8 +172,35 @@ async def run_demo(
             duration_s=duration_s,
             stop=stop,
             say=say,
+            budget=_Budget(data_dir, max_disk_bytes),
         )
     say("stopped")
+
+
+def _cli_line(env_file: Path) -> str:
+    """The command a user types to point the CLI at this demo."""
+    if env_file.parent == DEMO_DIR.resolve():
+        return "pipeline --demo projections status (--demo before any command)"
+    return f"PIPELINE_ENV_FILE={env_file} pipeline projections status"
+
+
+def _bound_wal(settings: Settings) -> None:
+    """Keep PostgreSQL's WAL to 64 MB between checkpoints (its default lets it reach 1 GB,
+    as much as the demo's whole budget)."""
+    with psycopg.connect(**settings.postgres_connection(), autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET max_wal_size = '64MB'")
+        conn.execute("ALTER SYSTEM SET min_wal_size = '32MB'")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def disk_usage(folder: Path) -> int:
+    """Bytes the files under `folder` take on disk (those it may read)."""
+    used = 0
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):  # gone meanwhile, or another user's
+                used += os.lstat(os.path.join(parent, name)).st_blocks * 512
+    return used
 
 
 def _roles(settings: Settings) -> dict[str, Settings]:
@@ -158,6 +227,7 @@ async def _simulate(
     duration_s: float | None,
     stop: asyncio.Event,
     say: Callable[[str], None],
+    budget: _Budget,
 ) -> None:
     nc = await nats.connect(settings.nats_url)
     published: Counter[str] = Counter()
@@ -165,9 +235,20 @@ async def _simulate(
     def count(out: Outgoing) -> None:
         published[out.expect.value] += 1
 
+    def acked(out: Outgoing, ack: PubAck) -> None:
+        if ack.duplicate:
+            published[WINDOW] += 1
+
     traffic = Traffic(worker.subjects)
     producers = [
-        publish(nc.jetstream(), iter(traffic), rate=rate, duration_s=duration_s, on_published=count)
+        publish(
+            nc.jetstream(),
+            iter(traffic),
+            rate=rate,
+            duration_s=duration_s,
+            on_published=count,
+            on_acked=acked,
+        )
     ]
     if cameras:
         frames = Cameras(worker.subjects, cameras=cameras)
@@ -178,14 +259,19 @@ async def _simulate(
                 rate=fps * cameras,
                 duration_s=duration_s,
                 on_published=count,
+                on_acked=acked,
             )
         )
     producer = asyncio.gather(*producers)
+    started = time.monotonic()
+    full = False
+    say(LEGEND)
     try:
-        while not producer.done() and not stop.is_set():
+        while not producer.done() and not stop.is_set() and not full:
+            full = await budget.spent(say)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
-            say(_line(published, worker))
+            say(status_line(published, worker.metrics))
     finally:
         # The producers stop first, while everything under them still runs.
         producer.cancel()
@@ -196,5 +282,33 @@ async def _simulate(
     expected = published["store"]
     while time.monotonic() < deadline and worker.metrics.total("pipeline_events_stored") < expected:
         await asyncio.sleep(0.2)
-    say("final: " + _line(published, worker))
+    say("final: " + status_line(published, worker.metrics))
+    if full:  # the API and the CLI go on answering until Ctrl-C (or the duration's end)
+        left = None if duration_s is None else max(duration_s - (time.monotonic() - started), 0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=left)
     await nc.drain()
+
+
+@dataclass
+class _Budget:
+    """The demo's disk budget: `data_dir` may hold `max_bytes`."""
+
+    data_dir: Path
+    max_bytes: int
+    _next_look: float = 0.0
+
+    async def spent(self, say: Callable[[str], None]) -> bool:
+        """Whether the folder holds its budget (then say so); looked at every few seconds."""
+        if time.monotonic() < self._next_look:
+            return False
+        self._next_look = time.monotonic() + _DISK_EVERY_S
+        used = await anyio.to_thread.run_sync(disk_usage, self.data_dir)
+        if used < self.max_bytes:
+            return False
+        say(
+            f"{self.data_dir} holds {used / 1e6:,.0f} MB, the demo's --max-disk-mb "
+            f"{self.max_bytes / 1e6:,.0f}: the producers stop; the API and `pipeline --demo "
+            "...` still answer, Ctrl-C stops the demo (remove the folder to start afresh)"
+        )
+        return True

@@ -14,12 +14,9 @@ import psycopg
 
 from projections import VIEWS
 from projections.positions import Positions
-from projections.rebuild import rebuild_views
-from projections.service import ProjectionService
 from projections.status import ViewStatus, view_status
 from schemas import Domain
 
-from ..metrics import serve_metrics
 from ..settings import Settings
 from ..store.domain import domain_topics
 from ..store.reader import EventReader, Positioned
@@ -50,6 +47,11 @@ def _connect(settings: Settings) -> psycopg.Connection[Any]:
 
 async def run_projections(settings: Settings, stop: asyncio.Event) -> None:
     """Keep every view current until `stop` is set."""
+    # Here, not above: `projections status` and the others start without them.
+    from projections.service import ProjectionService
+
+    from ..metrics import serve_metrics
+
     service = ProjectionService(settings)
     await anyio.to_thread.run_sync(service.start)
     server = None
@@ -108,6 +110,8 @@ def projections_rebuild(
 
     Raises `RebuildError` naming each view that did not finish (the others are swapped in).
     """
+    from projections.rebuild import rebuild_views
+
     names = list(dict.fromkeys(names)) or list(VIEWS)
     with _connect(settings) as conn:
         head = EventReader(settings.postgres_schema).head(conn)

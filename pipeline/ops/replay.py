@@ -5,8 +5,9 @@ the intake a worker would use (`Worker(consume=False)`: the same store, dead let
 and, for frames, detector pool): what is stored already is found in the store and acked
 (stored once, counted as a duplicate), what was lost is stored, what is invalid is
 dead-lettered (once: a dead letter's subject names the stream sequence, so one written
-before is not written again). The workers' durable consumers are not touched. Messages
-stored in the stream after `until`, or after the replay started, are left to the workers.
+before is not written again: it is counted as invalid, already in the DLQ). The workers'
+durable consumers are not touched. Messages stored in the stream after `until`, or after
+the replay started, are left to the workers.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from schemas import Domain
 
 from ..app import Worker, connect_nats
 from ..ingest.intake import Intake, delivery_info
 from ..settings import Settings
+from .failures import no_stream
 from .progress import Progress
 
 __all__ = ["Replayed", "replay"]
@@ -37,6 +40,9 @@ class Replayed:
     stored: int
     duplicates: int
     dead_lettered: int
+    """Invalid messages whose letter this replay wrote."""
+    already_dead_lettered: int
+    """Invalid messages whose letter the DLQ held already (not written again)."""
 
 
 async def replay(
@@ -56,7 +62,10 @@ async def replay(
         js = nc.jetstream()
         stream = worker.subjects.stream(domain)
         try:
-            last = (await js.stream_info(stream)).state.last_seq
+            try:
+                last = (await js.stream_info(stream)).state.last_seq
+            except NotFoundError:
+                raise no_stream(settings, stream) from None
             sub = await js.pull_subscribe(
                 worker.subjects.wildcard(domain),
                 stream=stream,
@@ -88,12 +97,14 @@ async def replay(
         finally:
             await nc.drain()
     m = worker.metrics
+    held = int(m.total("pipeline_dead_letters_held"))
     return Replayed(
         domain=domain.value,
         messages=int(m.total("pipeline_messages_consumed")),
         stored=int(m.total("pipeline_events_stored")),
         duplicates=int(m.total("pipeline_duplicates")),
-        dead_lettered=int(m.total("pipeline_dead_lettered")),
+        dead_lettered=int(m.total("pipeline_dead_lettered")) - held,
+        already_dead_lettered=held,
     )
 
 

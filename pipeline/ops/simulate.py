@@ -8,6 +8,7 @@ with it, so tests and benchmarks can keep a ledger.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import random
@@ -21,6 +22,7 @@ from enum import StrEnum
 from typing import Any
 
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 from schemas import (
     Detection,
@@ -400,10 +402,12 @@ async def publish(
     count: int | None = None,
     duration_s: float | None = None,
     on_published: Callable[[Outgoing], None] | None = None,
+    on_acked: Callable[[Outgoing, PubAck], None] | None = None,
 ) -> Counter[str]:
     """Publish until `count` messages or `duration_s` seconds, at `rate` per second.
 
-    Returns how many of each expectation were published.
+    Returns how many of each expectation were published. `on_acked` is called with each
+    message the stream acknowledged (`duplicate` when its duplicate window dropped it).
     """
     counts: Counter[str] = Counter()
     started = time.monotonic()
@@ -413,7 +417,9 @@ async def publish(
         duration_s is None or time.monotonic() - started < duration_s
     ):
         out = next(messages)
-        await js.publish_async(out.subject, out.body, headers=out.headers)
+        acked = await js.publish_async(out.subject, out.body, headers=out.headers)
+        if on_acked:
+            acked.add_done_callback(functools.partial(_acked, on_acked, out))
         counts[out.expect.value] += 1
         if on_published:
             on_published(out)
@@ -426,6 +432,13 @@ async def publish(
                 await asyncio.sleep(ahead)
     await js.publish_async_completed()
     return counts
+
+
+def _acked(
+    callback: Callable[[Outgoing, PubAck], None], out: Outgoing, ack: asyncio.Future[PubAck]
+) -> None:
+    if not ack.cancelled() and ack.exception() is None:
+        callback(out, ack.result())
 
 
 _LABELS = ("person", "car", "bicycle", "dog", "truck")

@@ -13,8 +13,11 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..settings import Settings
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 __all__ = ["metrics_ports", "supervise"]
 
@@ -30,8 +33,12 @@ def metrics_ports(settings: Settings) -> list[int]:
     return [settings.metrics_port + i for i in range(settings.processes)]
 
 
-async def _child(settings: Settings, index: int, stop: asyncio.Event) -> None:
+async def _child(
+    settings: Settings, index: int, stop: asyncio.Event, env_file: Path | None
+) -> None:
     env = {**os.environ, "PIPELINE_PROCESSES": "1"}
+    if env_file is not None:  # the children read the settings file this process read
+        env["PIPELINE_ENV_FILE"] = str(env_file)
     if settings.metrics_port:
         env["PIPELINE_METRICS_PORT"] = str(metrics_ports(settings)[index])
     while not stop.is_set():
@@ -51,7 +58,8 @@ async def _child(settings: Settings, index: int, stop: asyncio.Event) -> None:
         await asyncio.sleep(_RESTART_DELAY_S)
 
 
-async def supervise(settings: Settings, stop: asyncio.Event) -> None:
-    """Run `settings.processes` workers until `stop` is set, then stop them gracefully."""
+async def supervise(settings: Settings, stop: asyncio.Event, env_file: Path | None = None) -> None:
+    """Run `settings.processes` workers until `stop` is set, then stop them gracefully;
+    each reads `env_file` (the settings file of `PIPELINE_ENV_FILE` or `--demo`), if any."""
     log.info("starting %d worker processes", settings.processes)
-    await asyncio.gather(*(_child(settings, i, stop) for i in range(settings.processes)))
+    await asyncio.gather(*(_child(settings, i, stop, env_file) for i in range(settings.processes)))

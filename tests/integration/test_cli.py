@@ -65,9 +65,18 @@ async def test_dlq_list_show_requeue_purge(
         first = next(x for x in await letters.list() if x.subject.startswith("security."))
 
         # The CLI runs its own event loop: call its coroutine here instead of main().
-        await cli._dlq(_args(action="list", domain=None, limit=100))
+        await cli._dlq(_args(action="list", domain=None, limit=100, all=False))
         listing = capsys.readouterr().out
-        assert "schema_violation" in listing and "2 dead letter(s)" in listing
+        assert "schema_violation" in listing and listing.endswith("\n2 dead letter(s)\n")
+        # A page shorter than the whole says so, and how to see the rest.
+        await cli._dlq(_args(action="list", domain=None, limit=1, all=False))
+        page = capsys.readouterr().out
+        assert page.count("\n#") + page.startswith("#") == 1, page
+        assert page.endswith("showing 1 of 2 dead letter(s); --limit N or --all for more\n")
+        await cli._dlq(_args(action="list", domain="metrics", limit=100, all=False))
+        assert capsys.readouterr().out.endswith("\n1 metrics dead letter(s)\n")
+        await cli._dlq(_args(action="list", domain=None, limit=1, all=True))
+        assert capsys.readouterr().out.endswith("\n2 dead letter(s)\n")
 
         await cli._dlq(_args(action="show", seq=first.dlq_seq))
         shown = capsys.readouterr().out
@@ -132,6 +141,19 @@ def test_bad_settings_name_the_variable(
     monkeypatch.setenv("PIPELINE_BATCH_SIZE", "lots")
     assert main(["streams", "status"]) == 2
     assert "PIPELINE_BATCH_SIZE" in capsys.readouterr().err
+
+
+def test_a_dlq_list_on_a_nats_without_the_pipeline_s_streams_says_so(
+    nats_server: EmbeddedNats,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(Path(__file__).parent)
+    monkeypatch.setenv("PIPELINE_NATS_URL", nats_server.url)
+    assert main(["dlq", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"NATS at {nats_server.url} has no stream DLQ" in err and "PIPELINE_NATS_URL" in err
 
 
 def test_unreachable_nats_is_a_clear_error(

@@ -81,8 +81,29 @@ def test_a_database_that_does_not_answer_is_a_clear_error(
     monkeypatch.setenv("PIPELINE_POSTGRES_PORT", "1")
     monkeypatch.setenv("PIPELINE_POSTGRES_CONNECT_TIMEOUT_S", "1")
     monkeypatch.chdir(Path(__file__).parent)
-    assert main(["projections", "status"]) == 1
-    assert "error talking to PostgreSQL" in capsys.readouterr().err
+    assert main(["projections", "status"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("configuration error: PIPELINE_POSTGRES_HOST and PIPELINE_POSTGRES_PORT")
+    assert "Connection refused" in err
+
+
+@pytest.mark.parametrize(
+    "command", [["projections", "status"], ["events", "tail"], ["events", "get", "m-1"]]
+)
+def test_a_store_without_the_event_table_is_a_clear_error(
+    env: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+) -> None:
+    # As the default settings found the machine's own PostgreSQL, not the running demo's.
+    monkeypatch.setenv("PIPELINE_POSTGRES_SCHEMA", "no_pipeline_here")
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("configuration error: PIPELINE_POSTGRES_SCHEMA: the store at ")
+    assert "has no table no_pipeline_here.journal_events" in err
 
 
 def test_replay_stores_what_is_missing_once_and_leaves_later_messages(
@@ -125,12 +146,27 @@ def test_replay_stores_what_is_missing_once_and_leaves_later_messages(
         "stored": 300,
         "duplicates": 0,
         "dead_lettered": 1,
+        "already_dead_lettered": 0,
     }
     assert len(stored_ids(pg_schema)) == 300
     assert main(["replay", "security", "--since", "10m", "--json"]) == 0
     again = _json(capsys)
     assert again["stored"] == 20 and again["duplicates"] == 300
+    assert again["dead_lettered"] == 0 and again["already_dead_lettered"] == 1
     assert set(stored_ids(pg_schema).values()) == {1}
+
+    # Its summary says what became of each message; a line per message only with --verbose.
+    assert main(["replay", "security", "--since", "10m"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.out == (
+        "replayed 321 security messages: 0 stored, 320 stored already, 0 dead-lettered, "
+        "1 invalid, already in the DLQ\n"
+    )
+    assert "dead-lettered (" not in quiet.err, quiet.err
+    assert main(["replay", "security", "--since", "10m", "--verbose"]) == 0
+    assert "dead-lettered (schema_violation, its letter in the DLQ already)" in (
+        capsys.readouterr().err
+    )
 
     async def letters() -> int:
         nc = await nats.connect(nats_server.url)

@@ -93,12 +93,15 @@ class FakeDeadLetters:
         self.down = down
         self.letters: list[DeadLetter] = []
 
-    async def publish(self, domain: Domain, letters: Sequence[DeadLetter]) -> None:
+    async def publish(self, domain: Domain, letters: Sequence[DeadLetter]) -> list[bool]:
         if self.down:
             raise DeadLetterUnavailable("no responders")
+        held = {letter.stream_seq for letter in self.letters}
         for letter in letters:
             self.log.append(("dead_letter", letter.stream_seq))
         self.letters.extend(letters)
+        # As the DLQ stream: one letter per source message, a later one not written.
+        return [letter.stream_seq not in held for letter in letters]
 
 
 class Setup:
@@ -163,6 +166,15 @@ async def test_bad_messages_are_acked_only_after_their_dead_letter() -> None:
     assert s.dlq.letters[0].body == b"not json" and s.dlq.letters[0].stream_seq == 1
     assert bad.fate == [("ack", None)]
     assert s.log.index(("dead_letter", 1)) < s.log.index(("ack", 1))
+
+
+async def test_a_message_whose_letter_the_dlq_holds_is_counted_as_held_not_written() -> None:
+    s = Setup()
+    await s.intake.handle([s.msg(1, body=b"not json")])
+    await s.intake.handle([s.msg(1, body=b"not json", delivered=2)])  # a replay, say
+    await s.intake.flush()
+    assert s.metrics.total("pipeline_dead_lettered") == 2
+    assert s.metrics.total("pipeline_dead_letters_held") == 1
 
 
 async def test_a_dlq_outage_holds_the_bad_message_and_pauses_until_it_is_back() -> None:
