@@ -723,7 +723,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        args.env_file = chosen_env_file(args.demo, os.environ)
+        # The demo makes its own settings: a stale file of an earlier one must not stop it.
+        args.env_file = None if args.command == "demo" else chosen_env_file(args.demo, os.environ)
         try:
             log_format = _settings(args).log_format
         except ConfigError:  # the command that needs them says what is wrong

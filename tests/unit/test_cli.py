@@ -62,6 +62,22 @@ def test_demo_without_a_running_demo_says_so_in_one_line(
     assert "(pid 4194305) is not running" in capsys.readouterr().err
 
 
+def test_a_new_demo_starts_whatever_file_an_old_one_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[Path] = []
+
+    async def run_demo(data_dir: Path, **options: object) -> None:
+        started.append(data_dir)
+
+    monkeypatch.setattr("pipeline.ops.demo.run_demo", run_demo)
+    monkeypatch.chdir(tmp_path)
+    stale = write_env_file(tmp_path / ".pipeline-demo", Settings(_env_file=None), pid=2**22 + 1)
+    monkeypatch.setenv("PIPELINE_ENV_FILE", str(stale))
+    assert main(["demo"]) == 0
+    assert started == [tmp_path / ".pipeline-demo"]
+
+
 def test_pipeline_env_file_is_read_instead_of_dot_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
