@@ -42,6 +42,7 @@ def write_env_file(data_dir: Path, settings: Settings, pid: int | None = None) -
         # `pipeline --demo streams apply` keeps the demo's smaller streams
         "PIPELINE_FRAMES_MAX_BYTES": str(settings.frames_max_bytes),
         "PIPELINE_DEAD_LETTERS_MAX_BYTES": str(settings.dead_letters_max_bytes),
+        "PIPELINE_DEAD_LETTER_MAX_BODY_BYTES": str(settings.dead_letter_max_body_bytes),
         "PIPELINE_API_PORT": str(settings.api_port),
         "PIPELINE_API_TOKENS": json.dumps(settings.api_tokens),
     }

@@ -25,6 +25,7 @@ def _demo_settings() -> Settings:
         api_tokens={"demo-0123": ("read", "operate")},
         domains=EVENT_DOMAINS,
         frames_max_bytes=128 * 1024**2,
+        dead_letter_max_body_bytes=16 * 1024,
     )
 
 
@@ -44,6 +45,7 @@ def test_a_command_reads_back_what_the_demo_wrote(tmp_path: Path) -> None:
         "api_tokens",
         "domains",
         "frames_max_bytes",
+        "dead_letter_max_body_bytes",
     ):
         assert getattr(read, name) == getattr(wrote, name), name
 
