@@ -146,6 +146,8 @@ class Settings(BaseSettings):
     projections_poll_s: Annotated[float, Field(gt=0)] = 1.0
     projections_standby_s: Annotated[float, Field(gt=0)] = 5.0
     projections_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9200
+    # Sites, zones and correlation rules of the incidents (YAML); empty: no incidents
+    sites_file: str = ""
     api_host: str = "127.0.0.1"
     api_port: Annotated[int, Field(ge=0, le=65535)] = 8080
     api_tokens: dict[str, tuple[Literal["read", "operate"], ...]] = Field(
