@@ -53,7 +53,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -77,6 +76,7 @@ from pipeline.audit.tables import BREAK_GLASS, AuditTables
 from pipeline.audit.verify import Report, check
 from pipeline.metrics import AuditMetrics
 from pipeline.ops.migrate import migrate
+from pipeline.ops.watch import Child, Watch
 from pipeline.settings import Settings
 from pipeline.store.eventstore import EventStore
 from pipeline.store.reader import EventReader
@@ -304,11 +304,15 @@ class Beside:
 
     The sampler runs either way, so both kinds of run carry the same load but the
     follower's. After the workers stop, the follower's lag is read off the samples, and
-    the CPU time it took (its process and its database sessions) off /proc.
+    the CPU time it took (its process and its database sessions) off /proc. The follower
+    is in `watch` while it runs: the run's waits end as soon as it exits.
     """
 
-    def __init__(self, keyed: Settings, audit: bool, log: Path, env: Callable[..., Any]) -> None:
+    def __init__(
+        self, keyed: Settings, audit: bool, log: Path, env: Callable[..., Any], watch: Watch
+    ) -> None:
         self.keyed, self.audit, self.log, self.env = keyed, audit, log, env
+        self.watch = watch
         self.behind = 0
         self.catch_up_s = 0.0
         self.stored = 0
@@ -358,10 +362,9 @@ class Beside:
         finally:
             stop.set()
             if process is not None:
-                process.terminate()
-                process.wait(60)
+                self.watch.stop(process)
 
-    def _start(self, settings: Settings, name: str) -> subprocess.Popen[bytes]:
+    def _start(self, settings: Settings, name: str) -> Child:
         """`pipeline run audit` on the run's schema, as the auditor; once it keeps the log.
 
         Its database sessions are named `name` (libpq's PGAPPNAME), to find them.
@@ -378,10 +381,12 @@ class Beside:
             "PIPELINE_AUDIT_METRICS_PORT": "0",
             "PGAPPNAME": name,
         }
-        with self.log.open("ab") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "pipeline", "run", "audit"], env=env, stdout=out, stderr=out
-            )
+        process = self.watch.start(
+            "`pipeline run audit`",
+            [sys.executable, "-m", "pipeline", "run", "audit"],
+            env=env,
+            log=self.log,
+        )
         # The follower holds its advisory lock (AuditLog.run) once it keeps the log.
         held = (
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
@@ -389,18 +394,21 @@ class Beside:
             "AND objid = (hashtext(%(key)s)::bigint & 4294967295)::oid"
         )
         key = f"audit:{settings.postgres_schema}"
-        deadline = time.monotonic() + 60
-        with _connect(settings) as conn:
-            while not (row := conn.execute(held, {"key": key}).fetchone()) or not row[0]:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    process.kill()
-                    raise SystemExit(f"`pipeline run audit` did not start; see {self.log}")
-                time.sleep(0.05)
+        try:
+            with _connect(settings) as conn:
+                self.watch.wait_until(
+                    lambda: bool((row := conn.execute(held, {"key": key}).fetchone()) and row[0]),
+                    timeout_s=60,
+                    waiting_for=f"`pipeline run audit` kept no log in 60 s; see {self.log}",
+                )
+        except BaseException:
+            self.watch.stop(process, timeout_s=5)
+            raise
         time.sleep(0.5)  # its listener connects too
         return process
 
     @staticmethod
-    def _pids(settings: Settings, process: subprocess.Popen[bytes] | None, name: str) -> list[int]:
+    def _pids(settings: Settings, process: Child | None, name: str) -> list[int]:
         """The follower's process and its database sessions' server processes."""
         if process is None:
             return []
@@ -426,13 +434,21 @@ class Beside:
             self.stored = stored
             ended, _, size = next((s for s in samples if s[1] >= head), None) or sample(conn)
             self.behind = stored - size
-            deadline = time.monotonic() + 300
-            while size < stored:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"the follower logged {size} of {stored} events in 300 s")
-                time.sleep(_SAMPLE_S)
+
+            def caught_up() -> bool:
+                nonlocal size
+                if size >= stored:
+                    return True
                 at, _, size = sample(conn)
                 self.catch_up_s = at - ended
+                return size >= stored
+
+            self.watch.wait_until(
+                caught_up,
+                timeout_s=300,
+                waiting_for=lambda: f"the follower logged {size} of {stored} events in 300 s",
+                interval_s=_SAMPLE_S,
+            )
 
 
 def _cpu_seconds(pids: Sequence[int]) -> float | None:
@@ -462,15 +478,18 @@ def events_ratio(
 ) -> dict[str, Any]:
     """bench/events.py's pipeline rate without and with the follower, alternately."""
     events = _bench("events")
-    base, server = events.bench_settings(nats)
+    watch = Watch()
+    base, server = events.bench_settings(nats, watch)
     log = Path(tempfile.mkdtemp(prefix="bench-audit-")) / "processes.log"
     rates: dict[bool, list[float]] = {False: [], True: []}
     behind, catch_up, cpu, share = [], [], [], []
     try:
         for n in range(rounds):
             for audit in (False, True) if n % 2 == 0 else (True, False):
-                beside = Beside(keyed, audit, log, events.worker_env)
-                rate, _, _ = events.pipeline_rate(base, processes, messages, log, beside=beside)
+                beside = Beside(keyed, audit, log, events.worker_env, watch)
+                rate, _, _ = events.pipeline_rate(
+                    base, processes, messages, log, watch, beside=beside
+                )
                 rates[audit].append(rate)
                 line = f"    {'with' if audit else 'without'} the audit log: {rate:>8,.0f} events/s"
                 if beside.busy is not None:

@@ -32,7 +32,6 @@ import itertools
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -53,6 +52,7 @@ from pipeline.app import apply_streams
 from pipeline.ops.embedded import EmbeddedNats, EmbeddedPostgres
 from pipeline.ops.migrate import migrate
 from pipeline.ops.simulate import Outgoing, Traffic, publish
+from pipeline.ops.watch import Child, Watch
 from pipeline.settings import EVENT_DOMAINS, Settings
 from pipeline.store.domain import event_id
 from schemas import Domain
@@ -97,12 +97,14 @@ class CommitWatcher:
                     self.committed.setdefault(originator_id, now)
                     last = notification_id
 
-    def wait_for(self, count: int, timeout_s: float = 600) -> None:
-        deadline = time.monotonic() + timeout_s
-        while len(self.committed) < count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(self.committed)} of {count} events committed")
-            time.sleep(0.02)
+    def wait_for(self, count: int, watch: Watch, timeout_s: float = 600) -> None:
+        """Wait until `count` events are committed; stop at once if a watched process exits."""
+        watch.wait_until(
+            lambda: len(self.committed) >= count,
+            timeout_s=timeout_s,
+            waiting_for=lambda: f"only {len(self.committed)} of {count} events committed",
+            interval_s=0.02,
+        )
 
 
 class StoreWatcher:
@@ -266,20 +268,13 @@ def worker_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def start_workers(settings: Settings, processes: int, log: Path) -> subprocess.Popen[bytes]:
+WORKER = [sys.executable, "-m", "pipeline", "run", "worker"]
+
+
+def start_workers(settings: Settings, processes: int, log: Path, watch: Watch) -> Child:
+    """`processes` worker processes (one supervisor above them when more than one), watched."""
     env = {**worker_env(settings), "PIPELINE_PROCESSES": str(processes)}
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "run", "worker"], env=env, stdout=out, stderr=out
-        )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    return watch.start("`pipeline run worker`", WORKER, env=env, log=log)
 
 
 def pipeline_rate(
@@ -287,6 +282,7 @@ def pipeline_rate(
     processes: int,
     count: int,
     log: Path,
+    watch: Watch,
     latency_s: float = 0.0,
     beside: Callable[[Settings], contextlib.AbstractContextManager[object]] | None = None,
 ) -> tuple[float, list[float], float]:
@@ -294,6 +290,7 @@ def pipeline_rate(
 
     `beside(settings)`, when given, is entered before the workers start and left after
     they stop, on the run's schema (bench/audit.py runs the audit log's follower there).
+    Every wait ends as soon as a process in `watch` (the workers among them) exits.
     """
     with (
         workspace(base) as settings,
@@ -301,12 +298,12 @@ def pipeline_rate(
         contextlib.ExitStack() as side,
     ):
         backlog = messages(settings, count, seed=1)
-        asyncio.run(publish_all(settings, backlog))
+        asyncio.run(watch.guard(publish_all(settings, backlog)))
         if beside is not None:
             side.enter_context(beside(settings))
-        workers = start_workers(settings, processes, log)
+        workers = start_workers(settings, processes, log, watch)
         try:
-            clock.wait_for(count)
+            clock.wait_for(count, watch)
             times = sorted(clock.committed.values())
             # From the first commit: worker start-up is not part of the rate.
             rate = (count - 1) / (times[-1] - times[0])
@@ -330,11 +327,11 @@ def pipeline_rate(
                     )
                     await nc.close()
 
-                asyncio.run(produce())
-                clock.wait_for(count + len(live))
+                asyncio.run(watch.guard(produce()))
+                clock.wait_for(count + len(live), watch)
                 latencies = sorted((clock.committed[i] - t) * 1000 for i, t in sent_at.items())
         finally:
-            stop(workers)
+            watch.stop(workers)
     return rate, latencies, live_rate
 
 
@@ -344,6 +341,7 @@ def fault_run(
     rate: float,
     fault_s: float,
     log: Path,
+    watch: Watch,
     *,
     warmup_s: float = 5.0,
     after_s: float = 10.0,
@@ -352,7 +350,8 @@ def fault_run(
     """Publish at `rate` to `processes` workers while their PostgreSQL is down `fault_s`.
 
     The workers keep the default delivery and retry settings: an outage should cost
-    time, not dead letters. PostgreSQL is an embedded server in a fresh folder.
+    time, not dead letters. PostgreSQL is an embedded server in a fresh folder (stopped on
+    purpose, so not watched; the workers are).
     """
     data_dir = Path(tempfile.mkdtemp(prefix="bench-pg-", dir="/tmp"))
     data_dir.chmod(0o755)  # as root, the server runs as a user of its own that reads it
@@ -376,25 +375,26 @@ def fault_run(
             with StoreWatcher(settings) as store:
                 # A few messages first (this also creates the streams and consumers).
                 primer = messages(settings, 30, seed=3)
-                asyncio.run(publish_all(settings, primer))
-                workers = start_workers(settings, processes, log)
+                asyncio.run(watch.guard(publish_all(settings, primer)))
+                workers = start_workers(settings, processes, log, watch)
                 try:
                     return asyncio.run(
-                        _fault_timeline(
-                            settings,
-                            postgres,
-                            store,
-                            workers,
-                            [event_id(o.domain, o.message_id) for o in primer],
-                            rate=rate,
-                            fault_s=fault_s,
-                            warmup_s=warmup_s,
-                            after_s=after_s,
-                            wait_s=wait_s,
+                        watch.guard(
+                            _fault_timeline(
+                                settings,
+                                postgres,
+                                store,
+                                [event_id(o.domain, o.message_id) for o in primer],
+                                rate=rate,
+                                fault_s=fault_s,
+                                warmup_s=warmup_s,
+                                after_s=after_s,
+                                wait_s=wait_s,
+                            )
                         )
                     )
                 finally:
-                    stop(workers)
+                    watch.stop(workers)
         finally:
             asyncio.run(_delete_streams(settings))
     finally:
@@ -406,7 +406,6 @@ async def _fault_timeline(
     settings: Settings,
     postgres: EmbeddedPostgres,
     store: StoreWatcher,
-    workers: subprocess.Popen[bytes],
     published: list[uuid.UUID],
     *,
     rate: float,
@@ -418,7 +417,7 @@ async def _fault_timeline(
     subjects = Subjects(settings.namespace)
     deadline = time.monotonic() + 120
     while store.count() < len(published):
-        if workers.poll() is not None or time.monotonic() > deadline:
+        if time.monotonic() > deadline:
             raise RuntimeError(f"the workers stored {store.count()} of {len(published)} messages")
         await asyncio.sleep(0.1)
 
@@ -453,7 +452,7 @@ async def _fault_timeline(
         expected = set(published)
         deadline = time.monotonic() + wait_s
         idle = 0
-        while time.monotonic() < deadline and workers.poll() is None:
+        while time.monotonic() < deadline:
             if expected.issubset(store.snapshot()):
                 break
             # Nothing left to deliver (all acked or dead-lettered): it will not change.
@@ -500,17 +499,21 @@ async def _consumers_idle(nc: Client, subjects: Subjects) -> bool:
     return True
 
 
-def bench_settings(nats_choice: str) -> tuple[Settings, EmbeddedNats | None]:
-    """The usual settings, on a nats-server of the wheel when `nats_choice` is embedded."""
+def bench_settings(nats_choice: str, watch: Watch) -> tuple[Settings, EmbeddedNats | None]:
+    """The usual settings, on a nats-server of the wheel when `nats_choice` is embedded
+    (added to `watch`)."""
     base = Settings()
     if nats_choice != "embedded":
         return base, None
     server = EmbeddedNats(Path(tempfile.mkdtemp(prefix="bench-nats-")))
-    return base.model_copy(update={"nats_url": server.start()}), server
+    url = server.start()
+    watch.add(server.watched())
+    return base.model_copy(update={"nats_url": url}), server
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    base, server = bench_settings(args.nats)
+    watch = Watch()
+    base, server = bench_settings(args.nats, watch)
     log = Path(tempfile.mkdtemp(prefix="bench-")) / "workers.log"
     try:
         print(
@@ -518,16 +521,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             f"NATS {base.nats_url}, PostgreSQL {base.postgres_host}/{base.postgres_dbname}"
         )
         with workspace(base) as settings:
-            asyncio.run(publish_all(settings, messages(settings, args.messages, seed=1)))
-            top = asyncio.run(ceiling(settings, args.messages, args.batch))
+            backlog = messages(settings, args.messages, seed=1)
+            asyncio.run(watch.guard(publish_all(settings, backlog)))
+            top = asyncio.run(watch.guard(ceiling(settings, args.messages, args.batch)))
         print(f"(a) ceiling, bare pull consumers fetch+ack:    {top:>8,.0f} events/s")
-        one, _, _ = pipeline_rate(base, 1, args.messages, log)
+        one, _, _ = pipeline_rate(base, 1, args.messages, log, watch)
         print(
             f"(b) pipeline, 1 worker process:                {one:>8,.0f} events/s "
             f"(ratio {one / top:.2f})"
         )
         rate, latencies, live_rate = pipeline_rate(
-            base, args.processes, args.messages, log, latency_s=args.latency_seconds
+            base, args.processes, args.messages, log, watch, latency_s=args.latency_seconds
         )
         print(
             f"(b) pipeline, {args.processes} worker processes:              {rate:>8,.0f} events/s "
@@ -541,7 +545,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         )
         fault: dict[str, Any] = {}
         if args.fault:
-            found = fault_run(base, args.processes, live_rate, args.fault_seconds, log)
+            found = fault_run(base, args.processes, live_rate, args.fault_seconds, log, watch)
             print(
                 f"(d) fault run: PostgreSQL stopped for {args.fault_seconds:.0f} s at "
                 f"{live_rate:,.0f}/s: dead-lettered {found['dead_lettered']}, "

@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,11 +38,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "0")
 
-from events import CommitWatcher, bench_settings, stop, worker_env, workspace  # noqa: E402
+from events import WORKER, CommitWatcher, bench_settings, worker_env, workspace  # noqa: E402
 
 from pipeline.app import apply_streams  # noqa: E402
 from pipeline.detection.detector import DetectorConfig, UltralyticsDetector, export_model  # noqa: E402
 from pipeline.ops.simulate import Cameras, Outgoing, publish  # noqa: E402
+from pipeline.ops.watch import Child, Watch  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from pipeline.store.domain import event_id  # noqa: E402
 from schemas import Domain  # noqa: E402
@@ -73,7 +73,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_worker(settings: Settings, model: Path, args: argparse.Namespace, log: Path) -> Any:
+def start_worker(
+    settings: Settings, model: Path, args: argparse.Namespace, log: Path, watch: Watch
+) -> Child:
+    """A `pipeline run worker` process for the frames domain on `model`, watched."""
     env = {
         **worker_env(settings),
         "PIPELINE_DOMAINS": '["frames"]',
@@ -84,10 +87,7 @@ def start_worker(settings: Settings, model: Path, args: argparse.Namespace, log:
         "PIPELINE_DETECTOR_MAX_INFLIGHT": str(args.max_inflight),
         "PIPELINE_FRAMES_BATCH_SIZE": str(args.batch),
     }
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "run", "worker"], env=env, stdout=out, stderr=out
-        )
+    return watch.start("`pipeline run worker`", WORKER, env=env, log=log)
 
 
 async def _publish(settings: Settings, frames: list[Outgoing], **kwargs: Any) -> None:
@@ -98,9 +98,11 @@ async def _publish(settings: Settings, frames: list[Outgoing], **kwargs: Any) ->
 
 
 def pipeline(
-    base: Settings, model: Path, args: argparse.Namespace, log: Path
+    base: Settings, model: Path, args: argparse.Namespace, log: Path, watch: Watch
 ) -> tuple[float, list[float], float]:
-    """Frames/s on a backlog, then publish-to-commit latencies at 80 % of that rate."""
+    """Frames/s on a backlog, then publish-to-commit latencies at 80 % of that rate.
+
+    Every wait ends as soon as a process in `watch` (the worker among them) exits."""
     settings_base = base.model_copy(update={"domains": (Domain.FRAMES,)})
     with (
         workspace(settings_base) as settings,
@@ -108,12 +110,12 @@ def pipeline(
     ):
         cameras = Cameras(Subjects(settings.namespace), cameras=4, seed=1)
         backlog = [cameras.frame() for _ in range(args.frames)]
-        asyncio.run(_publish(settings, backlog))
-        worker = start_worker(settings, model, args, log)
+        asyncio.run(watch.guard(_publish(settings, backlog)))
+        worker = start_worker(settings, model, args, log, watch)
         try:
-            clock.wait_for(args.batch, timeout_s=600)  # started: imports and Ray are done
+            clock.wait_for(args.batch, watch, timeout_s=600)  # started: imports and Ray are done
             cpu_started, committed = cpu_seconds(worker.pid), len(clock.committed)
-            clock.wait_for(len(backlog), timeout_s=1800)
+            clock.wait_for(len(backlog), watch, timeout_s=1800)
             cpu_per_frame = (cpu_seconds(worker.pid) - cpu_started) / (len(backlog) - committed)
             print(
                 f"    worker process (handler, batcher, store; the actor apart): "
@@ -130,8 +132,8 @@ def pipeline(
             def stamp(out: Outgoing) -> None:
                 sent_at[event_id(Domain.FRAMES, out.message_id)] = time.perf_counter()
 
-            asyncio.run(_publish(settings, live, rate=live_rate, on_published=stamp))
-            clock.wait_for(len(backlog) + len(live), timeout_s=600)
+            asyncio.run(watch.guard(_publish(settings, live, rate=live_rate, on_published=stamp)))
+            clock.wait_for(len(backlog) + len(live), watch, timeout_s=600)
             in_order = [(clock.committed[i] - t) * 1000 for i, t in sent_at.items()]
             latencies = sorted(in_order)
             # A queue that grows over the phase means the rate was above capacity.
@@ -145,11 +147,13 @@ def pipeline(
                 flush=True,
             )
         finally:
-            stop(worker)
+            watch.stop(worker)
     return rate, latencies, live_rate
 
 
-def measure(fmt: str, base: Settings, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+def measure(
+    fmt: str, base: Settings, args: argparse.Namespace, log: Path, watch: Watch
+) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="bench-model-"))
     onnx = export_model("yolov8n.yaml", "onnx", imgsz=args.imgsz, out_dir=folder)
     model = onnx if fmt == "onnx" else folder / "yolov8n.pt"
@@ -161,7 +165,7 @@ def measure(fmt: str, base: Settings, args: argparse.Namespace, log: Path) -> di
         f"({before_ms:.0f} ms per batch)",
         flush=True,
     )
-    rate, latencies, live_rate = pipeline(base, model, args, log)
+    rate, latencies, live_rate = pipeline(base, model, args, log, watch)
     # Measured again after the pipeline: the host is shared, its speed drifts.
     after, after_ms = raw_model(model, frames, args.imgsz, args.batch)
     model_rate, batch_ms = (before + after) / 2, (before_ms + after_ms) / 2
@@ -201,7 +205,8 @@ def measure(fmt: str, base: Settings, args: argparse.Namespace, log: Path) -> di
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    base, server = bench_settings(args.nats)
+    watch = Watch()
+    base, server = bench_settings(args.nats, watch)
     log = Path(tempfile.mkdtemp(prefix="bench-")) / "worker.log"
     formats = ["onnx", "pytorch"] if args.format == "both" else [args.format]
     print(
@@ -211,7 +216,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     try:
         # Formats alternate within each round, so drift of the host hits both alike.
-        rounds = [[measure(fmt, base, args, log) for fmt in formats] for _ in range(args.repeat)]
+        rounds = [
+            [measure(fmt, base, args, log, watch) for fmt in formats] for _ in range(args.repeat)
+        ]
     finally:
         if server is not None:
             server.stop()

@@ -26,14 +26,15 @@ The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
 import os
 import random
 import statistics
-import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -48,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.ops.migrate import migrate
 from pipeline.ops.simulate import stored_events
+from pipeline.ops.watch import Watch
 from pipeline.settings import Settings
 from pipeline.store.eventstore import EventStore
 from pipeline.store.reader import EventReader
@@ -173,25 +175,30 @@ def api_latency(settings: Settings, requests: int) -> tuple[float, float]:
 
 
 def live_lag(settings: Settings, store: EventStore, rate: float, seconds: float) -> list[float]:
-    """Lags (ms) from each write's commit to every view being past it."""
-    # The projections run in a process of their own, as deployed.
+    """Lags (ms) from each write's commit to every view being past it.
+
+    The projections run in a process of their own, as deployed, watched: if it exits,
+    the run stops at once with its last log lines.
+    """
     env = {
         **os.environ,
         "PIPELINE_POSTGRES_SCHEMA": settings.postgres_schema,
         "PIPELINE_POSTGRES_USER": settings.postgres_role("projector"),
         "PIPELINE_PROJECTIONS_METRICS_PORT": "0",
     }
-    service = subprocess.Popen(
+    log = Path(tempfile.mkdtemp(prefix="bench-projections-")) / "projections.log"
+    watch = Watch()
+    service = watch.start(
+        "`pipeline run projections`",
         [sys.executable, "-m", "pipeline", "run", "projections"],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        log=log,
     )
     reader = EventReader(settings.postgres_schema)
     pending: list[tuple[int, float]] = []
     lags: list[float] = []
     lock = threading.Lock()
-    done = threading.Event()
+    done, ended = threading.Event(), threading.Event()
     # Made up front (making one costs more than storing it): copies of 10,000 messages
     # under new ids.
     templates = list(stored_events(10_000, seed=2))
@@ -202,9 +209,9 @@ def live_lag(settings: Settings, store: EventStore, rate: float, seconds: float)
     positions = SQL("SELECT min(position) FROM {}.projection_positions WHERE view = ANY(%s)")
     query = positions.format(Identifier(settings.postgres_schema))
 
-    def watch() -> None:
+    def follow() -> None:
         with _connect(settings) as conn:
-            while not done.is_set() or pending:
+            while not ended.is_set() and (not done.is_set() or pending):
                 row = conn.execute(query, (list(VIEWS),)).fetchone()
                 now = time.perf_counter()
                 at = row[0] if row and row[0] is not None else 0
@@ -218,17 +225,22 @@ def live_lag(settings: Settings, store: EventStore, rate: float, seconds: float)
             # The process is up and has applied a first batch before the clock starts.
             store.write([next(events) for _ in range(100)])
             warm = reader.head(conn)
-            while (row := conn.execute(query, (list(VIEWS),)).fetchone()) and (
-                row[0] is None or row[0] < warm
-            ):
-                time.sleep(0.05)
-            watcher = threading.Thread(target=watch)
+
+            def applied() -> bool:
+                row = conn.execute(query, (list(VIEWS),)).fetchone()
+                return bool(row and row[0] is not None and row[0] >= warm)
+
+            watch.wait_until(
+                applied, timeout_s=120, waiting_for="the projections applied no first batch"
+            )
+            watcher = threading.Thread(target=follow)
             watcher.start()
             batch = 100
             interval = batch / rate
             started = time.perf_counter()
             n = 0
             while time.perf_counter() - started < seconds:
+                watch.check()
                 chunk = [next(events) for _ in range(batch)]
                 store.write(chunk)
                 committed = time.perf_counter()
@@ -239,10 +251,16 @@ def live_lag(settings: Settings, store: EventStore, rate: float, seconds: float)
                 if pause > 0:
                     time.sleep(pause)
             done.set()
-            watcher.join(timeout=60)
+            # Views still behind after a minute: their last lags are left out.
+            with contextlib.suppress(TimeoutError):
+                watch.wait_until(
+                    lambda: not watcher.is_alive(),
+                    timeout_s=60,
+                    waiting_for="the views did not catch up within 60 s",
+                )
     finally:
-        service.terminate()
-        service.wait(timeout=60)
+        ended.set()
+        watch.stop(service)
     return lags
 
 

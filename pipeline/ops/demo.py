@@ -27,8 +27,10 @@ from ..metrics import Metrics, serve_metrics
 from ..settings import ALL_DOMAINS, EVENT_DOMAINS, Settings
 from .demoenv import DEMO_DIR, remove_env_file, write_env_file
 from .embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from .failures import causes
 from .migrate import migrate
 from .simulate import Cameras, Outgoing, Traffic, publish
+from .watch import ChildExited, Watch
 
 __all__ = ["LEGEND", "LIMITS", "MAX_DISK_BYTES", "WINDOW", "disk_usage", "run_demo", "status_line"]
 
@@ -106,75 +108,94 @@ async def run_demo(
         logging.getLogger(name).setLevel(logging.WARNING)
     nats_server = EmbeddedNats(data_dir / "nats")
     postgres = EmbeddedPostgres(data_dir)
-    async with contextlib.AsyncExitStack() as parts:
-        url = await anyio.to_thread.run_sync(nats_server.start)
-        parts.push_async_callback(anyio.to_thread.run_sync, nats_server.stop)
-        address = await anyio.to_thread.run_sync(postgres.start)
-        parts.push_async_callback(anyio.to_thread.run_sync, postgres.stop)
-        say(f"NATS {url}, PostgreSQL {address.host} (data and server logs in {data_dir})")
-        metrics_port = free_port()
-        detector = {"detector_model": model} if model else {}
-        settings = Settings(
-            _env_file=None,
-            **detector,  # type: ignore[arg-type]
-            nats_url=url,
-            postgres_host=address.host,
-            postgres_port=address.port,
-            postgres_user=address.user,
-            postgres_dbname=address.dbname,
-            metrics_port=metrics_port,
-            consumer_lag_interval_s=1.0,
-            api_port=free_port(),
-            api_tokens={f"demo-{secrets.token_hex(8)}": ("read", "operate")},
-            domains=ALL_DOMAINS if cameras else EVENT_DOMAINS,
-            **LIMITS,  # type: ignore[arg-type]
-        )
-        if cameras:
-            say(f"detector {settings.detector_model} on a local Ray: loading the model")
-        # The owner's and the operator's steps; then each process as its own role.
-        await anyio.to_thread.run_sync(migrate, settings)
-        await anyio.to_thread.run_sync(_bound_wal, settings)
-        await apply_streams_once(settings)
-        role = _roles(settings)
-        worker = await parts.enter_async_context(Worker(role["writer"]))
-        server = serve_metrics(worker.metrics, settings.metrics_host, metrics_port, worker.ready)
-        parts.callback(server.shutdown)
-        say(
-            f"metrics on http://127.0.0.1:{metrics_port}/metrics "
-            f"(health: /healthz, /readyz); Ctrl-C stops"
-        )
-        views = ProjectionService(role["projector"])
-        await anyio.to_thread.run_sync(views.start)
-        parts.push_async_callback(anyio.to_thread.run_sync, lambda: views.stop())
-        api_stop, api_started = asyncio.Event(), asyncio.Event()
-        api = asyncio.create_task(run_api(role["api"], api_stop, api_started))
-        await asyncio.wait(
-            {api, asyncio.create_task(api_started.wait())}, return_when=asyncio.FIRST_COMPLETED
-        )
-        if api.done():
-            await api  # raises why it could not start
-        parts.push_async_callback(_stop_api, api, api_stop)
-        token = next(iter(settings.api_tokens))
-        say(
-            f"query API on http://127.0.0.1:{settings.api_port}/docs, e.g. curl -H "
-            f"'Authorization: Bearer {token}' "
-            f"'http://127.0.0.1:{settings.api_port}/v1/security/events?limit=5'"
-        )
-        env_file = write_env_file(data_dir, settings)
-        parts.callback(remove_env_file, env_file)
-        say(f"CLI in another terminal: {_cli_line(env_file)}")
-        await _simulate(
-            settings,
-            worker,
-            rate=rate,
-            cameras=cameras,
-            fps=fps,
-            duration_s=duration_s,
-            stop=stop,
-            say=say,
-            budget=_Budget(data_dir, max_disk_bytes),
-        )
+    try:
+        async with contextlib.AsyncExitStack() as parts:
+            url = await anyio.to_thread.run_sync(nats_server.start)
+            parts.push_async_callback(anyio.to_thread.run_sync, nats_server.stop)
+            address = await anyio.to_thread.run_sync(postgres.start)
+            parts.push_async_callback(anyio.to_thread.run_sync, postgres.stop)
+            say(f"NATS {url}, PostgreSQL {address.host} (data and server logs in {data_dir})")
+            metrics_port = free_port()
+            detector = {"detector_model": model} if model else {}
+            settings = Settings(
+                _env_file=None,
+                **detector,  # type: ignore[arg-type]
+                nats_url=url,
+                postgres_host=address.host,
+                postgres_port=address.port,
+                postgres_user=address.user,
+                postgres_dbname=address.dbname,
+                metrics_port=metrics_port,
+                consumer_lag_interval_s=1.0,
+                api_port=free_port(),
+                api_tokens={f"demo-{secrets.token_hex(8)}": ("read", "operate")},
+                domains=ALL_DOMAINS if cameras else EVENT_DOMAINS,
+                **LIMITS,  # type: ignore[arg-type]
+            )
+            if cameras:
+                say(f"detector {settings.detector_model} on a local Ray: loading the model")
+            # The owner's and the operator's steps; then each process as its own role.
+            await anyio.to_thread.run_sync(migrate, settings)
+            await anyio.to_thread.run_sync(_bound_wal, settings)
+            await apply_streams_once(settings)
+            role = _roles(settings)
+            worker = await parts.enter_async_context(Worker(role["writer"]))
+            server = serve_metrics(
+                worker.metrics, settings.metrics_host, metrics_port, worker.ready
+            )
+            parts.callback(server.shutdown)
+            say(
+                f"metrics on http://127.0.0.1:{metrics_port}/metrics "
+                f"(health: /healthz, /readyz); Ctrl-C stops"
+            )
+            views = ProjectionService(role["projector"])
+            await anyio.to_thread.run_sync(views.start)
+            parts.push_async_callback(anyio.to_thread.run_sync, lambda: views.stop())
+            api_stop, api_started = asyncio.Event(), asyncio.Event()
+            api = asyncio.create_task(run_api(role["api"], api_stop, api_started))
+            await asyncio.wait(
+                {api, asyncio.create_task(api_started.wait())}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if api.done():
+                await api  # raises why it could not start
+            parts.push_async_callback(_stop_api, api, api_stop)
+            token = next(iter(settings.api_tokens))
+            say(
+                f"query API on http://127.0.0.1:{settings.api_port}/docs, e.g. curl -H "
+                f"'Authorization: Bearer {token}' "
+                f"'http://127.0.0.1:{settings.api_port}/v1/security/events?limit=5'"
+            )
+            env_file = write_env_file(data_dir, settings)
+            parts.callback(remove_env_file, env_file)
+            say(f"CLI in another terminal: {_cli_line(env_file)}")
+            # A server that exits under the demo stops it, saying why (its last log lines).
+            servers = Watch(nats_server.watched(), postgres.watched(), interval_s=0.5)
+            await servers.guard(
+                _simulate(
+                    settings,
+                    worker,
+                    rate=rate,
+                    cameras=cameras,
+                    fps=fps,
+                    duration_s=duration_s,
+                    stop=stop,
+                    say=say,
+                    budget=_Budget(data_dir, max_disk_bytes),
+                )
+            )
+    except Exception as exc:
+        # After a server died under it, stopping the parts fails too (NATS cannot drain):
+        # the server's exit is the error to report.
+        exited = _server_exit(exc)
+        if exited is None or exited is exc:
+            raise
+        raise exited from None
     say("stopped")
+
+
+def _server_exit(exc: BaseException) -> ChildExited | None:
+    """The exit of a server that `exc` was raised after (its context), if any."""
+    return next((e for e in causes(exc) if isinstance(e, ChildExited)), None)
 
 
 def _cli_line(env_file: Path) -> str:

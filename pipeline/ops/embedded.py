@@ -12,13 +12,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from ..errors import ConfigError
+from .watch import Child, Watch
 
 __all__ = ["MAX_PAYLOAD", "EmbeddedNats", "EmbeddedPostgres", "PostgresAddress", "free_port"]
 
@@ -35,17 +35,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"nats-server exited with code {process.returncode}")
+def wait_for_port(
+    host: str,
+    port: int,
+    process: subprocess.Popen[bytes],
+    timeout_s: float,
+    log: Path | None = None,
+) -> None:
+    """Wait until `process` (a nats-server) listens on `host:port`; `ChildExited`, with
+    the last lines of `log`, if it exits first."""
+
+    def listening() -> bool:
         try:
             with socket.create_connection((host, port), timeout=0.2):
-                return
+                return True
         except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nats-server did not listen on {host}:{port} within {timeout_s} s")
+            return False
+
+    Watch(Child("nats-server", process, log), interval_s=0.02).wait_until(
+        listening,
+        timeout_s=timeout_s,
+        waiting_for=f"nats-server did not listen on {host}:{port} within {timeout_s} s",
+    )
 
 
 def nats_server_binary() -> Path:
@@ -94,7 +105,7 @@ class EmbeddedNats:
             f"max_payload: {self.max_payload}\n"
             f"jetstream {{ store_dir: {json.dumps(str(self.data_dir / 'jetstream'))} }}\n"
         )
-        log = (self.data_dir / "nats-server.log").open("ab")
+        log = self.log.open("ab")
         self._process = subprocess.Popen(
             [str(nats_server_binary()), "-c", str(config)],
             stdout=log,
@@ -104,8 +115,19 @@ class EmbeddedNats:
             start_new_session=True,
         )
         log.close()
-        wait_for_port(self.host, self.port, self._process, timeout_s)
+        wait_for_port(self.host, self.port, self._process, timeout_s, self.log)
         return self.url
+
+    @property
+    def log(self) -> Path:
+        """The server's log file."""
+        return self.data_dir / "nats-server.log"
+
+    def watched(self) -> Child:
+        """The running server, to watch (`pipeline.ops.watch`)."""
+        if self._process is None:
+            raise RuntimeError("nats-server is not running")
+        return Child("nats-server", self._process, self.log)
 
     def kill(self) -> None:
         """Stop abruptly (SIGKILL), as a crash would."""
@@ -176,6 +198,14 @@ class EmbeddedPostgres:
         return PostgresAddress(
             host=host, port=uri.port or 5432, user=uri.username or "postgres", dbname="postgres"
         )
+
+    def watched(self) -> Child:
+        """The running server's postmaster, to watch (`pipeline.ops.watch`); its log is
+        the server's."""
+        pid = None if self._server is None else self._server.get_pid()  # type: ignore[attr-defined]
+        if pid is None:
+            raise RuntimeError("PostgreSQL is not running")
+        return Child("PostgreSQL", int(pid), self.data_dir / "postgres" / "log")
 
     def stop(self) -> None:
         """Stop the server (its data stays)."""

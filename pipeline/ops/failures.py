@@ -18,7 +18,7 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["Failure", "explain", "no_stream"]
+__all__ = ["Failure", "causes", "explain", "no_stream"]
 
 _DEMO_HINT = "`pipeline --demo <command>` for the running demo"
 _POSTGRES_ADDRESS = "PIPELINE_POSTGRES_HOST and PIPELINE_POSTGRES_PORT"
@@ -38,7 +38,7 @@ def explain(exc: BaseException, settings: Settings | None) -> Failure | None:
     import nats.errors
     import psycopg
 
-    for cause in _chain(exc):
+    for cause in causes(exc):
         if isinstance(cause, psycopg.errors.UndefinedTable):
             return Failure(_no_table(cause, settings), 2)
         if isinstance(cause, psycopg.OperationalError):
@@ -65,7 +65,7 @@ def no_stream(settings: Settings, stream: str) -> ConfigError:
     )
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def causes(exc: BaseException) -> Iterator[BaseException]:
     """`exc` and the errors it was raised from or while handling, innermost last."""
     seen: set[int] = set()
     current: BaseException | None = exc
