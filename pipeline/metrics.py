@@ -19,7 +19,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 
-__all__ = ["AuditMetrics", "Metrics", "ProjectionMetrics", "serve_metrics"]
+__all__ = ["AuditMetrics", "IncidentMetrics", "Metrics", "ProjectionMetrics", "serve_metrics"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -314,6 +314,73 @@ class AuditMetrics:
         )
 
 
+class IncidentMetrics:
+    """Every metric the incident process exports; one instance per registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.opened = Counter(
+            "pipeline_incidents_opened_total",
+            "Incidents opened, by the threat level of their first assessment.",
+            ["level"],
+            registry=r,
+        )
+        self.events = Counter(
+            "pipeline_incident_events_total",
+            "Incident events recorded by the process (not counting a replay's).",
+            ["kind"],
+            registry=r,
+        )
+        self.position = Gauge(
+            "pipeline_incidents_position",
+            "Store position of the last event the incident process has correlated.",
+            registry=r,
+        )
+        self.head = Gauge(
+            "pipeline_incidents_store_head",
+            "Position of the last event in the store, as last read by the incident process.",
+            registry=r,
+        )
+        self.lag_events = Gauge(
+            "pipeline_incidents_lag_events",
+            "Events stored after the incident process's position (of any domain).",
+            registry=r,
+        )
+        self.lag_seconds = Gauge(
+            "pipeline_incidents_lag_seconds",
+            "Seconds since the incident process was last at the head of the store (0 at it).",
+            registry=r,
+        )
+        self.gathering = Gauge(
+            "pipeline_incidents_gathering",
+            "Incidents still gathering evidence (held in the correlator's memory).",
+            registry=r,
+        )
+        self.late_events = Gauge(
+            "pipeline_incidents_late_events",
+            "Events stored too late to correlate (the sites file's lateness), counted from "
+            "position 0 by the correlator of the last replay.",
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "pipeline_incidents_batch_seconds",
+            "Time to read, correlate and commit one batch.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.replay_seconds = Gauge(
+            "pipeline_incidents_replay_seconds",
+            "How long the last replay from position 0 took (at start and after an error).",
+            registry=r,
+        )
+        self.active = Gauge(
+            "pipeline_incidents_active",
+            "1 if this process keeps the incidents, 0 while another one does (standby).",
+            registry=r,
+        )
+
+
 class _Quiet(WSGIRequestHandler):
     """No access log line per scrape or probe."""
 
@@ -326,7 +393,7 @@ Readiness = Callable[[], list[str]]
 
 
 def serve_metrics(
-    metrics: Metrics | ProjectionMetrics | AuditMetrics,
+    metrics: Metrics | ProjectionMetrics | AuditMetrics | IncidentMetrics,
     host: str,
     port: int,
     ready: Readiness | None = None,

@@ -148,6 +148,8 @@ class Settings(BaseSettings):
     projections_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9200
     # Sites, zones and correlation rules of the incidents (YAML); empty: no incidents
     sites_file: str = ""
+    # `pipeline run incidents`: its /metrics, /healthz and /readyz (0: none)
+    incidents_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9400
     api_host: str = "127.0.0.1"
     api_port: Annotated[int, Field(ge=0, le=65535)] = 8080
     api_tokens: dict[str, tuple[Literal["read", "operate"], ...]] = Field(

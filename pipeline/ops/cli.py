@@ -96,6 +96,10 @@ async def _run(args: argparse.Namespace) -> None:
         from .auditor import run_audit
 
         await run_audit(_settings(args), _stop_event())
+    elif args.process == "incidents":
+        from .incidents import run_incidents
+
+        await run_incidents(_settings(args), _stop_event())
     else:
         from ..api.server import run_api
 
@@ -161,6 +165,15 @@ async def _projections(args: argparse.Namespace) -> None:
             )
     except (KeyError, SkipRefused, readside.RebuildError) as exc:
         raise PipelineError(str(exc).strip("'\"")) from None
+
+
+async def _incidents(args: argparse.Namespace) -> None:
+    import anyio
+
+    from .incidents import incidents_rebuild
+
+    settings = _settings(args)
+    await anyio.to_thread.run_sync(lambda: incidents_rebuild(settings, as_json=args.json))
 
 
 async def _events(args: argparse.Namespace) -> None:
@@ -491,7 +504,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a process")
-    run.add_argument("process", choices=["worker", "projections", "api", "audit"])
+    run.add_argument("process", choices=["worker", "projections", "api", "audit", "incidents"])
     run.set_defaults(func=_run)
 
     proj = sub.add_parser("projections", help="status, rebuild or skip of the views")
@@ -523,6 +536,16 @@ def _parser() -> argparse.ArgumentParser:
     proj_skip.add_argument("--note", default="", help="why (kept with the skip)")
     proj_skip.add_argument("--json", action="store_true")
     proj.set_defaults(func=_projections)
+
+    incidents = sub.add_parser("incidents", help="rebuild the incidents")
+    incidents_sub = incidents.add_subparsers(dest="action", required=True)
+    incidents_rebuild = incidents_sub.add_parser(
+        "rebuild",
+        help="replay every incident from position 0 (recording nothing already recorded) "
+        "and refold the incidents read model; with `pipeline run incidents` stopped",
+    )
+    incidents_rebuild.add_argument("--json", action="store_true")
+    incidents.set_defaults(func=_incidents)
 
     events = sub.add_parser("events", help="show stored events")
     events_sub = events.add_subparsers(dest="action", required=True)

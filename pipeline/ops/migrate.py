@@ -6,16 +6,18 @@ idempotent. Every process then connects as a role holding only what it needs:
 
 - `<prefix>_writer` (workers, replay): inserts events through the store's function and
   reads them (dedup); no direct insert, no update, delete, truncate or DDL.
-- `<prefix>_projector` (projections): reads events; owns the views and their positions
-  (a rebuild makes and swaps tables); writes no event.
+- `<prefix>_projector` (projections, the incident process): reads events; owns the views
+  and their positions (a rebuild makes and swaps tables); appends the incident process's
+  decisions to `incident_events`; writes no event.
 - `<prefix>_api` (query API): reads events, views and positions; records a skip
-  (`operate`); writes no event or view row, no DDL.
+  (`operate`) and an operator's acknowledgement or resolution of an incident
+  (`incident_actions`); writes no event or view row, no DDL.
 - `<prefix>_auditor` (the audit trail): reads events; appends to the audit log and its
   checkpoints.
 
-The event table and the audit tables are append-only: no role is granted UPDATE, DELETE
-or TRUNCATE on them, and a trigger refuses those to the owner too (see
-`pipeline/audit/tables.py` for the logged break-glass setting).
+The event table, the audit tables and the incident logs are append-only: no role is
+granted UPDATE, DELETE or TRUNCATE on them, and a trigger refuses those to the owner
+too (see `pipeline/audit/tables.py` for the logged break-glass setting).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import psycopg
 from psycopg.sql import SQL, Identifier, Literal
 
 from projections import VIEWS
+from projections.incidents.tables import IncidentTables
 from projections.positions import Positions
 
 from ..audit.tables import AuditTables
@@ -77,6 +80,7 @@ def migrate(settings: Settings) -> Migrated:
         with conn.transaction():
             Positions(schema).create(conn)
             AuditTables(schema).create(conn)
+            IncidentTables(schema).create_logs(conn)
             _grant(conn, schema, roles)
     log.info("migrated schema %s", schema)
     return Migrated(schema, roles)
@@ -141,6 +145,22 @@ def _grant(conn: psycopg.Connection[Any], schema: str, roles: dict[str, str]) ->
         SQL("GRANT SELECT ON {} TO {}").format(audit.cosignatures, auditor),
         SQL("GRANT INSERT ON {} TO {}").format(audit.cosignatures, api),
     ]
+    incidents = IncidentTables(schema)
+    statements += [
+        SQL("REVOKE ALL ON {}, {} FROM PUBLIC").format(incidents.events, incidents.actions),
+        # The incident process appends its decisions and reads operators' actions; the
+        # API appends operators' actions (and reads both, as every table).
+        SQL("GRANT SELECT, INSERT ON {} TO {}").format(incidents.events, projector),
+        SQL("GRANT SELECT ON {} TO {}").format(incidents.actions, projector),
+        SQL("GRANT INSERT ON {} TO {}").format(incidents.actions, api),
+    ]
+    for log_table in (incidents.events, incidents.actions):
+        statements.append(
+            SQL(
+                "CREATE OR REPLACE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE "
+                "ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()"
+            ).format(log_table, audit.function)
+        )
     for statement in statements:
         conn.execute(statement)
     # Views made by an earlier release as another role become the projector's.
