@@ -73,6 +73,8 @@ TOPICS = [
 
 _WINDOW = 64
 """A batch reads positions up to this many times its size ahead (of any topic)."""
+_PAGE = 5000
+"""Events a replay reads at a time (at least)."""
 
 
 class ProcessRunning(Exception):
@@ -158,7 +160,7 @@ class IncidentProcess:
         derived: set[uuid.UUID] = set()
         after, next_action = 0, 0
         while after < upto:
-            rows = self.reader.rows(conn, after, upto, TOPICS, self.batch_size)
+            rows = self.reader.rows(conn, after, upto, TOPICS, max(self.batch_size, _PAGE))
             if not rows:
                 break
             for item in self.reader.decode(rows):
