@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import psycopg
 from pipeline.store.eventstore import EventStore
 from projections.incidents import load_sites
 from projections.incidents.process import IncidentProcess, rebuild
+from projections.incidents.queries import list_incidents, resolve
 
 from ..conftest import PG_DB, PG_HOST, make_settings, wait_until
 from .helpers import head
@@ -64,11 +66,20 @@ async def test_incidents_survive_kill_9_and_equal_a_rebuild(pg_schema: str, tmp_
     process = _start(pg_schema, sites, log)
     writer.start()
     killed_behind = 0
+    resolved = 0
     try:
         for _ in range(KILLS):
             # Once this process has committed a batch, at a random point of the next ones.
             before = incident_position(pg_schema)
             await wait_until(lambda b=before: incident_position(pg_schema) > b, timeout_s=60)
+            # An operator resolves an incident while the process runs.
+            with psycopg.connect(
+                host=PG_HOST, dbname=PG_DB, user="pipeline_api", autocommit=True
+            ) as api:
+                found = list_incidents(api, pg_schema, state="open", limit=1)
+                if found:
+                    resolve(api, pg_schema, uuid.UUID(found[0]["incident_id"]), "operator")
+                    resolved += 1
             await asyncio.sleep(rng.uniform(0, 0.3))
             assert process.poll() is None, log.read_text()[-3000:]
             killed_behind += incident_position(pg_schema) < head(pg_schema)
@@ -97,6 +108,18 @@ async def test_incidents_survive_kill_9_and_equal_a_rebuild(pg_schema: str, tmp_
     assert len(live) == len(opened) > 20 and set(opened.values()) == {1}
     evidence = Counter((r[1], r[4]["event_id"]) for r in recorded if r[2] == "EvidenceAdded")
     assert set(evidence.values()) <= {1}
+    # Each resolution was taken at its place: nothing joined its incident after it.
+    assert resolved >= KILLS - 1
+    with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres") as conn:
+        places = dict(
+            conn.execute(
+                f'SELECT incident_id, position FROM "{pg_schema}".incident_actions '
+                "WHERE kind = 'Resolved'"
+            ).fetchall()
+        )
+    assert len(places) == resolved
+    assert [r for r in recorded if r[1] in places and r[3] > places[r[1]]] == []
+    assert sum(row[-1] == "resolved" for row in live) == resolved
     # A rebuild from zero records nothing new and gives the same incidents.
     with psycopg.connect(
         host=PG_HOST, dbname=PG_DB, user="pipeline_projector", autocommit=True
