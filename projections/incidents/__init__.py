@@ -4,6 +4,11 @@ The deterministic core of the incident process: `load_sites` reads and validates
 sites file (`sites.py`, `rules.py`, `load.py`); `observe` turns stored events into
 observations (`observations.py`); a `Correlator` fed them in store order returns the
 decisions to record (`correlate.py`), each incident assessed by `assess` (`threat.py`).
+
+The incident process around it (imported from their modules, not here): `process.py`
+follows the store and records the decisions exactly once, `record.py` names the
+incident events and folds them into the read model, `tables.py` keeps them,
+`queries.py` serves the API (list, read, acknowledge, resolve), `service.py` runs it.
 """
 
 from __future__ import annotations
