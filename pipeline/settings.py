@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from schemas import Domain
 
 from .errors import ConfigError
 
-__all__ = ["ALL_DOMAINS", "EVENT_DOMAINS", "Settings"]
+__all__ = ["ALL_DOMAINS", "EVENT_DOMAINS", "JWT_ALGORITHMS", "ApiToken", "Scope", "Settings"]
 
 _SECRETS = (
     "nats_password",
@@ -35,6 +35,30 @@ _SECRETS = (
 EVENT_DOMAINS = (Domain.SECURITY, Domain.MONITORING, Domain.METRICS)
 """The domains of JSON messages; frames are the fourth."""
 ALL_DOMAINS = (Domain.FRAMES, *EVENT_DOMAINS)
+
+Scope = Literal["read", "operate"]
+"""What an API caller may do: `read` queries, `operate` also changes what the pipeline does."""
+
+JWT_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+"""Signature algorithms an access token may be allowed: public-key ones only (never
+`none`, never HMAC, whose secret a JWKS of public keys would hand out)."""
+
+
+_SCOPE_MAP: dict[str, tuple[Scope, ...]] = {
+    "pipeline:read": ("read",),
+    "pipeline:operate": ("read", "operate"),
+}
+
+
+class ApiToken(BaseModel):
+    """A static API token with a name: who acknowledges an incident with it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    scopes: tuple[Scope, ...]
 
 
 class Settings(BaseSettings):
@@ -152,10 +176,31 @@ class Settings(BaseSettings):
     incidents_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9400
     api_host: str = "127.0.0.1"
     api_port: Annotated[int, Field(ge=0, le=65535)] = 8080
-    api_tokens: dict[str, tuple[Literal["read", "operate"], ...]] = Field(
+    api_tokens: dict[str, tuple[Scope, ...] | ApiToken] = Field(
         default_factory=dict,
-        description='bearer token -> scopes, as JSON: {"<token>": ["read", "operate"]}',
+        description='bearer token -> scopes, as JSON: {"<token>": ["read", "operate"]}, or '
+        'with a name: {"<token>": {"name": "ops-bot", "scopes": ["read"]}}',
     )
+    # OAuth 2 / OpenID Connect access tokens (JWTs) from an identity provider; an empty
+    # issuer turns them off. The JWKS comes from a URL (cached) or a file.
+    oidc_issuer: str = ""
+    oidc_audience: str = ""
+    oidc_jwks_url: str = ""
+    oidc_jwks_file: str = ""
+    oidc_algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
+    # The claim scopes come from (a dotted path: realm_access.roles), a space-separated
+    # string or a list, and what each value grants
+    oidc_scopes_claim: Annotated[str, Field(min_length=1)] = "scope"
+    oidc_scope_map: dict[str, tuple[Scope, ...]] = Field(
+        default_factory=lambda: dict(_SCOPE_MAP),
+        description='claim value -> scopes, as JSON: {"pipeline:read": ["read"]}',
+    )
+    # The claim naming the operator (recorded with an acknowledgement)
+    oidc_subject_claim: Annotated[str, Field(min_length=1)] = "sub"
+    oidc_leeway_s: Annotated[float, Field(ge=0, le=300)] = 30.0
+    oidc_jwks_timeout_s: Annotated[float, Field(gt=0, le=30)] = 3.0
+    oidc_jwks_cache_s: Annotated[float, Field(gt=0)] = 300.0
+    oidc_jwks_min_refresh_s: Annotated[float, Field(ge=0)] = 10.0
 
     # The audit trail (`pipeline run audit`): a Merkle log over every stored event and
     # checkpoints signed by an Ed25519 key in an HSM (PKCS#11) and an ML-DSA-65 key file
@@ -267,6 +312,25 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _oidc_complete(self) -> Settings:
+        if not self.oidc_issuer:
+            return self
+        if not self.oidc_audience:
+            raise ValueError("PIPELINE_OIDC_AUDIENCE: set the audience access tokens name")
+        if bool(self.oidc_jwks_url) == bool(self.oidc_jwks_file):
+            raise ValueError(
+                "PIPELINE_OIDC_JWKS_URL or PIPELINE_OIDC_JWKS_FILE: set one of them "
+                "(where the identity provider's signing keys are)"
+            )
+        refused = sorted(set(self.oidc_algorithms) - JWT_ALGORITHMS)
+        if refused or not self.oidc_algorithms:
+            raise ValueError(
+                f"PIPELINE_OIDC_ALGORITHMS: {', '.join(refused) or 'empty'} not allowed "
+                f"(choose from {', '.join(sorted(JWT_ALGORITHMS))})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _cache_outlives_redelivery(self) -> Settings:
         redelivery = self.ack_wait_s * self.max_deliver + sum(self.retry_backoff_s)
         if self.dedup_ttl_s <= redelivery:
@@ -314,8 +378,8 @@ class Settings(BaseSettings):
                 )
         if nats and Domain.FRAMES in self.domains:
             missing.extend(self._unsafe_detector())
-        if api and not self.api_tokens:
-            missing.append("API tokens: PIPELINE_API_TOKENS(_FILE)")
+        if api and not self.api_tokens and not self.oidc_issuer:
+            missing.append("API tokens: PIPELINE_API_TOKENS(_FILE) or PIPELINE_OIDC_ISSUER")
         return missing
 
     def _unsafe_detector(self) -> list[str]:

@@ -1,7 +1,9 @@
 """The query API: the views, stored events, projection positions, health and metrics.
 
-Every `/v1` endpoint needs a bearer token from `PIPELINE_API_TOKENS` with the scope it
-names (`read` to query, `operate` to skip a poison event). Lists are paged with a
+Every `/v1` endpoint needs a bearer token with the scope it names (`read` to query,
+`operate` to skip a poison event or acknowledge an incident): one of
+`PIPELINE_API_TOKENS`, or an access token (JWT) of the identity provider the
+`PIPELINE_OIDC_*` settings name. Lists are paged with a
 cursor: pass a page's `next_cursor` as `cursor` to get the next one. Times (`since`,
 `until`) are ISO 8601 with their UTC offset (`2026-11-27T10:00:00Z`): a time without one
 is refused. Every error is `{"error": code, "detail": message}`.
@@ -27,6 +29,7 @@ from projections.queries import Queries
 from ..audit.tables import AuditTables
 from ..settings import Settings
 from ..store.reader import EventReader
+from .auth import Authenticator
 from .deps import ApiContext
 from .errors import ERROR_RESPONSES, REQUEST_ID, install_error_handlers, request_id, server_error
 from .routes import ROUTERS, docs
@@ -56,6 +59,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         positions=Positions(schema),
         audit_tables=AuditTables(schema),
         witnesses=tuple(witness_keys(settings)),
+        auth=Authenticator.from_settings(settings),
     )
 
     @asynccontextmanager

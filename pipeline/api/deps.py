@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import psycopg
 from fastapi import Depends, Query, Request
@@ -23,6 +23,9 @@ from ..audit.note import Verifier
 from ..audit.tables import AuditTables
 from ..settings import Settings
 from ..store.reader import EventReader
+
+if TYPE_CHECKING:
+    from .auth import Authenticator
 
 __all__ = [
     "ApiContext",
@@ -49,6 +52,7 @@ class ApiContext:
     positions: Positions
     audit_tables: AuditTables
     witnesses: tuple[Verifier, ...]
+    auth: Authenticator
 
     @property
     def schema(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -39,11 +40,15 @@ log = logging.getLogger("pipeline.api")
 
 
 class ApiError(Exception):
-    """An error answered as JSON: `{"error": code, "detail": message}`."""
+    """An error answered as JSON: `{"error": code, "detail": message}`, with `headers`
+    (a 401 without any says `WWW-Authenticate: Bearer`)."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(
+        self, status: int, code: str, detail: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(detail)
         self.status, self.code, self.detail = status, code, detail
+        self.headers = dict(headers or {})
 
 
 class Problem(BaseModel):
@@ -117,6 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
         response = _answer(exc.status, exc.code, exc.detail)
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
+        response.headers.update(exc.headers)
         return response
 
     @app.exception_handler(BadCursor)

@@ -11,6 +11,7 @@ import uvicorn
 
 from ..settings import Settings
 from .app import create_app
+from .routes.stream import end_streams
 
 __all__ = ["run_api"]
 
@@ -30,10 +31,14 @@ async def run_api(
 ) -> None:
     """Serve the API on `PIPELINE_API_HOST:PIPELINE_API_PORT` until `stop` is set."""
     settings.refuse_unsafe(api=True)
-    if not settings.api_tokens:
-        log.warning("PIPELINE_API_TOKENS is empty: every /v1 request will be refused (401)")
+    if not settings.api_tokens and not settings.oidc_issuer:
+        log.warning(
+            "PIPELINE_API_TOKENS and PIPELINE_OIDC_ISSUER are empty: "
+            "every /v1 request will be refused (401)"
+        )
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.api_host,
         port=settings.api_port,
         log_level="warning",
@@ -55,5 +60,6 @@ async def run_api(
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True
+    end_streams(app)  # uvicorn waits for every response to end, a dashboard's stream too
     stopped.cancel()
     await task

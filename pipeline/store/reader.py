@@ -73,6 +73,9 @@ class EventReader:
             "AND topic = ANY(%s) ORDER BY notification_id LIMIT %s"
         ).format(columns, self.table)
         self._by_id = SQL("SELECT {} FROM {} WHERE originator_id = %s").format(columns, self.table)
+        self._by_ids = SQL(
+            "SELECT {} FROM {} WHERE originator_id = ANY(%s) ORDER BY notification_id"
+        ).format(columns, self.table)
         self._next_state = SQL(
             "SELECT state FROM {} WHERE notification_id > %s ORDER BY notification_id LIMIT 1"
         ).format(self.table)
@@ -145,6 +148,14 @@ class EventReader:
             curs.execute(self._by_id, (event_id,))
             rows = curs.fetchall()
         return self.decode(rows)[0] if rows else None
+
+    def get_many(
+        self, conn: psycopg.Connection[Any], event_ids: Sequence[uuid.UUID]
+    ) -> list[Positioned]:
+        """The events with these ids that are stored, in store order."""
+        with conn.cursor(binary=True, row_factory=tuple_row) as curs:
+            curs.execute(self._by_ids, (list(event_ids),))
+            return self.decode(curs.fetchall())
 
     def find(self, conn: psycopg.Connection[Any], ident: str) -> Positioned | None:
         """The event with this event id, or with this producer's message id (any domain)."""

@@ -21,6 +21,7 @@ from psycopg.sql import SQL, Composable, Identifier
 from pipeline.store.reader import EventReader
 
 from ..positions import Positions
+from ..queries import BadCursor, Page, decode_cursor, encode_cursor
 from .record import COLUMNS, Incident, IncidentEvent, Kind, action_id
 from .tables import POSITION_KEY, IncidentTables
 
@@ -30,6 +31,7 @@ __all__ = [
     "acknowledge",
     "get_incident",
     "list_incidents",
+    "page_incidents",
     "resolve",
 ]
 
@@ -57,6 +59,27 @@ def list_incidents(
 ) -> list[dict[str, Any]]:
     """Incidents, those still open first, then by score and newest; filtered by state,
     level, zone and opening time (`since`, inclusive)."""
+    return page_incidents(
+        conn, schema, state=state, level=level, zone=zone, since=since, limit=limit
+    ).items
+
+
+_KEY = SQL("(state <> 'resolved', score, opened_at, incident_id)")
+"""The list's order (all descending): unresolved first, by score, newest, then by id."""
+
+
+def page_incidents(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    *,
+    state: str | None = None,
+    level: str | None = None,
+    zone: str | None = None,
+    since: datetime | None = None,
+    limit: int = 100,
+    cursor: str | None = None,
+) -> Page:
+    """One page of `list_incidents`, and the cursor of the next (a page's last key)."""
     tables = IncidentTables(schema)
     where: list[Composable] = []
     args: list[Any] = []
@@ -67,18 +90,37 @@ def list_incidents(
     if since is not None:
         where.append(SQL("opened_at >= %s"))
         args.append(since)
+    if cursor is not None:
+        where.append(SQL("{} < (%s, %s, %s, %s)").format(_KEY))
+        args.extend(_after(cursor))
     condition = SQL(" AND ").join(where) if where else SQL("TRUE")
     names = SQL(", ").join(Identifier(c) for c in COLUMNS)
     with conn.cursor(row_factory=tuple_row) as curs:
         curs.execute(
             SQL(
-                "SELECT {} FROM {} WHERE {} ORDER BY state = 'resolved', score DESC, "
-                "opened_at DESC, incident_id LIMIT %s"
+                "SELECT {} FROM {} WHERE {} ORDER BY state <> 'resolved' DESC, score DESC, "
+                "opened_at DESC, incident_id DESC LIMIT %s"
             ).format(names, tables.model, condition),
-            [*args, limit],
+            [*args, limit + 1],
         )
         rows = curs.fetchall()
-    return [_json(Incident.from_row(row)) for row in rows]
+    incidents = [Incident.from_row(row) for row in rows[:limit]]
+    following = None
+    if len(rows) > limit and incidents:
+        last = incidents[-1]
+        following = encode_cursor(
+            [int(last.state != "resolved"), last.score, last.opened_at, str(last.incident_id)]
+        )
+    return Page([_json(i) for i in incidents], following)
+
+
+def _after(cursor: str) -> list[Any]:
+    """The key a cursor names, as the query compares it."""
+    unresolved, score, opened_at, ident = decode_cursor(cursor, (int, int, datetime, str))
+    try:
+        return [bool(unresolved), score, opened_at, uuid.UUID(ident)]
+    except ValueError:
+        raise BadCursor("invalid cursor: not an incident id") from None
 
 
 def get_incident(
@@ -167,10 +209,13 @@ def _json(incident: Incident) -> dict[str, Any]:
 
 
 def _event(event: IncidentEvent) -> dict[str, Any]:
+    data = dict(event.data)
+    if "event_id" in data:  # EvidenceAdded's: the stored event that joined, not this one
+        data["evidence_id"] = data.pop("event_id")
     return {
         "event_id": str(event.event_id),
         "incident_id": str(event.incident_id),
         "kind": event.kind,
         "position": event.position,
-        **event.data,
+        **data,
     }

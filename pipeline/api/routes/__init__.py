@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import audit, cameras, docs, events, health, metrics, projections, security, services
+from . import (
+    audit,
+    cameras,
+    docs,
+    events,
+    health,
+    incidents,
+    metrics,
+    projections,
+    security,
+    services,
+)
 
 __all__ = ["ROUTERS"]
 
@@ -18,4 +29,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     cameras.router,
     events.router,
     projections.router,
+    incidents.router,
 )
