@@ -256,6 +256,7 @@ class OidcVerifier:
         """The caller of a valid access token; else `ApiError` with the reason."""
         try:
             header = jwt.get_unverified_header(token)
+            jwt.decode(token, options={"verify_signature": False})  # its claims can be read
         except jwt.PyJWTError as exc:
             raise _refused("malformed_token", f"not a JWT: {exc}") from None
         alg = header.get("alg")

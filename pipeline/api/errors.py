@@ -153,7 +153,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(psycopg.errors.UndefinedTable)
     async def no_view(request: Request, exc: psycopg.Error) -> JSONResponse:
-        detail = "the view does not exist yet: start `pipeline run projections`"
+        detail = (
+            "the view does not exist yet: start `pipeline run projections` "
+            "(incidents: `pipeline run incidents`)"
+        )
         return server_error(request, 503, "view_not_ready", detail, exc)
 
     @app.exception_handler(psycopg.OperationalError)

@@ -3,6 +3,7 @@ with its evidence and history, acknowledge and resolve as the caller, errors."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -22,6 +23,7 @@ from projections.incidents.process import IncidentProcess
 from schemas import Domain
 
 from ..conftest import PG_DB, PG_HOST, as_role, make_settings
+from ..idp import AUDIENCE, ISSUER, SigningKey, access_claims, jwks_file, silent
 from .incidents import T0, frame, health, security, sites_file
 
 READ = {"Authorization": "Bearer reader-token"}
@@ -33,10 +35,20 @@ TOKENS = {
 S = timedelta(seconds=1)
 
 
+IDP = SigningKey.rsa("idp-1")
+
+
 @pytest.fixture
 def settings(pg_schema: str, tmp_path: Path) -> Settings:
+    """Static tokens, and access tokens of the test's identity provider (a JWKS file)."""
     return make_settings(
-        "nats://unused", pg_schema, api_tokens=TOKENS, sites_file=str(sites_file(tmp_path))
+        "nats://unused",
+        pg_schema,
+        api_tokens=TOKENS,
+        sites_file=str(sites_file(tmp_path)),
+        oidc_issuer=ISSUER,
+        oidc_audience=AUDIENCE,
+        oidc_jwks_file=str(jwks_file(tmp_path, IDP)),
     )
 
 
@@ -188,3 +200,45 @@ def test_the_openapi_document_describes_the_incidents_api(client: TestClient) ->
     assert {"200", "404", "409"} <= set(ack["responses"])
     assert "requestBody" in ack
     assert "404" in paths["/v1/incidents/{incident_id}"]["get"]["responses"]
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_an_operator_signed_in_with_the_identity_provider_is_recorded_by_subject(
+    client: TestClient,
+) -> None:
+    (burst,) = [i for i in _pages(client) if i["rule"] == "badge-rejected-burst"]
+    path = f"/v1/incidents/{burst['incident_id']}"
+    reader = _bearer(IDP.token(access_claims("pipeline:read", "carol")))
+    assert client.get(path, headers=reader).status_code == 200
+    _error(client.post(f"{path}/acknowledge", headers=reader), 403, "forbidden")
+    operator = _bearer(IDP.token(access_claims("openid pipeline:operate", "dave")))
+    acked = client.post(f"{path}/acknowledge", json={"note": "looking"}, headers=operator)
+    assert (acked.status_code, acked.json()["by"]) == (200, "dave")
+    expired = client.get(path, headers=_bearer(IDP.token({"exp": int(time.time()) - 600})))
+    _error(expired, 401, "token_expired")
+    assert expired.headers["www-authenticate"] == (
+        'Bearer error="invalid_token", error_description="token_expired"'
+    )
+    forged = client.get(path, headers=_bearer(SigningKey.rsa("idp-1").token()))
+    _error(forged, 401, "bad_signature")
+
+
+def test_an_identity_provider_that_hangs_is_answered_503_without_hanging(
+    settings: Settings, client: TestClient
+) -> None:
+    with silent() as url:
+        hung = settings.model_copy(
+            update={"oidc_jwks_file": "", "oidc_jwks_url": url, "oidc_jwks_timeout_s": 0.5}
+        )
+        with TestClient(create_app(as_role(hung, "api"))) as hung_client:
+            started = time.monotonic()
+            answer = hung_client.get("/v1/incidents", headers=_bearer(IDP.token()))
+            _error(answer, 503, "idp_unavailable")
+            assert answer.headers["retry-after"] == "10"
+            again = hung_client.get("/v1/incidents", headers=_bearer(IDP.token()))
+            _error(again, 503, "idp_unavailable")
+            assert time.monotonic() - started < 3.0
+            assert hung_client.get("/v1/incidents", headers=READ).status_code == 200
