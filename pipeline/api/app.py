@@ -32,7 +32,7 @@ from ..store.reader import EventReader
 from .auth import Authenticator
 from .deps import ApiContext
 from .errors import ERROR_RESPONSES, REQUEST_ID, install_error_handlers, request_id, server_error
-from .routes import ROUTERS, docs
+from .routes import ROUTERS, dashboard, docs
 from .routes.audit import witness_keys
 
 __all__ = ["create_app"]
@@ -82,6 +82,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     _measure(app, api.registry)
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(dashboard.router)  # `/` and `/v1/stream`, with the stream's follower
     app.mount(docs.STATIC_PATH, docs.static_files(), name="static")
     return app
 
