@@ -34,6 +34,7 @@ from streams import (
 
 from . import tracing
 from .detection.detector import DetectorConfig
+from .detection.extra import require_for_frames
 from .detection.frames import FrameIntake
 from .detection.pool import DetectorPool, PoolConfig, connect_ray
 from .errors import ConfigError, StoreUnavailable
@@ -253,6 +254,8 @@ class Worker:
         """Connect, check the streams, open the event store, start consuming."""
         s = self.settings
         s.refuse_unsafe(nats=True)
+        if Domain.FRAMES in s.domains:
+            require_for_frames(s)
         tracing.configure_tracing(s.otel_exporter_otlp_endpoint, s.otel_service_name)
         self._admin = await connect_nats(s)
         _check_max_payload(self._admin.max_payload, s)

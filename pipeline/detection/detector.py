@@ -28,6 +28,7 @@ from schemas import Detection, ModelProvenance
 
 from ..errors import ConfigError
 from ..settings import Settings
+from .extra import require
 
 if TYPE_CHECKING:
     import numpy as np
@@ -273,6 +274,7 @@ def export_model(
     `out_dir` (default: the current folder). ONNX gets a dynamic batch axis so the pool
     can send batches of any size.
     """
+    require("pipeline model export", "exporting a model")
     from ultralytics import YOLO
 
     source = model_format(model)

@@ -42,8 +42,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from schemas import Detection, Domain, ModelProvenance
 
 from ..errors import ConfigError, DetectionFailed, DetectorUnavailable, Reason
@@ -146,6 +144,8 @@ class DetectorActor:
 
     def probe(self) -> float:
         """Run the model on a blank image (a frame that cannot be at fault); its seconds."""
+        import numpy as np  # the actors' (detection extra), not a Ray client's
+
         size = self.detector.config.imgsz
         return self.detector.detect([np.zeros((size, size, 3), np.uint8)]).inference_s
 
@@ -155,6 +155,7 @@ class DetectorActor:
         """Decode and detect; per frame the detections or (reason, detail); the model's
         seconds; when the actor began and ended the batch (Unix ns, its own clock)."""
         import cv2
+        import numpy as np
 
         began_ns = time.time_ns()
         images = []

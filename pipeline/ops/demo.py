@@ -106,6 +106,14 @@ async def run_demo(
     # The demo's own lines are its output; the worker's routine INFO lines are not.
     for name in ("pipeline", "projections"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if cameras:  # before any server starts
+        from ..detection.extra import require
+
+        require(
+            "--cameras",
+            "the demo's cameras (frames, detected on a local Ray)",
+            instead="run it with --cameras 0",
+        )
     nats_server = EmbeddedNats(data_dir / "nats")
     postgres = EmbeddedPostgres(data_dir)
     try:

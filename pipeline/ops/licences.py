@@ -1,6 +1,7 @@
 """`pipeline licences`: the licence of every package the pipeline installs (its own included).
 
-The dependency closure of `event-pipeline` as installed (extras not asked for left out),
+The dependency closure of `event-pipeline` as installed (its `detection` extra where it is
+installed, other extras left out),
 each with the licence its metadata declares, read as SPDX identifiers where it gives
 them (`License-Expression`), else from its classifiers or `License` field, and the npm
 packages whose files the API serves (`pipeline/api/static/`, `npm:<name>`). Images ship
@@ -18,7 +19,18 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-__all__ = ["ALLOWED", "VENDORED", "Licence", "dependency_licences", "vendored_licences"]
+__all__ = [
+    "ALLOWED",
+    "RUNTIME_EXTRAS",
+    "VENDORED",
+    "Licence",
+    "dependency_licences",
+    "vendored_licences",
+]
+
+RUNTIME_EXTRAS = ("detection",)
+"""Extras of the root package whose packages are listed where they are installed: an
+image built with one ships them (the inference image, deploy/Dockerfile.gpu)."""
 
 VENDORED = Path(__file__).parents[1] / "api" / "static"
 """Files of npm packages the API serves, a folder per package with its `package.json`."""
@@ -127,10 +139,12 @@ def dependency_licences(root: str = "event-pipeline") -> list[Licence]:
         except metadata.PackageNotFoundError:
             continue  # a dependency of another platform or Python
         found[key] = dist
+        extras = ["", *RUNTIME_EXTRAS] if name == root else [""]
         for line in dist.requires or []:
             requirement = Requirement(line)
-            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                todo.append(requirement.name)
+            marker = requirement.marker
+            if marker is None or any(marker.evaluate({"extra": extra}) for extra in extras):
+                todo.append(requirement.name)  # an extra's package not installed is skipped
     listed = [Licence(key, found[key].version, _licence(found[key])) for key in sorted(found)]
     return listed + (vendored_licences() if "event-pipeline" in found else [])
 

@@ -289,6 +289,9 @@ class Cameras:
         variants: int = 16,
         seed: int | None = None,
     ) -> None:
+        from ..detection.extra import require
+
+        require("--cameras", "simulated cameras", ("cv2", "ultralytics"), "--cameras 0")
         import cv2
 
         self.subjects = subjects

@@ -427,3 +427,31 @@ def test_ray_keeps_token_authentication_and_its_nodes_are_closed_both_ways() -> 
     [nodes, dns] = policy["egress"]
     assert nodes == {"to": [{"podSelector": {"matchLabels": selector}}]}
     assert {p["port"] for p in dns["ports"]} == {53} and all(t for t in dns["to"])
+
+
+def _worker_containers(values: dict[str, Any] | None) -> list[dict[str, Any]]:
+    rendered = Chart.load(CHART).render(values, name="pl", namespace="pipeline")
+    docs = [doc for text in rendered.values() for doc in yaml.safe_load_all(text) if doc]
+    worker = next(
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "pl-worker"
+    )
+    containers: list[dict[str, Any]] = worker["spec"]["template"]["spec"]["containers"]
+    return containers
+
+
+def test_the_worker_runs_the_inference_image_only_where_it_runs_the_detector() -> None:
+    """The chart's image is the core install (no detection extra): a worker with frames
+    and no Ray cluster runs its detector on a local Ray, in the inference image."""
+
+    def images(values: dict[str, Any] | None) -> set[str]:
+        containers = _worker_containers(values)
+        assert all(
+            c["command"] == ["pipeline"] and c["args"] == ["run", "worker"] for c in containers
+        )
+        return {c["image"] for c in containers}
+
+    assert images(None) == {"event-pipeline-gpu:0.1.0"}  # frames, no cluster: a local Ray
+    assert images({"ray": {"address": "ray://ray-head:10001"}}) == {"event-pipeline:0.1.0"}
+    assert images({"ray": {"kuberay": {"enabled": True}}}) == {"event-pipeline:0.1.0"}
+    assert images({"worker": {"domains": '["security", "metrics"]'}}) == {"event-pipeline:0.1.0"}
+    assert images({"worker": {"image": "registry/worker:1"}}) == {"registry/worker:1"}
