@@ -60,7 +60,11 @@ __all__ = [
 
 log = logging.getLogger("pipeline.api.auth")
 
-bearer = HTTPBearer(auto_error=False)
+bearer = HTTPBearer(
+    auto_error=False,
+    bearerFormat="a static token, or a JWT access token of the identity provider",
+    description="`PIPELINE_API_TOKENS`, or an OIDC access token (`PIPELINE_OIDC_*`)",
+)
 
 _KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 """The JWK key type each algorithm family verifies with (by the algorithm's prefix)."""
