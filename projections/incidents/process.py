@@ -172,11 +172,11 @@ class IncidentProcess:
                     if event.event_id not in known:
                         fresh.append(event)
             after = rows[-1][0]
-        fed = set()
+        # Actions placed at the position itself may have been taken while no process
+        # ran: they are fed here and again by the next step, which also folds them into
+        # the read model (taking and folding an action twice changes nothing).
         for action in actions[next_action:]:
             _take(correlator, action)
-            if action.position == upto:
-                fed.add(action.event_id)
         result.derived = len(derived)
         result.recorded = len(derived & known)
         result.new = len(fresh)
@@ -201,7 +201,7 @@ class IncidentProcess:
                 upto,
                 result.missing[0],
             )
-        self.correlator, self.position, self._fed_actions = correlator, upto, fed
+        self.correlator, self.position, self._fed_actions = correlator, upto, set()
         result.seconds = time.perf_counter() - started
         self.metrics.replay_seconds.set(result.seconds)
         return result

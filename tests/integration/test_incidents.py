@@ -295,6 +295,40 @@ def test_operators_actions_are_kept_with_who_through_a_rebuild(
         conn.execute(f"UPDATE \"{schema}\".incident_actions SET by_whom = 'mallory'")
 
 
+def test_an_action_taken_while_no_process_runs_reaches_the_read_model_at_its_start(
+    settings: Settings, store: EventStore
+) -> None:
+    s = timedelta(seconds=1)
+    later = T0 + 10 * s
+    store.write(
+        [
+            security("door", T0, "door.forced", "high", "door-2", later),
+            frame("p1", T0 + 5 * s, "cam-2", [("person", 0.8)], later),
+        ]
+    )
+    _catch_up(settings)  # then the process stops
+    schema = settings.postgres_schema
+    with _connect(settings, "api") as conn:
+        (incident,) = list_incidents(conn, schema)
+        ident = uuid.UUID(incident["incident_id"])
+        acknowledge(conn, schema, ident, "alice")
+        resolve(conn, schema, ident, "bob", "false alarm")
+    _catch_up(settings)  # a new process: it replays, then takes the actions
+    with _connect(settings, "api") as conn:
+        row = get_incident(conn, schema, ident)
+    assert row is not None
+    assert (row["state"], row["acknowledged_by"], row["resolved_by"]) == (
+        "resolved",
+        "alice",
+        "bob",
+    )
+    store.write([frame("p2", T0 + 6 * s, "cam-2", [("person", 0.9)], later + s)])
+    _catch_up(settings)
+    with _connect(settings, "api") as conn:
+        row = get_incident(conn, schema, ident)
+    assert row is not None and str(event_id(Domain.FRAMES, "p2")) not in row["evidence"]
+
+
 def test_run_incidents_without_a_sites_file_says_so_in_one_line_and_exits_2(
     settings: Settings, tmp_path: Path
 ) -> None:
