@@ -38,6 +38,11 @@ POLL_S = 1.0
 BUSY_POLL_S = 0.1
 """How often it looks while the views catch up with an event stored in the last seconds."""
 BUSY_FOR_S = 5.0
+STEP_S = 0.1
+"""The least time between two reads: under a steady flow of commits the follower reads at
+most ten times a second, whatever the rate of notifications."""
+SECTIONS_S = 0.3
+"""The least time between two reads of the sections (a dozen queries)."""
 REFRESH_S = 20.0
 """The sections' windows (the last hour, the last day) slide: read them again this often."""
 
@@ -207,6 +212,7 @@ class Hub:
                 self._stop.wait(delay)
                 delay = min(delay * 2, 10.0)
                 continue
+            self._stop.wait(STEP_S)
             self.wake.wait(BUSY_POLL_S if busy else POLL_S)
 
     def _step(self, conn: psycopg.Connection[Any], state: _Read) -> bool:
@@ -225,7 +231,8 @@ class Hub:
             state.moved = now
         changes = board.changes(conn, state.position, max(head, state.position))
         changed: dict[str, Any] = {}
-        if fingerprint != state.fingerprint or now - state.refreshed > REFRESH_S:
+        stale = fingerprint != state.fingerprint
+        if (stale and now - state.refreshed >= SECTIONS_S) or now - state.refreshed > REFRESH_S:
             sections = board.sections(conn)
             changed = {k: v for k, v in sections.items() if state.sections.get(k) != v}
             state.sections, state.fingerprint, state.refreshed = sections, fingerprint, now
@@ -233,7 +240,8 @@ class Hub:
             payload = {**changes, "sections": changed}
             state.position = payload["position"]
             self._hand_over(self._publish, payload, encode("update", payload))
-        return now - state.moved < BUSY_FOR_S and _views_behind(fingerprint)
+        pending = fingerprint != state.fingerprint  # read the sections at the next step
+        return pending or (now - state.moved < BUSY_FOR_S and _views_behind(fingerprint))
 
 
 class _Read:

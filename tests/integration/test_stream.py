@@ -128,6 +128,8 @@ async def test_a_client_resuming_with_last_event_id_misses_nothing_and_gets_noth
             last = (await reader.next()).data["position"]
         store.write(_doors(5))  # while the client is away
         store.write([health(uuid.uuid4().hex, datetime.now(UTC), "auth", "ok", datetime.now(UTC))])
+        async with stream(api.url, head(schema)) as reader:  # the API's follower is there
+            assert (await reader.next()).data["stored"] == {}
         async with stream(api.url, last) as reader:
             resumed = await reader.next()
             assert resumed.event == "update" and resumed.data["after"] == last
