@@ -230,7 +230,9 @@
     document.body.dataset.position = String(state.lastId);
     document.body.dataset.updates = String(state.updates);
     drawFeed();
-    setStatus("live", `Live · store position ${state.lastId}`);
+    // The position changes with every event: kept out of the status, which is announced.
+    $("position").textContent = `· store position ${state.lastId}`;
+    setStatus("live", "Live");
   }
 
   function parseEvent(block) {
@@ -334,6 +336,7 @@
     $("sign-out").hidden = true;
     $("sign-in").hidden = false;
     $("sign-in-error").textContent = reason || "";
+    $("position").textContent = "";
     setStatus("signed-out", "Not signed in");
     $("token").focus();
   }
