@@ -38,6 +38,9 @@ POLL_S = 1.0
 BUSY_POLL_S = 0.1
 """How often it looks while the views catch up with an event stored in the last seconds."""
 BUSY_FOR_S = 5.0
+SETTLE_S = 1.0
+"""After a notification it looks that often for this long whatever the views' positions
+say (an operator's action moves no position)."""
 STEP_S = 0.1
 """The least time between two reads: under a steady flow of commits the follower reads at
 most ten times a second, whatever the rate of notifications."""
@@ -197,10 +200,11 @@ class Hub:
         state = _Read()
         delay = 0.5
         while not self._stop.is_set():
+            notified = self.wake.is_set()
             self.wake.clear()
             try:
                 with self._connection() as conn:
-                    busy = self._step(conn, state)
+                    busy = self._step(conn, state, notified)
                 delay = 0.5
             except Exception as exc:
                 if is_outage(exc):
@@ -215,8 +219,9 @@ class Hub:
             self._stop.wait(STEP_S)
             self.wake.wait(BUSY_POLL_S if busy else POLL_S)
 
-    def _step(self, conn: psycopg.Connection[Any], state: _Read) -> bool:
-        """Read what moved and hand it to the event loop; whether to look again soon."""
+    def _step(self, conn: psycopg.Connection[Any], state: _Read, notified: bool = False) -> bool:
+        """Read what moved and hand it to the event loop; whether to look again soon (the
+        views, the incident process, an operator's action take their time to show)."""
         board = self.board
         fingerprint = board.fingerprint(conn)
         head = fingerprint[0]
@@ -227,7 +232,7 @@ class Hub:
             recent = board.recent(conn, head)
             self._hand_over(self._begin, head, dict(state.sections), recent)
             return False
-        if head > state.position:
+        if head > state.position or notified:
             state.moved = now
         changes = board.changes(conn, state.position, max(head, state.position))
         changed: dict[str, Any] = {}
@@ -241,7 +246,8 @@ class Hub:
             state.position = payload["position"]
             self._hand_over(self._publish, payload, encode("update", payload))
         pending = fingerprint != state.fingerprint  # read the sections at the next step
-        return pending or (now - state.moved < BUSY_FOR_S and _views_behind(fingerprint))
+        since = now - state.moved
+        return pending or since < SETTLE_S or (since < BUSY_FOR_S and _views_behind(fingerprint))
 
 
 class _Read:

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from pipeline.api.server import run_api
-from pipeline.settings import Settings
+from pipeline.settings import ApiToken, Settings
 from projections.incidents import load_sites
 from projections.incidents.service import IncidentService
 from projections.service import ProjectionService
@@ -24,7 +24,11 @@ from projections.service import ProjectionService
 from ..conftest import as_role, make_settings
 from .incidents import sites_file
 
-TOKENS = {"reader-token": ("read",), "operator-token": ("operate",)}
+TOKENS: dict[str, object] = {
+    "reader-token": ("read",),
+    "operator-token": ("operate",),
+    "ada-token": ApiToken(name="ada", scopes=("read", "operate")),
+}
 READER = {"Authorization": "Bearer reader-token"}
 
 

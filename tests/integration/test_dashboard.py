@@ -201,6 +201,18 @@ async def test_the_page_follows_the_store_live_and_resumes_after_a_cut_with_noth
                     wide = await page.evaluate("document.documentElement.scrollWidth")
                     assert wide <= 390, f"the page is {wide} px wide on a 390 px screen"
                     await _shot(page, tmp_path, "dashboard-phone.png")
+
+                    # Acknowledging through the page needs the operate scope.
+                    acknowledge = incident.get_by_role("button", name="Acknowledge")
+                    await acknowledge.click()
+                    await expect(incident).to_contain_text("lacks the operate scope")
+                    await page.get_by_role("button", name="Sign out").click()
+                    await page.get_by_label("API token").fill("ada-token")
+                    await page.get_by_role("button", name="Sign in").click()
+                    await expect(acknowledge).to_be_visible()
+                    await acknowledge.click()
+                    await expect(incident).to_contain_text("acknowledged by ada", timeout=5_000)
+                    await expect(acknowledge).to_have_count(0)
                 finally:
                     await browser.close()
         finally:

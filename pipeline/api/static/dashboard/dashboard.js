@@ -103,7 +103,37 @@
       el("p", { class: "small" }, "Opened ", timeEl(i.opened_at), ` · ${i.evidence.length} evidence`),
       el("p", { class: "reasons", text: (i.reasons || []).join(" · ") }),
       el("ul", { "aria-label": "Evidence" }, ...(i.evidence_shown || []).map((e) => el("li", {}, describe(e)))),
+      i.state === "open" ? el("p", { class: "actions" },
+        el("button", { type: "button", class: "secondary", "data-acknowledge": i.incident_id,
+          "aria-label": `Acknowledge the ${i.level} incident ${i.rule} in ${i.zone || "no zone"}` }, "Acknowledge"),
+        el("span", { class: "small", role: "status", "data-outcome": i.incident_id, text: outcomes.get(i.incident_id) || "" })) : null,
     )));
+  }
+
+  // What an acknowledgement answered, shown until the incident is drawn again.
+  const outcomes = new Map();
+
+  async function acknowledge(button) {
+    const id = button.dataset.acknowledge;
+    button.disabled = true;
+    let text;
+    try {
+      const response = await fetch(`v1/incidents/${encodeURIComponent(id)}/acknowledge`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${state.token}`, "Content-Type": "application/json" },
+        body: JSON.stringify({ note: "acknowledged on the dashboard" }),
+      });
+      const answer = await response.json().catch(() => ({}));
+      if (response.ok) text = "Acknowledged: updating…";
+      else if (response.status === 403) text = "This token cannot acknowledge (it lacks the operate scope).";
+      else text = answer.detail || `Refused (${response.status}).`;
+    } catch (error) {
+      text = "The API did not answer: try again.";
+    }
+    outcomes.set(id, text);
+    const shown = document.querySelector(`[data-outcome="${CSS.escape(id)}"]`);
+    if (shown) shown.textContent = text;
+    button.disabled = false;
   }
 
   function drawCameras(section) {
@@ -350,6 +380,10 @@
       if (token) signIn(token);
     });
     $("sign-out").addEventListener("click", () => signOut(""));
+    $("incidents").addEventListener("click", (event) => {
+      const button = event.target.closest("button[data-acknowledge]");
+      if (button) acknowledge(button);
+    });
     if (state.token) signIn(state.token);
     else $("token").focus();
   });
