@@ -116,7 +116,7 @@ class Received:
     retry: int | None = None
 
 
-class EventReader:
+class SseReader:
     """Reads a stream's events one at a time (comments skipped)."""
 
     def __init__(self, response: httpx.Response) -> None:
@@ -151,7 +151,7 @@ class EventReader:
 @contextlib.asynccontextmanager
 async def stream(
     url: str, last_event_id: int | str | None = None, **params: Any
-) -> AsyncIterator[EventReader]:
+) -> AsyncIterator[SseReader]:
     """The dashboard's stream, as the reader token, resumed after `last_event_id`."""
     headers = dict(READER)
     if last_event_id is not None:
@@ -162,4 +162,4 @@ async def stream(
     ):
         assert response.status_code == 200, await response.aread()
         assert response.headers["content-type"].startswith("text/event-stream")
-        yield EventReader(response)
+        yield SseReader(response)

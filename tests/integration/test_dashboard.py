@@ -2,7 +2,8 @@
 is open appear without a reload (counts, cameras, services, and an incident recorded by
 the incident process); the API stopped and started again while events are stored, and
 the page resumes with nothing lost and nothing counted twice; on a phone-sized screen it
-needs no sideways scrolling. Screenshots are saved with the test's output (and in
+needs no sideways scrolling; an incident is acknowledged through the page by an operator
+(a reader is told that its token cannot). Screenshots are saved with the test's output (and in
 PIPELINE_TESTS_ARTIFACTS, if set).
 
 Chromium is Debian's, driven by Playwright through its executable, as in

@@ -19,7 +19,7 @@ from pipeline.settings import Settings
 from pipeline.store.eventstore import Accepted, EventStore
 
 from ..conftest import as_role
-from .dashboard import READER, EventReader, Received, api_settings, processes, serving, stream
+from .dashboard import READER, Received, SseReader, api_settings, processes, serving, stream
 from .helpers import head
 from .incidents import frame, health, security
 
@@ -58,7 +58,7 @@ def _positions(schema: str, after: int) -> list[int]:
     return [r[0] for r in rows]
 
 
-async def _until(reader: EventReader, position: int, seen: list[Received]) -> None:
+async def _until(reader: SseReader, position: int, seen: list[Received]) -> None:
     """Read updates until one reaches `position`, keeping them in `seen`."""
     while True:
         got = await reader.next()
