@@ -259,7 +259,10 @@ class AuditLog:
             edge = self._edge
             start = edge.size
             positions = [position for _, position, _ in events]
-            stored = [edge.append(bytes(leaf)) for _, _, leaf in events]
+            blobs = [
+                (at, edge.extend([leaf for _, _, leaf in events[at : at + ROW_LEAVES]]))
+                for at in range(0, len(events), ROW_LEAVES)
+            ]
             # One transaction: the batch is logged whole or not at all; the log's keys
             # refuse rows that another process appended since the read.
             with conn.transaction(), conn.cursor() as curs:
@@ -269,16 +272,10 @@ class AuditLog:
                 curs.execute("SET LOCAL synchronous_commit = off")
                 with curs.copy(self._copy) as copy:
                     copy.set_types(["int8", "int8", "bytea", "bytea"])
-                    for at in range(0, len(events), ROW_LEAVES):
-                        run = slice(at, at + ROW_LEAVES)
-                        copy.write_row(
-                            (
-                                start + at,
-                                positions[at],
-                                b"".join(map(_POSITION.pack, positions[run])),
-                                b"".join(stored[run]),
-                            )
-                        )
+                    for at, stored in blobs:
+                        run = positions[at : at + ROW_LEAVES]
+                        packed = struct.pack(f">{len(run)}Q", *run)
+                        copy.write_row((start + at, run[0], packed, stored))
         except _Moved:
             log.warning("audit: the log grew in another process; reading it again")
             self.load(conn)

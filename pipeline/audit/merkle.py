@@ -163,6 +163,29 @@ class CompactRange:
         self._size += 1
         return b"".join(row)
 
+    def extend(self, leaves: Iterable[bytes]) -> bytes:
+        """Add leaf hashes; return their rows end to end (what `append` returns for each,
+        joined), in one loop without a call per leaf."""
+        out = bytearray()
+        hashes, size = self._hashes, self._size
+        sha256, prefix = hashlib.sha256, _NODE_PREFIX
+        try:
+            for leaf in leaves:
+                if len(leaf) != HASH_SIZE:
+                    raise ValueError(f"leaf {size}: a hash is {HASH_SIZE} bytes, not {len(leaf)}")
+                out += leaf
+                value = leaf
+                completed = size
+                while completed & 1:
+                    value = sha256(prefix + hashes.pop() + value).digest()
+                    out += value
+                    completed >>= 1
+                hashes.append(value)
+                size += 1
+        finally:
+            self._size = size
+        return bytes(out)
+
     def root(self) -> bytes:
         """The root of the tree so far (`EMPTY_ROOT` while it has no leaves)."""
         return _fold(self._hashes)

@@ -520,3 +520,16 @@ def test_verification_edge_cases() -> None:
         verify_consistency(1, 2, mth(0, 1), b"abc", [LEAVES[1]])
     assert consistency_proof(0, 9, NODES) == []
     assert consistency_nodes(9, 9) == []
+
+
+def test_extend_is_append_for_each_leaf_joined() -> None:
+    leaves = [leaf_hash(bytes([i % 256, i // 256])) for i in range(1000)]
+    one, many = CompactRange(), CompactRange()
+    rows = [one.append(leaf) for leaf in leaves[:333]]
+    assert many.extend(leaves[:333]) == b"".join(rows)
+    rows = [one.append(leaf) for leaf in leaves[333:]]
+    assert many.extend(leaves[333:]) == b"".join(rows)
+    assert (many.size, many.root(), many.hashes()) == (one.size, one.root(), one.hashes())
+    with pytest.raises(ValueError, match="leaf 1001"):
+        many.extend([leaves[0], b"short"])
+    assert many.size == 1001  # the leaf before the bad one was added
