@@ -365,6 +365,23 @@ def test_the_healthcheck_command_finds_a_live_process(monkeypatch: pytest.Monkey
         server.shutdown()
 
 
+def _two_free_ports() -> int:
+    """A port that is free, and the next one too (worker processes count up from it)."""
+    import socket
+
+    from pipeline.ops.embedded import free_port
+
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two free ports in a row on 127.0.0.1")
+
+
 def test_the_healthcheck_command_needs_every_worker_process(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -377,7 +394,7 @@ def test_the_healthcheck_command_needs_every_worker_process(
     monkeypatch.chdir(DEPLOY)  # no stray .env file
     for name in ("PROJECTIONS_METRICS_PORT", "API_PORT"):
         monkeypatch.setenv(f"PIPELINE_{name}", str(free_port()))
-    monkeypatch.setenv("PIPELINE_METRICS_PORT", str(free_port()))
+    monkeypatch.setenv("PIPELINE_METRICS_PORT", str(_two_free_ports()))
     monkeypatch.setenv("PIPELINE_PROCESSES", "2")
     first, second = metrics_ports(Settings(_env_file=None))
     servers = [serve_metrics(Metrics(), "127.0.0.1", first)]
