@@ -352,6 +352,13 @@ class IncidentMetrics:
             "Seconds since the incident process was last at the head of the store (0 at it).",
             registry=r,
         )
+        self.unresolved = Gauge(
+            "pipeline_incidents_unresolved",
+            "Incidents not resolved, by threat level and state (open: not acknowledged yet), "
+            "as the read model holds them after the last batch.",
+            ["level", "state"],
+            registry=r,
+        )
         self.gathering = Gauge(
             "pipeline_incidents_gathering",
             "Incidents still gathering evidence (held in the correlator's memory).",

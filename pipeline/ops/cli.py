@@ -221,7 +221,13 @@ async def _healthcheck(args: argparse.Namespace) -> None:
     from .supervisor import metrics_ports
 
     settings = _settings(args)
-    roles = [metrics_ports(settings), [settings.projections_metrics_port], [settings.api_port]]
+    roles = [
+        metrics_ports(settings),
+        [settings.projections_metrics_port],
+        [settings.api_port],
+        [settings.audit_metrics_port],
+        [settings.incidents_metrics_port],
+    ]
     for ports in (r for r in roles if r and all(r)):
         urls = [f"http://127.0.0.1:{port}/healthz" for port in ports]
         alive = [await anyio.to_thread.run_sync(_alive, url) for url in urls]

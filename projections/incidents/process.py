@@ -57,6 +57,7 @@ from .observations import observe
 from .record import Incident, IncidentEvent, fold, order, recorded
 from .sites import SiteMap
 from .tables import POSITION_KEY, IncidentTables
+from .threat import Level
 
 __all__ = ["IncidentProcess", "ProcessRunning", "Rebuilt", "Replayed", "process_lock", "rebuild"]
 
@@ -73,6 +74,8 @@ TOPICS = [
 
 _WINDOW = 64
 """A batch reads positions up to this many times its size ahead (of any topic)."""
+UNRESOLVED = ("open", "acknowledged")
+"""The read model's states of an incident not resolved yet."""
 _PAGE = 5000
 """Events a replay reads at a time (at least)."""
 
@@ -202,6 +205,7 @@ class IncidentProcess:
                 result.missing[0],
             )
         self.correlator, self.position, self._fed_actions = correlator, upto, set()
+        self._measure(conn)
         result.seconds = time.perf_counter() - started
         self.metrics.replay_seconds.set(result.seconds)
         return result
@@ -262,6 +266,8 @@ class IncidentProcess:
         self._fed_actions.update(a.event_id for a in actions)
         self.position = upto
         self._count(decided)
+        if actions or decided:
+            self._measure(conn)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         self._observe(upto, head)
         return len(rows)
@@ -290,6 +296,16 @@ class IncidentProcess:
         if self.correlator is not None:
             m.gathering.set(len(self.correlator.open_incidents()))
             m.late_events.set(self.correlator.late_events)
+
+    def _measure(self, conn: psycopg.Connection[Any]) -> None:
+        """Set the unresolved incidents' gauge from the read model (every level and state,
+        so one that drops to none reads 0)."""
+        counts = self.tables.unresolved(conn)
+        for level in Level:
+            for state in UNRESOLVED:
+                self.metrics.unresolved.labels(level.value, state).set(
+                    counts.get((level.value, state), 0)
+                )
 
     def _observe(self, position: int, head: int) -> None:
         m = self.metrics

@@ -209,6 +209,17 @@ class IncidentTables:
             )
             return {row[0]: Incident.from_row(row) for row in curs.fetchall()}
 
+    def unresolved(self, conn: psycopg.Connection[Any]) -> dict[tuple[str, str], int]:
+        """How many incidents are not resolved, by (level, state)."""
+        with conn.cursor(row_factory=tuple_row) as curs:
+            curs.execute(
+                SQL(
+                    "SELECT level, state, count(*) FROM {} WHERE state <> 'resolved' "
+                    "GROUP BY level, state"
+                ).format(self.model)
+            )
+            return {(level, state): count for level, state, count in curs.fetchall()}
+
     def save(self, conn: psycopg.Connection[Any], incidents: Iterable[Incident]) -> None:
         """Insert or replace these rows of the read model."""
         rows = [i.row() for i in incidents]

@@ -153,7 +153,22 @@ def test_incidents_open_from_stored_events_as_the_rules_say(
         for level in ("critical", "high")
     }
     assert opened == {"critical": 1.0, "high": 2.0}
+    assert _unresolved(process) == {("critical", "open"): 1.0, ("high", "open"): 2.0}
     assert metrics.get_sample_value("pipeline_incidents_lag_events") == 0
+
+
+def _unresolved(process: IncidentProcess) -> dict[tuple[str, str], float]:
+    """The process's unresolved incidents' gauge, without its zeros (each level and state
+    is exported, 0 when none)."""
+    counts = {
+        (level, state): process.metrics.registry.get_sample_value(
+            "pipeline_incidents_unresolved", {"level": level, "state": state}
+        )
+        for level in ("low", "medium", "high", "critical")
+        for state in ("open", "acknowledged")
+    }
+    assert None not in counts.values(), counts
+    return {key: n for key, n in counts.items() if n}
 
 
 def test_the_log_is_what_the_correlator_decides_and_a_restart_at_every_batch_changes_nothing(
@@ -233,10 +248,12 @@ def test_operators_actions_are_kept_with_who_through_a_rebuild(
         row = get_incident(conn, schema, ident)
         assert row is not None
         assert (row["state"], row["acknowledged_by"]) == ("acknowledged", "alice")
+        assert _unresolved(process) == {(row["level"], "acknowledged"): 1.0}
         resolve(conn, schema, ident, "bob", "a cleaner with the wrong badge")
         with pytest.raises(IncidentStateError, match="resolved already"):
             resolve(conn, schema, ident, "bob")
     _catch_up(settings, process)
+    assert _unresolved(process) == {}
     # Resolved: a person on the camera now does not join it (it pairs with the door
     # again and opens a new incident, which counts the first as a repeat).
     store.write([frame("p2", T0 + 20 * s, "cam-2", [("person", 0.9)], later + 10 * s)])

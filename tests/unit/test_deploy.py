@@ -183,6 +183,7 @@ def test_compose_processes_connect_as_their_own_roles(monkeypatch: pytest.Monkey
     owner = _secret_file(migrate, "PIPELINE_POSTGRES_PASSWORD_FILE")
     used = {owner}
     kinds = {"worker": "writer", "projections": "projector", "api": "api", "audit": "auditor"}
+    kinds["incidents"] = "projector"  # the incident process keeps a read model too
     for name, kind in kinds.items():
         env = services[name]["environment"]
         assert env["PIPELINE_POSTGRES_USER"] == roles.postgres_role(kind)  # type: ignore[arg-type]
@@ -221,6 +222,23 @@ def _installed_nats_server() -> str:
     match = re.search(r"v(\d+\.\d+\.\d+)", out)
     assert match, out
     return match.group(1)
+
+
+def test_compose_runs_the_incident_process_on_a_sites_file_it_mounts() -> None:
+    """`pipeline run incidents` after the migration, its sites file (the example) mounted
+    where PIPELINE_SITES_FILE says, and that file loads."""
+    from projections.incidents import load_sites
+
+    incidents = _compose()["services"]["incidents"]
+    assert incidents["command"] == ["run", "incidents"]
+    done = {"condition": "service_completed_successfully"}
+    assert incidents["depends_on"]["db-migrate"] == done
+    mounts = {target: source for source, target, *_ in (v.split(":") for v in incidents["volumes"])}
+    source = mounts[incidents["environment"]["PIPELINE_SITES_FILE"]]
+    assert source == "../projections/incidents/sites.example.yaml"
+    assert load_sites(DEPLOY / source).zones, "the example has zones"
+    port = Settings(_env_file=None).incidents_metrics_port
+    assert incidents["ports"] == [f"{port}:{port}"]
 
 
 def test_compose_runs_the_nats_server_the_tests_run() -> None:
@@ -353,16 +371,22 @@ def test_the_healthcheck_command_finds_a_live_process(monkeypatch: pytest.Monkey
     from pipeline.ops.embedded import free_port
 
     monkeypatch.chdir(DEPLOY)  # no stray .env file
-    for name in ("METRICS_PORT", "PROJECTIONS_METRICS_PORT", "API_PORT"):
+    names = ("METRICS_PORT", "PROJECTIONS_METRICS_PORT", "API_PORT")
+    names += ("AUDIT_METRICS_PORT", "INCIDENTS_METRICS_PORT")
+    for name in names:
         monkeypatch.setenv(f"PIPELINE_{name}", str(free_port()))
     assert main(["healthcheck"]) == 1
-    port = free_port()
-    monkeypatch.setenv("PIPELINE_PROJECTIONS_METRICS_PORT", str(port))
-    server = serve_metrics(Metrics(), "127.0.0.1", port)
-    try:
-        assert main(["healthcheck"]) == 0
-    finally:
-        server.shutdown()
+    # Each process's container: the projections, the audit log, the incident process.
+    for name in ("PROJECTIONS_METRICS_PORT", "AUDIT_METRICS_PORT", "INCIDENTS_METRICS_PORT"):
+        port = free_port()
+        monkeypatch.setenv(f"PIPELINE_{name}", str(port))
+        server = serve_metrics(Metrics(), "127.0.0.1", port)
+        try:
+            assert main(["healthcheck"]) == 0, name
+        finally:
+            server.shutdown()
+            server.server_close()
+        monkeypatch.setenv(f"PIPELINE_{name}", str(free_port()))
 
 
 def _two_free_ports() -> int:
@@ -392,8 +416,9 @@ def test_the_healthcheck_command_needs_every_worker_process(
     from pipeline.ops.supervisor import metrics_ports
 
     monkeypatch.chdir(DEPLOY)  # no stray .env file
-    for name in ("PROJECTIONS_METRICS_PORT", "API_PORT"):
+    for name in ("PROJECTIONS_METRICS_PORT", "API_PORT", "AUDIT_METRICS_PORT"):
         monkeypatch.setenv(f"PIPELINE_{name}", str(free_port()))
+    monkeypatch.setenv("PIPELINE_INCIDENTS_METRICS_PORT", str(free_port()))
     monkeypatch.setenv("PIPELINE_METRICS_PORT", str(_two_free_ports()))
     monkeypatch.setenv("PIPELINE_PROCESSES", "2")
     first, second = metrics_ports(Settings(_env_file=None))
@@ -462,10 +487,34 @@ def test_the_dashboard_queries_are_promql(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_dashboard_shows_incidents_and_the_views_in_panels_of_their_own() -> None:
+    """Incident and projection panels beside the rest: ids unique, no two on one place."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    places = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in panels]
+    assert len(set(places)) == len(places)
+    named = " ".join(_dashboard_queries())
+    for metric in (
+        "pipeline_incidents_unresolved",
+        "pipeline_incidents_opened_total",
+        "pipeline_incidents_position",
+        "pipeline_incidents_lag_seconds",
+        "pipeline_projection_position",
+        "pipeline_projection_store_head",
+    ):
+        assert metric in named, metric
+
+
 def test_alerts_have_runbooks_and_alerts_and_dashboard_name_exported_metrics() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from pipeline.metrics import AuditMetrics, Metrics, ProjectionMetrics, serve_metrics
+    from pipeline.metrics import (
+        AuditMetrics,
+        IncidentMetrics,
+        Metrics,
+        ProjectionMetrics,
+        serve_metrics,
+    )
     from pipeline.ops.embedded import free_port
 
     rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"][0]["rules"]
@@ -474,7 +523,7 @@ def test_alerts_have_runbooks_and_alerts_and_dashboard_name_exported_metrics() -
     named = {m for expr in queries for m in re.findall(r"\bpipeline_[a-z_]+", expr)}
     exported: set[str] = set()
     # Scraped as Prometheus would.
-    for metrics in (Metrics(), ProjectionMetrics(), AuditMetrics()):
+    for metrics in (Metrics(), ProjectionMetrics(), AuditMetrics(), IncidentMetrics()):
         port = free_port()
         server = serve_metrics(metrics, "127.0.0.1", port)
         try:
@@ -625,6 +674,7 @@ def test_prometheus_scrapes_every_pipeline_process_of_the_compose_file() -> None
         "pipeline-projections": [f"projections:{settings.projections_metrics_port}"],
         "pipeline-api": [f"api:{settings.api_port}"],
         "pipeline-audit": [f"audit:{settings.audit_metrics_port}"],
+        "pipeline-incidents": [f"incidents:{settings.incidents_metrics_port}"],
         "nats": ["nats:7777"],
     }
     scraped = {
