@@ -1,5 +1,6 @@
 """`pipeline demo`: embedded NATS and PostgreSQL, a worker with its detector pool on a
-local Ray, the projections and the query API, and simulated producers and cameras."""
+local Ray, the projections, the incident process, the query API with its live dashboard,
+and simulated producers and cameras."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import nats
 import psycopg
 from nats.js.api import PubAck
 
+from projections.incidents import EXAMPLE_SITES
+from projections.incidents.service import IncidentService
 from projections.service import ProjectionService
 
 from ..api.server import run_api
@@ -28,6 +31,7 @@ from ..settings import ALL_DOMAINS, EVENT_DOMAINS, Settings
 from .demoenv import DEMO_DIR, remove_env_file, write_env_file
 from .embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from .failures import causes
+from .incidents import load_sites_file
 from .migrate import migrate
 from .simulate import Cameras, Outgoing, Traffic, publish
 from .watch import ChildExited, Watch
@@ -98,8 +102,10 @@ async def run_demo(
 
     The detector is `model`, else PIPELINE_DETECTOR_MODEL, else a randomly initialised
     yolov8n (no download; it finds next to nothing: name a trained `.pt` to see objects).
-    Parts start in order (NATS, PostgreSQL, the worker, the producers) and stop in the
-    reverse order; the servers' own logs stay in files under `data_dir`. While it runs,
+    Parts start in order (NATS, PostgreSQL, the worker, the projections, the incident
+    process, the API, the producers) and stop in the reverse order; the servers' own logs
+    stay in files under `data_dir`. The incidents follow PIPELINE_SITES_FILE, else the
+    shipped example written for the simulator's sources (`EXAMPLE_SITES`). While it runs,
     `data_dir/demo.env` holds the settings `pipeline --demo <command>` reads. Once
     `data_dir` holds `max_disk_bytes`, the producers stop and the rest runs on.
     """
@@ -140,6 +146,9 @@ async def run_demo(
                 domains=ALL_DOMAINS if cameras else EVENT_DOMAINS,
                 **LIMITS,  # type: ignore[arg-type]
             )
+            if not settings.sites_file:
+                settings = settings.model_copy(update={"sites_file": str(EXAMPLE_SITES)})
+            sites = load_sites_file(settings)  # a bad file stops the demo before it runs
             if cameras:
                 say(f"detector {settings.detector_model} on a local Ray: loading the model")
             # The owner's and the operator's steps; then each process as its own role.
@@ -159,6 +168,9 @@ async def run_demo(
             views = ProjectionService(role["projector"])
             await anyio.to_thread.run_sync(views.start)
             parts.push_async_callback(anyio.to_thread.run_sync, lambda: views.stop())
+            incidents = IncidentService(role["projector"], sites)
+            await anyio.to_thread.run_sync(incidents.start)
+            parts.push_async_callback(anyio.to_thread.run_sync, lambda: incidents.stop())
             api_stop, api_started = asyncio.Event(), asyncio.Event()
             api = asyncio.create_task(run_api(role["api"], api_stop, api_started))
             await asyncio.wait(
@@ -168,6 +180,10 @@ async def run_demo(
                 await api  # raises why it could not start
             parts.push_async_callback(_stop_api, api, api_stop)
             token = next(iter(settings.api_tokens))
+            say(
+                f"dashboard on http://127.0.0.1:{settings.api_port}/ (sign in with the token "
+                f"below; incidents by the rules of {settings.sites_file})"
+            )
             say(
                 f"query API on http://127.0.0.1:{settings.api_port}/docs, e.g. curl -H "
                 f"'Authorization: Bearer {token}' "

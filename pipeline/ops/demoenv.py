@@ -45,6 +45,8 @@ def write_env_file(data_dir: Path, settings: Settings, pid: int | None = None) -
         "PIPELINE_DEAD_LETTER_MAX_BODY_BYTES": str(settings.dead_letter_max_body_bytes),
         "PIPELINE_API_PORT": str(settings.api_port),
         "PIPELINE_API_TOKENS": json.dumps(settings.api_tokens),
+        # `pipeline --demo incidents rebuild` reads the demo's sites
+        "PIPELINE_SITES_FILE": settings.sites_file,
     }
     path = data_dir / ENV_FILE_NAME
     lines = [

@@ -1,5 +1,6 @@
-"""`pipeline demo` runs on its own embedded servers, tells the CLI where they are, keeps to
-its disk budget and stops cleanly on Ctrl-C."""
+"""`pipeline demo` runs on its own embedded servers, tells the CLI where they are, opens
+incidents on the simulator's traffic, serves the dashboard, keeps to its disk budget and
+stops cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -27,6 +28,22 @@ def _cli(folder: Path, *args: str, **env: str) -> subprocess.CompletedProcess[st
     )
 
 
+def _incidents(url: str, token: str, *, within_s: float) -> list[dict[str, object]]:
+    """The demo's incidents once there are some (none after `within_s`)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        page = httpx.get(
+            f"{url}/v1/incidents",
+            params={"limit": 50},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert page.status_code == 200, page.text
+        items: list[dict[str, object]] = page.json()["items"]
+        if items or time.monotonic() > deadline:
+            return items
+        time.sleep(1)
+
+
 def test_demo_processes_traffic_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "demo", "--rate", "400", "--fps", "2"],
@@ -41,9 +58,11 @@ def test_demo_processes_traffic_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     lines: list[str] = []
     deadline = time.monotonic() + 90
     api: re.Match[str] | None = None
+    dashboard: re.Match[str] | None = None
     try:
         for line in proc.stdout:
             lines.append(line)
+            dashboard = dashboard or re.search(r"^dashboard on (http://127.0.0.1:\d+/) ", line)
             api = api or re.search(r"Bearer (\S+)' '(http://127.0.0.1:\d+)/", line)
             match = re.search(
                 r"stored\s+(\d+).*dead-lettered\s+(\d+).*frames analysed\s+(\d+)", line
@@ -70,6 +89,19 @@ def test_demo_processes_traffic_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             headers={"Authorization": f"Bearer {token}"},
         )
         assert page.status_code == 200 and len(page.json()["items"]) == 3, page.text
+        # The incident process opens incidents on the example site's rules ...
+        opened = _incidents(url, token, within_s=60)
+        assert opened and all(item["state"] == "open" for item in opened), opened
+        assert {item["rule"] for item in opened} & {
+            "critical-security-event",
+            "badge-rejected-burst",
+            "service-down",
+        }, opened
+        # ... and the dashboard answers at the address the demo printed.
+        assert dashboard is not None and dashboard.group(1) == f"{url}/", lines[:8]
+        home = httpx.get(dashboard.group(1))
+        assert home.status_code == 200, home.text
+        assert home.headers["content-type"].startswith("text/html"), home.headers
         # Ctrl-C in a terminal signals the whole foreground process group.
         os.killpg(proc.pid, signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
@@ -95,7 +127,9 @@ def test_demo_processes_traffic_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     # A clean first minute: the demo's own lines first, and no traceback at the end.
     assert lines[0].startswith("NATS nats://127.0.0.1:"), lines[:5]
     assert all(
-        re.match(r"(NATS|detector|metrics on|query API|CLI in another|published) ", line)
+        re.match(
+            r"(NATS|detector|metrics on|dashboard on|query API|CLI in another|published) ", line
+        )
         for line in lines
     ), lines
     assert "Traceback" not in output and "exception was never retrieved" not in output, output

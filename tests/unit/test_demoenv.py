@@ -26,6 +26,7 @@ def _demo_settings() -> Settings:
         domains=EVENT_DOMAINS,
         frames_max_bytes=128 * 1024**2,
         dead_letter_max_body_bytes=16 * 1024,
+        sites_file="/srv/sites.yaml",
     )
 
 
@@ -46,6 +47,7 @@ def test_a_command_reads_back_what_the_demo_wrote(tmp_path: Path) -> None:
         "domains",
         "frames_max_bytes",
         "dead_letter_max_body_bytes",
+        "sites_file",
     ):
         assert getattr(read, name) == getattr(wrote, name), name
 
