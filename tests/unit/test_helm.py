@@ -15,6 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from helm_python.chart import Chart, lint
+from helm_python.errors import HelmRenderError
 
 from pipeline.ops.supervisor import metrics_ports
 from pipeline.settings import Settings
@@ -455,3 +456,85 @@ def test_the_worker_runs_the_inference_image_only_where_it_runs_the_detector() -
     assert images({"ray": {"kuberay": {"enabled": True}}}) == {"event-pipeline:0.1.0"}
     assert images({"worker": {"domains": '["security", "metrics"]'}}) == {"event-pipeline:0.1.0"}
     assert images({"worker": {"image": "registry/worker:1"}}) == {"registry/worker:1"}
+
+
+SITES_EXAMPLE = Path(__file__).parents[2] / "projections" / "incidents" / "sites.example.yaml"
+
+
+def _with_incidents(**incidents: Any) -> dict[str, Any]:
+    """The production values with the incident process enabled."""
+    values: dict[str, Any] = yaml.safe_load((CHART / "values-prod.yaml").read_text())
+    return {**values, "incidents": {"enabled": True, **incidents}}
+
+
+def _render_values(values: dict[str, Any]) -> list[dict[str, Any]]:
+    rendered = Chart.load(CHART).render(values, name="pl", namespace="pipeline")
+    return [doc for text in rendered.values() for doc in yaml.safe_load_all(text) if doc]
+
+
+def test_the_incident_process_runs_as_the_projector_on_its_sites_file(tmp_path: Path) -> None:
+    """Enabled, `pipeline run incidents` runs as the projector role on the sites file of a
+    ConfigMap made from the values, probed, scraped, opened on its port and budgeted."""
+    from projections.incidents import load_sites
+
+    values = _with_incidents(sites=SITES_EXAMPLE.read_text())
+    assert lint(CHART, values, strict=True)["errors"] == []
+    manifests = _render_values(values)
+    for manifest in manifests:
+        if manifest["kind"] not in CUSTOM:
+            kubernetes_validate.validate(manifest, KUBERNETES, strict=True)
+    deployment = _pipeline_deployments(manifests)["incidents"]
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = _env(container)
+    assert container["args"] == ["run", "incidents"]
+    settings = Settings(
+        _env_file=None, postgres_roles_prefix=_values(None)["postgres"]["rolesPrefix"]
+    )
+    assert env["PIPELINE_POSTGRES_USER"] == settings.postgres_role("projector")
+    secret = _secret_of(pod, container, env["PIPELINE_POSTGRES_PASSWORD_FILE"])
+    assert secret == _values(None)["postgres"]["roles"]["projector"]["passwordSecret"]
+    assert set(env) <= {f"PIPELINE_{name.upper()}" for name in Settings.model_fields}
+    [port] = container["ports"]
+    assert (port["name"], port["containerPort"]) == ("metrics", settings.incidents_metrics_port)
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    # The sites file: the ConfigMap's, mounted where PIPELINE_SITES_FILE says, and it loads.
+    folder, _, name = env["PIPELINE_SITES_FILE"].rpartition("/")
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == folder]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    [config] = [
+        m
+        for m in manifests
+        if m["kind"] == "ConfigMap" and m["metadata"]["name"] == volume["configMap"]["name"]
+    ]
+    (tmp_path / name).write_text(config["data"][name])
+    assert load_sites(tmp_path / name).zones
+    # Scraped as pipeline-incidents (the Service's `metrics` port targets each pod's own),
+    # and reachable there.
+    [monitor] = [m for m in manifests if m["kind"] == "ServiceMonitor"]
+    assert "metrics" in {e["port"] for e in monitor["spec"]["endpoints"]}
+    [policy] = [
+        m
+        for m in manifests
+        if m["kind"] == "NetworkPolicy" and m["metadata"]["name"] == "pl-incidents"
+    ]
+    [rule] = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": port["containerPort"], "protocol": "TCP"}]
+    assert "pl-incidents" in {
+        m["metadata"]["name"] for m in manifests if m["kind"] == "PodDisruptionBudget"
+    }
+    jobs = yaml.safe_load((ALERTS.parent / "prometheus.yml").read_text())["scrape_configs"]
+    assert "pipeline-incidents" in {job["job_name"] for job in jobs}
+
+
+def test_the_incident_process_is_off_by_default_and_needs_a_sites_file() -> None:
+    for values_file in (None, "values-dev.yaml", "values-prod.yaml"):
+        manifests = _render(values_file)
+        assert "incidents" not in _pipeline_deployments(manifests), values_file
+        assert not [m for m in manifests if m["kind"] == "ConfigMap"], values_file
+    with pytest.raises(HelmRenderError, match=r"incidents\.sites: the sites file's content"):
+        _render_values(_with_incidents())
+    manifests = _render_values(_with_incidents(sitesConfigMap="our-sites"))
+    assert not [m for m in manifests if m["kind"] == "ConfigMap"]
+    pod = _pipeline_deployments(manifests)["incidents"]["spec"]["template"]["spec"]
+    assert {"name": "our-sites"} in [v.get("configMap") for v in pod["volumes"]]
