@@ -28,6 +28,7 @@ _SECRETS = (
     "redis_url",
     "ray_auth_token",
     "api_tokens",
+    "api_session_key",
     "audit_hsm_pin",
 )
 """Settings that may come from a file named by `PIPELINE_<NAME>_FILE`."""
@@ -201,6 +202,14 @@ class Settings(BaseSettings):
     oidc_jwks_timeout_s: Annotated[float, Field(gt=0, le=30)] = 3.0
     oidc_jwks_cache_s: Annotated[float, Field(gt=0)] = 300.0
     oidc_jwks_min_refresh_s: Annotated[float, Field(ge=0)] = 10.0
+    # The dashboard's browser sessions (POST /v1/session): the key their cookies are
+    # signed with (empty: a random key per process, so sessions end when the API restarts;
+    # several replicas must share one), how long one lasts at most (an access token's
+    # session ends with the token), and origins besides the API's own that the page may
+    # be served from as the browser sees it (behind a proxy that rewrites the Host)
+    api_session_key: str = ""
+    api_session_max_age_s: Annotated[int, Field(ge=60, le=7 * 24 * 3600)] = 8 * 3600
+    api_session_origins: tuple[str, ...] = ()
 
     # The audit trail (`pipeline run audit`): a Merkle log over every stored event and
     # checkpoints signed by an Ed25519 key in an HSM (PKCS#11) and an ML-DSA-65 key file
@@ -250,6 +259,7 @@ class Settings(BaseSettings):
     redis_url_file: str = ""
     ray_auth_token_file: str = ""
     api_tokens_file: str = ""
+    api_session_key_file: str = ""
     audit_hsm_pin_file: str = ""
 
     @classmethod
@@ -285,6 +295,27 @@ class Settings(BaseSettings):
                 ) from None
             data = {**data, name: json.loads(content) if name == "api_tokens" else content}
         return data
+
+    @field_validator("api_session_key")
+    @classmethod
+    def _session_key_long_enough(cls, value: str) -> str:
+        if value and len(value) < 32:
+            raise ValueError(
+                "PIPELINE_API_SESSION_KEY: at least 32 characters (openssl rand -hex 32)"
+            )
+        return value
+
+    @field_validator("api_session_origins")
+    @classmethod
+    def _origins_only(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+                raise ValueError(
+                    f"PIPELINE_API_SESSION_ORIGINS: {origin!r} is not an origin "
+                    "(scheme://host[:port], no path)"
+                )
+        return value
 
     @field_validator("redis_url", mode="before")
     @classmethod

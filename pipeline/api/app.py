@@ -3,7 +3,8 @@
 Every `/v1` endpoint needs a bearer token with the scope it names (`read` to query,
 `operate` to skip a poison event or acknowledge an incident): one of
 `PIPELINE_API_TOKENS`, or an access token (JWT) of the identity provider the
-`PIPELINE_OIDC_*` settings name. Lists are paged with a
+`PIPELINE_OIDC_*` settings name; a browser signs in once with one (`POST /v1/session`)
+and is then known by a session cookie. Lists are paged with a
 cursor: pass a page's `next_cursor` as `cursor` to get the next one. Times (`since`,
 `until`) are ISO 8601 with their UTC offset (`2026-11-27T10:00:00Z`): a time without one
 is refused. Every error is `{"error": code, "detail": message}`.
@@ -34,6 +35,7 @@ from .deps import ApiContext
 from .errors import ERROR_RESPONSES, REQUEST_ID, install_error_handlers, request_id, server_error
 from .routes import ROUTERS, dashboard, docs
 from .routes.audit import witness_keys
+from .sessions import Sessions
 
 __all__ = ["create_app"]
 
@@ -50,6 +52,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         timeout=settings.postgres_connect_timeout(),
         name="api",
     )
+    auth = Authenticator.from_settings(settings)
     api = ApiContext(
         settings=settings,
         pool=pool,
@@ -59,7 +62,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         positions=Positions(schema),
         audit_tables=AuditTables(schema),
         witnesses=tuple(witness_keys(settings)),
-        auth=Authenticator.from_settings(settings),
+        auth=auth,
+        sessions=Sessions.from_settings(settings, auth.tokens),
     )
 
     @asynccontextmanager

@@ -1,7 +1,10 @@
 """Who calls the API and what they may do: static bearer tokens and OIDC access tokens.
 
 Every `/v1` endpoint depends on `needs("read")` or `needs("operate")` (`READ`,
-`OPERATE`, or `Operator` when it records who acted). The bearer token is looked up
+`OPERATE`, or `Operator` when it records who acted). A request without an
+`Authorization` header may instead carry the dashboard's session cookie, which names the
+caller a bearer token named at sign-in (`pipeline.api.sessions`; its unsafe requests are
+checked against CSRF). The bearer token is looked up
 among `PIPELINE_API_TOKENS` first; when `PIPELINE_OIDC_ISSUER` is set, a token that is
 not one of them is verified as an OAuth 2 / OpenID Connect access token (a JWT): its
 signature by a key of the provider's JWKS, `exp`, `nbf`, `iss` and `aud`, an algorithm
@@ -36,9 +39,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import jwt
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.params import Depends as DependsParam
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
 from ..errors import ConfigError
 from ..settings import ApiToken, Scope, Settings
@@ -46,8 +49,11 @@ from .deps import Context
 from .errors import ApiError
 
 __all__ = [
+    "COOKIE",
+    "CSRF_HEADER",
     "OPERATE",
     "READ",
+    "SAFE_METHODS",
     "Authenticator",
     "JwksSource",
     "OidcVerifier",
@@ -64,6 +70,22 @@ bearer = HTTPBearer(
     auto_error=False,
     bearerFormat="a static token, or a JWT access token of the identity provider",
     description="`PIPELINE_API_TOKENS`, or an OIDC access token (`PIPELINE_OIDC_*`)",
+)
+
+COOKIE = "__Host-pipeline-session"
+"""The session cookie's name: `__Host-` makes the browser refuse it unless it is
+`Secure`, has `Path=/` and no `Domain`, so a sibling host cannot set or shadow it."""
+CSRF_HEADER = "X-CSRF-Token"
+"""The header an unsafe request authenticated by the cookie carries its CSRF token in."""
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+"""Methods that change nothing: the cookie alone authenticates them."""
+
+session_cookie = APIKeyCookie(
+    name=COOKIE,
+    auto_error=False,
+    scheme_name="session",
+    description="the dashboard's session (`POST /v1/session`); an unsafe request also "
+    f"sends `{CSRF_HEADER}` and comes from the API's own origin",
 )
 
 _KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
@@ -111,6 +133,10 @@ class StaticTokens:
                 name = "token-" + hashlib.sha256(token.encode()).hexdigest()[:8]
                 scopes = value
             self._known.append((token.encode(), Principal(name, frozenset(scopes), "token")))
+
+    def entries(self) -> list[tuple[bytes, Principal]]:
+        """Each token with its caller (for sessions to refer to a token by a keyed hash)."""
+        return list(self._known)
 
     def find(self, token: str) -> Principal | None:
         """The caller holding `token`, or None if it is not one of the tokens."""
@@ -350,13 +376,24 @@ def needs(scope: Scope) -> Callable[..., Principal]:
     """A dependency that answers the caller, refusing one without `scope`."""
 
     def check(
+        request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        cookie: Annotated[str | None, Depends(session_cookie)],
         api: Context,
     ) -> Principal:
-        # A browser session (the dashboard) would be one more source of a Principal here.
-        if credentials is None:
-            raise ApiError(401, "unauthenticated", "send Authorization: Bearer <token>")
-        principal = api.auth.authenticate(credentials.credentials)
+        if credentials is not None:
+            principal = api.auth.authenticate(credentials.credentials)
+        elif cookie:
+            session = api.sessions.read(cookie)
+            if request.method not in SAFE_METHODS:
+                api.sessions.check_request(request, session)
+            principal = session.principal
+        else:
+            raise ApiError(
+                401,
+                "unauthenticated",
+                "send Authorization: Bearer <token>, or sign in (POST /v1/session)",
+            )
         principal.require(scope)
         return principal
 

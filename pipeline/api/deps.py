@@ -26,6 +26,7 @@ from ..store.reader import EventReader
 
 if TYPE_CHECKING:
     from .auth import Authenticator
+    from .sessions import Sessions
 
 __all__ = [
     "ApiContext",
@@ -53,6 +54,7 @@ class ApiContext:
     audit_tables: AuditTables
     witnesses: tuple[Verifier, ...]
     auth: Authenticator
+    sessions: Sessions
 
     @property
     def schema(self) -> str:

@@ -30,6 +30,7 @@ TOKENS: dict[str, object] = {
     "ada-token": ApiToken(name="ada", scopes=("read", "operate")),
 }
 READER = {"Authorization": "Bearer reader-token"}
+SESSION_KEY = "dashboard-tests-session-key-0123456789abcdef"
 
 
 def free_port() -> int:
@@ -47,6 +48,8 @@ def api_settings(schema: str, folder: Path) -> Settings:
         api_tokens=TOKENS,
         api_port=free_port(),
         sites_file=str(sites_file(folder)),
+        # One key across the API's restarts, as replicas share one: sessions survive them.
+        api_session_key=SESSION_KEY,
         projections_poll_s=0.2,
         projections_standby_s=0.5,
     )
@@ -127,7 +130,8 @@ class SseReader:
         return await asyncio.wait_for(self._next(), timeout_s)
 
     async def _next(self) -> Received:
-        event, ident, data, retry = "message", None, [], None
+        event, ident, retry = "message", None, None
+        data: list[str] = []
         async for line in self._lines:
             if not line:
                 if data:

@@ -15,12 +15,14 @@ from . import (
     projections,
     security,
     services,
+    session,
 )
 
 __all__ = ["ROUTERS"]
 
 ROUTERS: tuple[APIRouter, ...] = (
     docs.router,
+    session.router,
     audit.router,  # public: see pipeline.api.routes.audit
     health.router,
     security.router,

@@ -1,8 +1,10 @@
 // The live dashboard: reads GET v1/stream (server-sent events whose ids are store
 // positions) and draws each section as the server sends it. No library, no build step.
 //
-// The stream is read with fetch rather than EventSource so that it carries the same
-// bearer token as any /v1 request (EventSource cannot send a header). The reader keeps
+// Signing in posts the token once to v1/session, which answers an HttpOnly session cookie
+// (the page never keeps the token) and a CSRF token, sent as X-CSRF-Token with every
+// POST. The stream is read with fetch, which sends the cookie (so would an EventSource),
+// to see why a stream is refused and to set Last-Event-ID itself. The reader keeps
 // the id of the last event it applied and reconnects with it as Last-Event-ID: the
 // server resumes after that position, so nothing is missed or applied twice. Every
 // update names the position it follows (`after`): one that does not follow the last id
@@ -10,13 +12,12 @@
 "use strict";
 
 (() => {
-  const TOKEN_KEY = "pipeline.dashboard.token";
   const FEED_SIZE = 50;
   const SEVERITIES = ["info", "low", "medium", "high", "critical"];
   const LEVELS = ["critical", "high", "medium", "low"];
 
   const state = {
-    token: sessionStorage.getItem(TOKEN_KEY),
+    csrf: null,
     lastId: null,
     stored: {},
     feed: [],
@@ -120,12 +121,12 @@
     try {
       const response = await fetch(`v1/incidents/${encodeURIComponent(id)}/acknowledge`, {
         method: "POST",
-        headers: { Authorization: `Bearer ${state.token}`, "Content-Type": "application/json" },
+        headers: { "X-CSRF-Token": state.csrf, "Content-Type": "application/json" },
         body: JSON.stringify({ note: "acknowledged on the dashboard" }),
       });
       const answer = await response.json().catch(() => ({}));
       if (response.ok) text = "Acknowledged: updating…";
-      else if (response.status === 403) text = "This token cannot acknowledge (it lacks the operate scope).";
+      else if (answer.error === "forbidden") text = "This token cannot acknowledge (it lacks the operate scope).";
       else text = answer.detail || `Refused (${response.status}).`;
     } catch (error) {
       text = "The API did not answer: try again.";
@@ -293,7 +294,7 @@
     state.timer = null;
     const controller = new AbortController();
     state.controller = controller;
-    const headers = { Authorization: `Bearer ${state.token}`, Accept: "text/event-stream" };
+    const headers = { Accept: "text/event-stream" };
     if (state.lastId !== null) headers["Last-Event-ID"] = String(state.lastId);
     let response;
     try {
@@ -304,7 +305,7 @@
     }
     if (response.status === 401 || response.status === 403) {
       const answer = await response.json().catch(() => ({}));
-      signOut(answer.detail || `refused (${response.status})`);
+      signedOut(answer.detail || `refused (${response.status})`);
       return;
     }
     if (!response.ok || !response.body) {
@@ -338,7 +339,7 @@
     if (state.controller) state.controller.abort();
     state.controller = null;
     if (state.timer) clearTimeout(state.timer);
-    if (!state.token) return;
+    if (!state.csrf) return;
     const wait = delay !== undefined ? delay : Math.min(10000, state.retryMs * 2 ** state.failures);
     state.failures += 1;
     setStatus("reconnecting", `Reconnecting… (last position ${state.lastId ?? "none"})`);
@@ -347,9 +348,31 @@
 
   // -- signing in ------------------------------------------------------------------------
 
-  function signIn(token) {
-    state.token = token;
-    sessionStorage.setItem(TOKEN_KEY, token);
+  // The session's CSRF token from an answer of v1/session; null, with the reason to
+  // show, when the answer is a refusal.
+  async function session(response) {
+    const answer = await response.json().catch(() => ({}));
+    if (response.ok) return { csrf: answer.csrf_token };
+    return { csrf: null, reason: answer.detail || `refused (${response.status})` };
+  }
+
+  async function signIn(token) {
+    let found;
+    try {
+      found = await session(await fetch("v1/session", { method: "POST", headers: { Authorization: `Bearer ${token}` } }));
+      // The cookie is Secure: a browser keeps it from an https page or from localhost only.
+      if (found.csrf && !(await fetch("v1/session", { cache: "no-store" })).ok) {
+        found = { csrf: null, reason: "The browser did not keep the session cookie: open the dashboard over https." };
+      }
+    } catch (error) {
+      found = { csrf: null, reason: "The API did not answer: try again." };
+    }
+    if (found.csrf) started(found.csrf);
+    else signedOut(found.reason);
+  }
+
+  function started(csrf) {
+    state.csrf = csrf;
     $("sign-in").hidden = true;
     $("board").hidden = false;
     $("sign-out").hidden = false;
@@ -357,9 +380,16 @@
     reconnect(0);
   }
 
-  function signOut(reason) {
-    state.token = null;
-    sessionStorage.removeItem(TOKEN_KEY);
+  async function signOut() {
+    // Answered before the form shows, so that its clearing cookie cannot land after a
+    // new sign-in's.
+    const headers = { "X-CSRF-Token": state.csrf || "" };
+    await fetch("v1/session", { method: "DELETE", headers }).catch(() => null);
+    signedOut("");
+  }
+
+  function signedOut(reason) {
+    state.csrf = null;
     reconnect();
     state.lastId = null;
     $("board").hidden = true;
@@ -379,12 +409,15 @@
       $("sign-in-error").textContent = "";
       if (token) signIn(token);
     });
-    $("sign-out").addEventListener("click", () => signOut(""));
+    $("sign-out").addEventListener("click", signOut);
     $("incidents").addEventListener("click", (event) => {
       const button = event.target.closest("button[data-acknowledge]");
       if (button) acknowledge(button);
     });
-    if (state.token) signIn(state.token);
-    else $("token").focus();
+    // A session this browser holds already (a reload) goes on without signing in.
+    fetch("v1/session", { cache: "no-store" }).then(session).then((found) => {
+      if (found.csrf) started(found.csrf);
+      else $("token").focus();
+    }, () => $("token").focus());
   });
 })();
