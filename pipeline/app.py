@@ -29,6 +29,7 @@ from streams import (
     apply,
     check,
     consumer_config,
+    evidence_bucket_config,
     stream_configs,
 )
 
@@ -144,12 +145,22 @@ def stream_definitions(
 
 
 async def apply_streams(nc: Client, settings: Settings) -> list[Applied]:
-    """Create or update every stream and the consumers of the enabled domains.
+    """Create or update every stream, the evidence bucket and the consumers of the
+    enabled domains.
 
     The operator's step (`pipeline streams apply`): it needs the rights to create and
     update streams, which a worker does not hold.
     """
     streams, consumers = stream_definitions(settings)
+    # The incidents' evidence frames: a bucket the workers never touch (not checked by them).
+    streams.append(
+        evidence_bucket_config(
+            Subjects(settings.namespace),
+            replicas=settings.stream_replicas,
+            max_bytes=settings.evidence_max_bytes,
+            max_age_s=settings.evidence_max_age_s,
+        )
+    )
     await _adopt_legacy_dead_letters(nc, Subjects(settings.namespace))
     return await apply(nc.jsm(), streams, consumers)
 

@@ -386,6 +386,19 @@ class IncidentMetrics:
             "1 if this process keeps the incidents, 0 while another one does (standby).",
             registry=r,
         )
+        self.evidence_frames = Counter(
+            "pipeline_incident_evidence_frames_total",
+            "Evidence frames settled: kept in the evidence bucket, or expired from the "
+            "FRAMES stream before they could be copied.",
+            ["outcome"],
+            registry=r,
+        )
+        self.evidence_errors = Counter(
+            "pipeline_incident_evidence_errors_total",
+            "Failed attempts to copy evidence frames (NATS or the database away, the bucket "
+            "missing or full); they are tried again.",
+            registry=r,
+        )
 
 
 class _Quiet(WSGIRequestHandler):

@@ -175,6 +175,13 @@ class Settings(BaseSettings):
     sites_file: str = ""
     # `pipeline run incidents`: its /metrics, /healthz and /readyz (0: none)
     incidents_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9400
+    # Frames that are evidence of an incident, copied out of the FRAMES stream into the
+    # EVIDENCE object store bucket by the incident process and served by the API
+    evidence_frames: bool = True
+    evidence_max_bytes: Annotated[int, Field(ge=1024**2)] = 10 * 1024**3
+    evidence_max_age_s: float = Field(
+        0.0, ge=0, description="how long the bucket keeps a frame; 0: as long as incidents"
+    )
     api_host: str = "127.0.0.1"
     api_port: Annotated[int, Field(ge=0, le=65535)] = 8080
     api_tokens: dict[str, tuple[Scope, ...] | ApiToken] = Field(

@@ -6,10 +6,12 @@ from .apply import Applied, Checked, ConsumerStatus, StreamStatus, apply, check,
 from .definitions import (
     AUDIT_RETENTION,
     DEAD_LETTER_RETENTION,
+    EVIDENCE_RETENTION,
     RETENTION,
     ConsumerLimits,
     Retention,
     consumer_config,
+    evidence_bucket_config,
     stream_configs,
 )
 from .subjects import ParsedSubject, SubjectError, Subjects
@@ -17,6 +19,7 @@ from .subjects import ParsedSubject, SubjectError, Subjects
 __all__ = [
     "AUDIT_RETENTION",
     "DEAD_LETTER_RETENTION",
+    "EVIDENCE_RETENTION",
     "RETENTION",
     "Applied",
     "Checked",
@@ -30,6 +33,7 @@ __all__ = [
     "apply",
     "check",
     "consumer_config",
+    "evidence_bucket_config",
     "status",
     "stream_configs",
 ]

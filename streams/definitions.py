@@ -22,11 +22,13 @@ from .subjects import Subjects
 __all__ = [
     "AUDIT_RETENTION",
     "DEAD_LETTER_RETENTION",
+    "EVIDENCE_RETENTION",
     "LETTER_HEADER_BYTES",
     "RETENTION",
     "ConsumerLimits",
     "Retention",
     "consumer_config",
+    "evidence_bucket_config",
     "stream_configs",
 ]
 
@@ -74,6 +76,9 @@ AUDIT_RETENTION = Retention(
 )
 """The audit log's checkpoints: kept for ever; no message may be deleted, nor the stream
 purged (by anyone: the server refuses it)."""
+EVIDENCE_RETENTION = Retention(max_age_s=0.0, max_bytes=10 * GIB)
+"""The incidents' evidence frames: kept for ever (as long as the incidents are); full, the
+bucket refuses new frames (discard new) rather than dropping evidence already kept."""
 LETTER_HEADER_BYTES = 64 * 1024
 """Room for a dead letter's headers beside its body, in the DLQ's largest message."""
 
@@ -139,6 +144,40 @@ def stream_configs(
         )
     )
     return configs
+
+
+def evidence_bucket_config(
+    subjects: Subjects,
+    *,
+    replicas: int = 1,
+    storage: StorageType = StorageType.FILE,
+    max_bytes: int | None = None,
+    max_age_s: float | None = None,
+) -> StreamConfig:
+    """The stream of the evidence object store bucket, as nats.py's
+    `create_object_store` makes it (so `js.object_store(bucket)` opens it): chunks and
+    metadata subjects, roll-ups (an object's metadata replaces its last), direct gets,
+    discard new. Applied with the other streams (`pipeline streams apply`)."""
+    policy = replace(
+        EVIDENCE_RETENTION,
+        max_bytes=EVIDENCE_RETENTION.max_bytes if max_bytes is None else max_bytes,
+        max_age_s=EVIDENCE_RETENTION.max_age_s if max_age_s is None else max_age_s,
+    )
+    bucket = subjects.evidence_bucket()
+    return StreamConfig(
+        name=f"OBJ_{bucket}",
+        description="frames that are evidence of an incident, kept past the FRAMES stream",
+        subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=storage,
+        num_replicas=replicas,
+        max_age=policy.max_age_s,
+        max_bytes=policy.max_bytes,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=policy.duplicate_window_s,
+        allow_rollup_hdrs=True,
+        allow_direct=True,
+    )
 
 
 def _stream(

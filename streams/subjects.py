@@ -99,6 +99,11 @@ class Subjects:
         """Name of the stream keeping the copies of the audit log's checkpoints."""
         return self._stream_name("audit")
 
+    def evidence_bucket(self) -> str:
+        """Name of the object store bucket keeping the frames that are incidents' evidence
+        (its stream is `OBJ_<bucket>`, as JetStream names an object store's)."""
+        return self._stream_name("evidence")
+
     def durable(self, domain: Domain) -> str:
         """Name of the durable pull consumer shared by all workers of a domain."""
         return f"{self.consumer_prefix}-{domain.value}"

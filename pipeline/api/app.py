@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from psycopg_pool import ConnectionPool
 from starlette.middleware.base import RequestResponseEndpoint
 
+from projections.incidents.evidence import NatsLink
 from projections.positions import Positions
 from projections.queries import Queries
 
@@ -66,10 +67,13 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         sessions=Sessions.from_settings(settings, auth.tokens),
     )
 
+    evidence = NatsLink(settings)  # the incidents' evidence frames, read from their bucket
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool.open(wait=False)
         yield
+        await evidence.close()
         pool.close()
 
     app = FastAPI(
@@ -82,6 +86,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         redoc_url=None,
     )
     app.state.api = api
+    app.state.evidence = evidence
     install_error_handlers(app)
     _measure(app, api.registry)
     for router in ROUTERS:

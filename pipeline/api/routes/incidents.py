@@ -6,10 +6,17 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+import anyio
+import nats
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.store.domain import CameraFrame
+from pipeline.store.reader import Positioned
 from projections.incidents import Level
+from projections.incidents.evidence import EXPIRED_REASON, FrameDamaged, NatsLink
+from projections.incidents.frames import FrameState, FrameTable
 from projections.incidents.queries import (
     IncidentNotFound,
     IncidentStateError,
@@ -18,9 +25,10 @@ from projections.incidents.queries import (
     page_incidents,
     resolve,
 )
+from schemas import FrameAnalyzedV1
 
 from ..auth import READ, Operator
-from ..deps import Context, Cursor, Db, Limit, Since
+from ..deps import ApiContext, Context, Cursor, Db, Limit, Since
 from ..errors import ApiError, ErrorBody
 
 __all__ = ["router"]
@@ -77,6 +85,33 @@ class IncidentEvent(BaseModel):
     position: int = Field(description="the store position it was decided at or placed after")
 
 
+class FrameBox(BaseModel):
+    """One detection on an evidence frame: its box in pixels of the frame (x1, y1, x2, y2)."""
+
+    label: str
+    confidence: float
+    box: tuple[float, float, float, float]
+
+
+class EvidenceFrame(BaseModel):
+    """An analysed frame among an incident's evidence, and whether its image is kept."""
+
+    event_id: str = Field(description="its `FrameAnalyzed` event")
+    camera: str
+    captured_at: str
+    width: int
+    height: int
+    detections: list[FrameBox]
+    state: Literal["kept", "expired", "pending"] = Field(
+        description="`kept`: the evidence bucket holds the image (at `url`); `expired`: the "
+        "FRAMES stream dropped it before it could be copied; `pending`: not copied yet"
+    )
+    url: str | None = Field(description="where the image is served (`read`), when kept")
+    content_type: str | None
+    size: int | None = Field(description="bytes of the image, when kept")
+    detail: str = Field(description='why it is not kept: "frame expired before it was kept"')
+
+
 class IncidentDetail(Incident):
     """An incident with its history and the stored events that are its evidence."""
 
@@ -85,6 +120,10 @@ class IncidentDetail(Incident):
         description="the stored events of `evidence` (security events, analysed frames with "
         f"their detections, health reports) as /v1/events answers them; the first "
         f"{EVIDENCE_SHOWN}"
+    )
+    frames: list[EvidenceFrame] = Field(
+        description="the analysed frames among those events, with their boxes, and whether "
+        "each image is kept"
     )
 
 
@@ -154,10 +193,99 @@ def incident(
     found = get_incident(conn, api.schema, incident_id)
     if found is None:
         raise ApiError(404, "not_found", f"no incident {incident_id}")
-    shown = [uuid.UUID(e) for e in found["evidence"][:EVIDENCE_SHOWN]] if events else []
-    stored = {str(p.event.originator_id): p.as_json() for p in api.reader.get_many(conn, shown)}
-    found["evidence_events"] = [stored[str(e)] for e in shown if str(e) in stored]
+    shown = [uuid.UUID(e) for e in found["evidence"][:EVIDENCE_SHOWN]]
+    stored = {p.event.originator_id: p for p in api.reader.get_many(conn, shown)}
+    in_order = [stored[e] for e in shown if e in stored]
+    found["evidence_events"] = [p.as_json() for p in in_order] if events else []
+    frames = [p for p in in_order if isinstance(p.event, CameraFrame.FrameAnalyzed)]
+    states = FrameTable(api.schema).states(conn, [p.event.originator_id for p in frames])
+    found["frames"] = [_frame(incident_id, p, states.get(p.event.originator_id)) for p in frames]
     return found
+
+
+def _frame(incident_id: uuid.UUID, item: Positioned, kept: FrameState | None) -> dict[str, Any]:
+    payload = FrameAnalyzedV1.model_validate(item.event.payload)
+    ident = item.event.originator_id
+    state = kept.state if kept is not None else "pending"
+    return {
+        "event_id": str(ident),
+        "camera": payload.frame.camera,
+        "captured_at": payload.frame.captured_at.isoformat(),
+        "width": payload.frame.width,
+        "height": payload.frame.height,
+        "detections": [
+            {"label": d.label, "confidence": d.confidence, "box": d.box} for d in payload.detections
+        ],
+        "state": state,
+        "url": f"{router.prefix}/{incident_id}/frames/{ident}" if state == "kept" else None,
+        "content_type": kept.content_type if kept is not None else None,
+        "size": kept.size if kept is not None else None,
+        "detail": kept.reason if kept is not None else "not copied yet",
+    }
+
+
+_NO_FRAME: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"image/jpeg": {}, "image/png": {}},
+        "description": "The frame's image as the camera sent it",
+    },
+    404: {
+        "model": ErrorBody,
+        "description": "No such incident or evidence frame, or its image is not kept "
+        "(`frame_expired`, `frame_pending`, `frame_missing`)",
+    },
+    503: {"model": ErrorBody, "description": "The evidence bucket cannot be reached now"},
+}
+
+
+@router.get(
+    "/{incident_id}/frames/{event_id}",
+    dependencies=READ,
+    response_class=Response,
+    responses=_NO_FRAME,
+)
+async def incident_frame(
+    request: Request, api: Context, incident_id: uuid.UUID, event_id: uuid.UUID
+) -> Response:
+    """The image of an analysed frame that is evidence of the incident, as kept in the
+    evidence bucket (its `content_type`: what the camera sent)."""
+    kept = await anyio.to_thread.run_sync(_kept_frame, api, incident_id, event_id)
+    link = request.app.state.evidence
+    assert isinstance(link, NatsLink)
+    try:
+        bucket = await link.bucket()
+        stored = await bucket.read(str(event_id))
+    except FrameDamaged as exc:
+        raise ApiError(500, "frame_damaged", str(exc)) from None
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise ApiError(
+            503, "evidence_unavailable", f"the evidence bucket cannot be reached: {exc!r}"
+        ) from None
+    if stored is None:
+        raise ApiError(404, "frame_missing", f"frame {event_id} is not in the evidence bucket")
+    return Response(
+        stored.data,
+        media_type=kept.content_type or stored.content_type,
+        # A kept frame never changes (its object is named by its event).
+        headers={"Cache-Control": "private, max-age=86400"},
+    )
+
+
+def _kept_frame(api: ApiContext, incident_id: uuid.UUID, event_id: uuid.UUID) -> FrameState:
+    with api.pool.connection() as conn:
+        found = get_incident(conn, api.schema, incident_id)
+        if found is None:
+            raise ApiError(404, "not_found", f"no incident {incident_id}")
+        if str(event_id) not in found["evidence"]:
+            raise ApiError(
+                404, "not_found", f"event {event_id} is not evidence of incident {incident_id}"
+            )
+        kept = FrameTable(api.schema).states(conn, [event_id]).get(event_id)
+    if kept is None:
+        raise ApiError(404, "frame_pending", f"frame {event_id} is not copied yet")
+    if kept.state == "expired":
+        raise ApiError(404, "frame_expired", f"frame {event_id}: {kept.reason or EXPIRED_REASON}")
+    return kept
 
 
 def _act(
