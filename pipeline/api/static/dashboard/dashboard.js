@@ -414,10 +414,10 @@
       const button = event.target.closest("button[data-acknowledge]");
       if (button) acknowledge(button);
     });
+    $("token").focus();
     // A session this browser holds already (a reload) goes on without signing in.
     fetch("v1/session", { cache: "no-store" }).then(session).then((found) => {
-      if (found.csrf) started(found.csrf);
-      else $("token").focus();
-    }, () => $("token").focus());
+      if (found.csrf && !state.csrf) started(found.csrf);
+    }, () => null);
   });
 })();
