@@ -15,6 +15,7 @@ import secrets
 import ssl
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,16 +41,21 @@ from pipeline.metrics import AuditMetrics
 from pipeline.ops.embedded import free_port, nats_server_binary, wait_for_port
 from pipeline.ops.simulate import Traffic
 from pipeline.settings import Settings
+from pipeline.store.domain import event_id
 from pipeline.store.eventstore import EventStore
-from schemas import Domain
+from projections.incidents import load_sites
+from projections.incidents.evidence import EvidenceKeeper, NatsLink
+from projections.incidents.process import IncidentProcess
+from schemas import Domain, FrameEncoding, FrameMetaV1
 from streams import Subjects
 
 from ..conftest import as_role, make_settings, wait_until
 from .helpers import ids_of, stored_ids, write_events
+from .incidents import T0, frame, security, sites_file
 
 CONF = Path(__file__).parents[2] / "deploy" / "nats" / "nats.conf"
 ROLES = ("operator", "worker", "auditor", "security-producer", "monitoring-producer")
-ROLES += ("metrics-producer", "frames-producer")
+ROLES += ("metrics-producer", "frames-producer", "incidents", "api")
 
 
 @dataclass(frozen=True)
@@ -294,6 +300,91 @@ async def test_the_auditor_copies_checkpoints_to_a_stream_nobody_may_delete_from
             await forbidden
     assert (await jsm.stream_info("AUDIT")).state.messages == 3
     for nc in (operator, auditor):
+        await nc.close()
+
+
+async def test_the_incident_process_keeps_evidence_frames_the_api_only_reads(
+    secure_nats: SecureNats, pg_schema: str, tmp_path: Path
+) -> None:
+    """The incident process's user copies a frame from FRAMES into the evidence bucket;
+    the API's user reads it back; neither may do more."""
+    operator = await secure_nats.connect("operator")
+    await apply_streams(operator, _settings(secure_nats, pg_schema, "operator"))
+    camera = await secure_nats.connect("frames-producer")
+    meta = FrameMetaV1(
+        id=str(uuid.uuid4()),
+        camera="cam-1",
+        sequence=0,
+        captured_at=T0,
+        width=640,
+        height=480,
+        encoding=FrameEncoding.JPEG,
+    )
+    body = secrets.token_bytes(200_000)
+    ack = await camera.jetstream().publish("frames.v1.cam-1", body, headers=meta.to_headers())
+    later = T0 + datetime.timedelta(seconds=10)
+    analysed = frame(meta.id, T0, "cam-1", [("person", 0.9)], later)
+    settings = _settings(secure_nats, pg_schema, "incidents", sites_file=str(sites_file(tmp_path)))
+    store = EventStore(as_role(settings, "writer").eventsourcing_env())
+    store.write(
+        [
+            security("door", T0, "door.forced", "high", "door-1", later),
+            dataclasses.replace(analysed, stream_seq=ack.seq),
+        ]
+    )
+    store.close()
+
+    def connect() -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            **as_role(settings, "projector").postgres_connection(), autocommit=True
+        )
+
+    with connect() as conn:
+        process = IncidentProcess(load_sites(settings.sites_file), pg_schema)
+        process.prepare(conn)
+        process.catch_up(conn)
+    keeper = EvidenceKeeper(settings, connect)
+    try:
+        while await keeper.step():
+            pass
+    finally:
+        await keeper.link.close()
+    name = str(event_id(Domain.FRAMES, meta.id))
+    reader = NatsLink(_settings(secure_nats, pg_schema, "api"))
+    try:
+        stored = await (await reader.bucket()).read(name)
+    finally:
+        await reader.close()
+    assert stored is not None and stored.data == body
+
+    refused: list[Exception] = []
+
+    async def record(exc: Exception) -> None:
+        refused.append(exc)
+
+    for user in ("incidents", "api"):
+        nc = await secure_nats.connect(user, error_cb=record)
+        jsm = nc.jsm(timeout=1.0)
+        forbidden = [
+            jsm.delete_stream("OBJ_EVIDENCE"),
+            jsm.get_msg("SECURITY", seq=1),
+            jsm.delete_msg("OBJ_EVIDENCE", 1),
+            jsm.add_consumer("OBJ_EVIDENCE", durable_name="mine"),
+        ]
+        if user == "api":
+            forbidden += [
+                jsm.purge_stream("OBJ_EVIDENCE"),
+                jsm.get_msg("FRAMES", seq=ack.seq),
+                nc.jetstream().publish("$O.EVIDENCE.C.mine", b"x", timeout=1),
+            ]
+        for call in forbidden:
+            with pytest.raises((nats.errors.Error, TimeoutError)):
+                await call
+        await nc.close()
+    assert any("permissions violation" in str(e).lower() for e in refused)
+    info = await operator.jsm().stream_info("OBJ_EVIDENCE")
+    assert info.state.messages == 3  # the frame in two chunks (of 128 KiB at most), its metadata
+    for nc in (operator, camera):
         await nc.close()
 
 

@@ -41,7 +41,7 @@ def test_nats_conf_is_valid_for_the_server_the_pipeline_ships(tmp_path: Path) ->
 
 
 ROLES = ("OPERATOR", "WORKER", "AUDITOR", "SECURITY_PRODUCER", "MONITORING_PRODUCER")
-ROLES += ("METRICS_PRODUCER", "FRAMES_PRODUCER")
+ROLES += ("METRICS_PRODUCER", "FRAMES_PRODUCER", "INCIDENTS", "API")
 
 
 def _self_signed(cert: Path, key: Path) -> None:
