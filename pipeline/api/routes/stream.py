@@ -16,8 +16,8 @@ the last id misses nothing and is sent nothing twice. Sections are the views as 
 stand (replaced whole); an update of the sections alone keeps the id. A comment every
 `PING_S` keeps proxies from closing a quiet stream. A client too slow to take its events
 is ended and resumes where it was. The stream needs the `read` scope, as every `/v1`
-endpoint: the dashboard reads it with `fetch`, which sends the bearer token (see
-`pipeline/api/static/dashboard/dashboard.js`).
+endpoint, from a bearer token or the browser's session cookie, which the dashboard's
+`fetch` sends as an `EventSource` would (see `pipeline/api/static/dashboard/dashboard.js`).
 """
 
 from __future__ import annotations
