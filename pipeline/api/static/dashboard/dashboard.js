@@ -104,11 +104,138 @@
       el("p", { class: "small" }, "Opened ", timeEl(i.opened_at), ` · ${i.evidence.length} evidence`),
       el("p", { class: "reasons", text: (i.reasons || []).join(" · ") }),
       el("ul", { "aria-label": "Evidence" }, ...(i.evidence_shown || []).map((e) => el("li", {}, describe(e)))),
+      evidenceFrames(i),
       i.state === "open" ? el("p", { class: "actions" },
         el("button", { type: "button", class: "secondary", "data-acknowledge": i.incident_id,
           "aria-label": `Acknowledge the ${i.level} incident ${i.rule} in ${i.zone || "no zone"}` }, "Acknowledge"),
         el("span", { class: "small", role: "status", "data-outcome": i.incident_id, text: outcomes.get(i.incident_id) || "" })) : null,
     )));
+  }
+
+  // -- evidence frames ---------------------------------------------------------------------
+  //
+  // An incident's analysed frames, as the evidence bucket keeps them, with their boxes
+  // drawn. The stream's summaries carry no boxes: the incident's detail (GET
+  // v1/incidents/{id}) lists its frames (boxes, kept / expired / pending, the image's
+  // url), and each kept image is fetched like every other request of the page (the
+  // session cookie) and drawn on a <canvas> (the page's policy allows images from this
+  // host only, not blob: URLs). Details and images are kept between redraws; a detail
+  // with frames still pending is asked again a few seconds later.
+
+  const FRAMES_SHOWN = 4;
+  const PENDING_AGAIN_MS = 3000;
+  const frameDetails = new Map(); // incident id -> { key, at, frames, promise }
+  const frameImages = new Map(); // image url -> Promise of an ImageBitmap (null: not shown)
+
+  function evidenceFrames(incident) {
+    const framed = (incident.evidence_shown || []).filter((e) => e.event === "FrameAnalyzed");
+    if (!framed.length) return null;
+    const box = el("div", { class: "evidence-frames", "data-frames-for": incident.incident_id, "aria-label": "Evidence frames", role: "group" });
+    const key = `${incident.evidence.length}:${incident.updated_position}`;
+    const known = frameDetails.get(incident.incident_id);
+    const pending = known && known.frames && known.frames.some((f) => f.state === "pending");
+    if (known && known.key === key && !(pending && Date.now() - known.at > PENDING_AGAIN_MS)) {
+      if (known.frames) drawEvidenceFrames(box, incident.incident_id, known.frames);
+      else box.append(el("p", { class: "small", text: "Loading the evidence frames…" }));
+      return box;
+    }
+    box.append(el("p", { class: "small", text: "Loading the evidence frames…" }));
+    loadFrameDetail(incident.incident_id, key);
+    return box;
+  }
+
+  async function loadFrameDetail(id, key) {
+    const entry = { key, at: Date.now(), frames: null };
+    frameDetails.set(id, entry);
+    let frames = [];
+    try {
+      const response = await fetch(`v1/incidents/${encodeURIComponent(id)}?events=false`, { cache: "no-store" });
+      if (response.ok) frames = (await response.json()).frames || [];
+      else entry.error = `the incident's frames could not be read (${response.status})`;
+    } catch (error) {
+      entry.error = "the API did not answer";
+    }
+    entry.frames = frames;
+    entry.at = Date.now();
+    if (entry.error) frameDetails.delete(id); // asked again at the next redraw
+    const box = document.querySelector(`[data-frames-for="${CSS.escape(id)}"]`);
+    if (box) drawEvidenceFrames(box, id, frames, entry.error);
+    if (frames.some((f) => f.state === "pending")) {
+      // Only this incident's frames are drawn again (the list keeps its focus).
+      setTimeout(() => {
+        if (frameDetails.get(id) !== entry || !state.csrf) return; // signed out: no more
+        if (document.querySelector(`[data-frames-for="${CSS.escape(id)}"]`)) loadFrameDetail(id, key);
+        else frameDetails.delete(id);
+      }, PENDING_AGAIN_MS);
+    }
+  }
+
+  function drawEvidenceFrames(box, id, frames, error) {
+    const shown = frames.slice(-FRAMES_SHOWN);
+    box.replaceChildren(...shown.map((f) => evidenceFrame(f)));
+    if (frames.length > shown.length) box.append(el("p", { class: "small", text: `and ${frames.length - shown.length} earlier frame(s)` }));
+    if (error) box.append(el("p", { class: "small", text: `Evidence frames: ${error}.` }));
+  }
+
+  function frameLabel(f) {
+    const found = (f.detections || []).map((d) => `${d.label} ${d.confidence.toFixed(2)}`).join(", ");
+    return `${f.camera} at ${when(f.captured_at)}: ${found || "nothing detected"}`;
+  }
+
+  function evidenceFrame(f) {
+    const figure = el("figure", { class: "evidence-frame", "data-frame": f.event_id, "data-frame-state": f.state });
+    const caption = el("figcaption", { class: "small", text: frameLabel(f) });
+    if (f.state !== "kept" || !f.url) {
+      const why = f.state === "expired" ? (f.detail || "frame expired before it was kept") : "being kept…";
+      figure.append(el("div", { class: `frame-missing ${f.state}`, text: why }), caption);
+      return figure;
+    }
+    const canvas = el("canvas", { class: "frame", width: f.width, height: f.height, role: "img", "aria-label": `Evidence frame: ${frameLabel(f)}` });
+    figure.append(canvas, caption);
+    const url = f.url.replace(/^\//, ""); // relative, as the page's other requests
+    if (!frameImages.has(url)) frameImages.set(url, fetchImage(url));
+    frameImages.get(url).then((image) => {
+      if (image) drawBoxes(canvas, image, f);
+      else {
+        frameImages.delete(url); // asked again at the next redraw
+        figure.dataset.frameState = "unavailable";
+        canvas.replaceWith(el("div", { class: "frame-missing", text: "The image could not be read: trying again." }));
+      }
+    });
+    return figure;
+  }
+
+  async function fetchImage(url) {
+    try {
+      const response = await fetch(url, { cache: "default" });
+      if (!response.ok) return null;
+      return await createImageBitmap(await response.blob());
+    } catch (error) {
+      return null;
+    }
+  }
+
+  function drawBoxes(canvas, image, f) {
+    const context = canvas.getContext("2d");
+    const { width, height } = canvas;
+    context.drawImage(image, 0, 0, width, height);
+    const line = Math.max(2, Math.round(width / 150));
+    const size = Math.max(14, Math.round(height / 11));
+    context.lineWidth = line;
+    context.font = `${size}px system-ui, sans-serif`;
+    context.textBaseline = "top";
+    for (const d of f.detections || []) {
+      const [x1, y1, x2, y2] = d.box;
+      context.strokeStyle = "#ffd166";
+      context.strokeRect(x1, y1, Math.max(1, x2 - x1), Math.max(1, y2 - y1));
+      const text = `${d.label} ${d.confidence.toFixed(2)}`;
+      const y = y1 - size - 4 >= 0 ? y1 - size - 4 : y1 + line;
+      context.fillStyle = "rgba(22, 24, 29, .75)";
+      context.fillRect(x1, y, context.measureText(text).width + 8, size + 4);
+      context.fillStyle = "#ffd166";
+      context.fillText(text, x1 + 4, y + 2);
+    }
+    canvas.dataset.drawn = String((f.detections || []).length);
   }
 
   // What an acknowledgement answered, shown until the incident is drawn again.
