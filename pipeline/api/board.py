@@ -108,15 +108,19 @@ class Board:
 
     # -- the sections ------------------------------------------------------------------
 
-    def sections(self, conn: psycopg.Connection[Any]) -> dict[str, Any]:
-        """Every section of the dashboard, as it stands."""
-        return {
-            "incidents": _optional(lambda: self.incidents(conn)),
-            "cameras": _optional(lambda: self.cameras(conn)),
-            "security": _optional(lambda: self.security(conn)),
-            "services": _optional(lambda: self.services(conn)),
-            "lag": _optional(lambda: {"ready": True, "views": self.lag(conn)}),
+    def sections(
+        self, conn: psycopg.Connection[Any], names: Iterable[str] | None = None
+    ) -> dict[str, Any]:
+        """Every section of the dashboard (or those `names`), as it stands."""
+        reads: dict[str, Callable[[], Any]] = {
+            "incidents": lambda: self.incidents(conn),
+            "cameras": lambda: self.cameras(conn),
+            "security": lambda: self.security(conn),
+            "services": lambda: self.services(conn),
+            "lag": lambda: {"ready": True, "views": self.lag(conn)},
         }
+        wanted = reads if names is None else [n for n in reads if n in set(names)]
+        return {name: _optional(reads[name]) for name in wanted}
 
     def incidents(self, conn: psycopg.Connection[Any]) -> dict[str, Any]:
         """Unresolved incidents, graver first (level, then score, then newest), each with

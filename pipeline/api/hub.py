@@ -45,7 +45,8 @@ STEP_S = 0.1
 """The least time between two reads: under a steady flow of commits the follower reads at
 most ten times a second, whatever the rate of notifications."""
 SECTIONS_S = 0.3
-"""The least time between two reads of the sections (a dozen queries)."""
+"""The least time between two reads of the sections (a dozen queries); the incidents'
+section alone is read again as soon as the incidents change."""
 REFRESH_S = 20.0
 """The sections' windows (the last hour, the last day) slide: read them again this often."""
 
@@ -226,9 +227,11 @@ class Hub:
         fingerprint = board.fingerprint(conn)
         head = fingerprint[0]
         now = time.monotonic()
+        incidents = fingerprint[2:]  # the incidents' counts and last change
         if state.position < 0:
             state.sections = board.sections(conn)
             state.position, state.fingerprint, state.refreshed = head, fingerprint, now
+            state.incidents = incidents
             recent = board.recent(conn, head)
             self._hand_over(self._begin, head, dict(state.sections), recent)
             return False
@@ -241,6 +244,14 @@ class Hub:
             sections = board.sections(conn)
             changed = {k: v for k, v in sections.items() if state.sections.get(k) != v}
             state.sections, state.fingerprint, state.refreshed = sections, fingerprint, now
+            state.incidents = incidents
+        elif incidents != state.incidents:
+            # An incident opened or changed: it is shown now, not after the pause that
+            # bounds how often a steady flow of events makes the follower read the others.
+            found = board.sections(conn, ["incidents"])
+            changed = {k: v for k, v in found.items() if state.sections.get(k) != v}
+            state.sections = {**state.sections, **found}
+            state.incidents = incidents
         if head > state.position or changed:
             payload = {**changes, "sections": changed}
             state.position = payload["position"]
@@ -257,6 +268,8 @@ class _Read:
         self.position = -1
         self.sections: dict[str, Any] = {}
         self.fingerprint: tuple[Any, ...] = ()
+        self.incidents: tuple[Any, ...] = ()
+        """The incidents' part of the fingerprint when that section was last read."""
         self.refreshed = 0.0
         self.moved = 0.0
 

@@ -62,3 +62,49 @@ def test_a_stream_ends_after_what_it_has_sent() -> None:
     stream.offer(b"a")
     stream.end()
     assert stream.queue.get_nowait() is None
+
+
+class _Board:
+    """A board whose fingerprint and sections the test sets; counts its reads."""
+
+    def __init__(self) -> None:
+        self.head = 1
+        self.incidents: list[tuple[Any, ...]] = [(0, 0, 0, None)]
+        self.reads: list[tuple[str, ...]] = []
+
+    def fingerprint(self, conn: Any) -> tuple[Any, ...]:
+        return (self.head, [("security", self.head, "live")], self.incidents)
+
+    def changes(self, conn: Any, after: int, upto: int) -> dict[str, Any]:
+        return {"after": after, "position": upto, "stored": {}, "events": []}
+
+    def recent(self, conn: Any, upto: int) -> list[Any]:
+        return []
+
+    def sections(self, conn: Any, names: list[str] | None = None) -> dict[str, Any]:
+        names = names or ["incidents", "lag"]
+        self.reads.append(tuple(names))
+        return {n: {"head": self.head, "incidents": self.incidents} for n in names}
+
+
+def test_an_incident_is_handed_over_at_the_next_step_not_after_the_sections_pause() -> None:
+    from pipeline.api.hub import _Read
+
+    board = _Board()
+    hub = Hub(cast(Board, board), cast(Any, None), cast(Any, None), "journal_events")
+    sent: list[dict[str, Any]] = []
+
+    def hand_over(method: Any, *args: Any) -> None:
+        if method == hub._publish:
+            sent.append(args[0])
+
+    hub._hand_over = hand_over  # type: ignore[method-assign]
+    state = _Read()
+    hub._step(cast(Any, None), state)  # the first read: every section
+    board.head = 2
+    hub._step(cast(Any, None), state)  # within SECTIONS_S: the sections wait
+    assert board.reads == [("incidents", "lag")] and sent[-1]["sections"] == {}
+    board.head, board.incidents = 3, [(1, 1, 0, 3)]  # the incident process recorded one
+    hub._step(cast(Any, None), state)
+    assert board.reads[-1] == ("incidents",)
+    assert set(sent[-1]["sections"]) == {"incidents"} and sent[-1]["position"] == 3
