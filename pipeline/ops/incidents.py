@@ -38,20 +38,12 @@ def load_sites_file(settings: Settings) -> SiteMap:
 
 async def run_incidents(settings: Settings, stop: asyncio.Event) -> None:
     """Keep the incidents current until `stop` is set."""
-    from projections.incidents.evidence import EvidenceKeeper
     from projections.incidents.service import IncidentService
 
     from ..metrics import serve_metrics
 
     service = IncidentService(settings, load_sites_file(settings))
     await anyio.to_thread.run_sync(service.start)
-    keeper = None
-    if settings.evidence_frames:
-        # In this event loop, beside the process's threads: NATS away delays the frames'
-        # copies, never the incidents.
-        keeper = asyncio.create_task(
-            EvidenceKeeper(settings, service.connect, service.metrics).run(stop)
-        )
     server = None
     if settings.incidents_metrics_port:
         server = serve_metrics(
@@ -69,10 +61,6 @@ async def run_incidents(settings: Settings, stop: asyncio.Event) -> None:
         await stop.wait()
         log.info("stopping: finishing the batch in hand")
     finally:
-        if keeper is not None:
-            if not stop.is_set():  # an error above: the keeper would not stop by itself
-                keeper.cancel()
-            await asyncio.gather(keeper, return_exceptions=True)
         await anyio.to_thread.run_sync(service.stop)
         if server is not None:
             server.shutdown()

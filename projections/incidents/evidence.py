@@ -219,8 +219,13 @@ class NatsLink:
             self._nc = self._bucket = None
 
 
+class _Standby(Exception):
+    """Another keeper copies this schema's evidence frames."""
+
+
 class EvidenceKeeper:
-    """Copies the frames that become evidence into the bucket until stopped."""
+    """Copies the frames that become evidence into the bucket until stopped; one per
+    schema (an advisory lock), the others stand by, as incident processes do."""
 
     def __init__(
         self,
@@ -233,6 +238,7 @@ class EvidenceKeeper:
         self.connect = connect
         self.metrics = metrics or IncidentMetrics()
         self.poll_s = settings.projections_poll_s
+        self.standby_s = settings.projections_standby_s
         self.after = 0
         """The `seq` of the last incident event whose frames are settled."""
         self._conn: psycopg.Connection[Any] | None = None
@@ -255,6 +261,9 @@ class EvidenceKeeper:
                     if settled:
                         continue
                     wait = self.poll_s
+                except _Standby:
+                    self.after = 0
+                    wait = self.standby_s
                 except (OSError, nats.errors.Error, TimeoutError, psycopg.Error) as exc:
                     self.metrics.evidence_errors.inc()
                     if repr(exc) != problem:
@@ -300,8 +309,16 @@ class EvidenceKeeper:
 
     def _db(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = self.connect()
-            self.table.create(self._conn)
+            conn = self.connect()
+            key = f"evidence:{self.table.schema}"
+            row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
+            if not (row and row[0]):
+                # Two keepers would put the same frames at once, and the chunks of one
+                # put would be left behind in the bucket.
+                conn.close()
+                raise _Standby(key)
+            self.table.create(conn)
+            self._conn = conn
         return self._conn
 
     def _pending(self) -> tuple[list[EvidenceFrame], int]:

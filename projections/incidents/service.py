@@ -1,8 +1,10 @@
-"""The incident process's parts: its thread and the listener that wakes it
-(`pipeline run incidents` composes them in `pipeline/ops/incidents.py`)."""
+"""The incident process's parts: its thread, the listener that wakes it and the keeper
+of the evidence frames (`pipeline run incidents` composes them in
+`pipeline/ops/incidents.py`)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from typing import Any
@@ -14,6 +16,7 @@ from pipeline.settings import Settings
 from pipeline.store.follow import Listener
 from pipeline.store.reader import EventReader
 
+from .evidence import EvidenceKeeper
 from .process import IncidentProcess
 from .sites import SiteMap
 
@@ -39,6 +42,11 @@ class IncidentService:
             metrics=self.metrics,
         )
         self.listener = Listener(EventReader(schema).channel, [self.process])
+        self.keeper = (
+            EvidenceKeeper(settings, self.connect, self.metrics)
+            if settings.evidence_frames
+            else None
+        )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -47,7 +55,7 @@ class IncidentService:
         return psycopg.connect(**self.settings.postgres_connection(), autocommit=True)
 
     def start(self) -> None:
-        """Start the process's thread and the listener."""
+        """Start the process's thread, the listener and the evidence keeper."""
         self.settings.refuse_unsafe()
         self._stop.clear()
         self._threads = [
@@ -65,6 +73,12 @@ class IncidentService:
                 daemon=True,
             ),
         ]
+        if self.keeper is not None:
+            # In an event loop of its own (nats.py is asynchronous): NATS away delays the
+            # evidence frames' copies, never the incidents.
+            self._threads.append(
+                threading.Thread(target=self._keep_evidence, name="evidence", daemon=True)
+            )
         for thread in self._threads:
             thread.start()
         log.info("incidents: following schema %s", self.settings.postgres_schema)
@@ -76,6 +90,21 @@ class IncidentService:
         for thread in self._threads:
             thread.join(timeout_s)
         self._threads = []
+
+    def _keep_evidence(self) -> None:
+        asyncio.run(self._keep())
+
+    async def _keep(self) -> None:
+        assert self.keeper is not None
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            await asyncio.get_running_loop().run_in_executor(None, self._stop.wait)
+            stop.set()
+
+        watcher = asyncio.create_task(watch())
+        await self.keeper.run(stop)
+        await watcher
 
     def ready(self) -> list[str]:
         """What keeps the process from being ready (for `/readyz`)."""

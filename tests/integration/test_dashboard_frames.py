@@ -6,7 +6,6 @@ saved with the test's output (and in PIPELINE_TESTS_ARTIFACTS, if set)."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import io
 import os
@@ -16,10 +15,8 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import nats
-import psycopg
 import pytest
 from nats.aio.client import Client
 from PIL import Image
@@ -30,11 +27,11 @@ from pipeline.ops.embedded import EmbeddedNats
 from pipeline.settings import Settings
 from pipeline.store.domain import event_id
 from pipeline.store.eventstore import Accepted, EventStore
-from projections.incidents.evidence import EXPIRED_REASON, EvidenceKeeper
+from projections.incidents.evidence import EXPIRED_REASON
 from schemas import Domain, FrameEncoding, FrameMetaV1
 from streams import Subjects
 
-from ..conftest import PG_DB, PG_HOST, as_role
+from ..conftest import as_role
 from .dashboard import Api, api_settings, processes
 from .incidents import frame, security
 from .test_api_docs import OFFLINE, _chromium
@@ -112,17 +109,9 @@ async def test_the_incident_shows_its_kept_frame_with_boxes_and_says_which_expir
             _analysed(gone, gone_seq, at + timedelta(seconds=2), (10, 10, 100, 100)),
         ]
     )
-    projector = as_role(settings, "projector")
-
-    def connect() -> psycopg.Connection[Any]:
-        user = projector.postgres_user
-        return psycopg.connect(host=PG_HOST, dbname=PG_DB, user=user, autocommit=True)
-
-    stop = asyncio.Event()
-    keeper = asyncio.create_task(EvidenceKeeper(projector, connect).run(stop))
     api = Api(settings)
     errors: list[str] = []
-    with processes(settings):
+    with processes(settings):  # the incident process copies the frames too
         await api.start()
         try:
             async with async_playwright() as playwright:
@@ -159,8 +148,6 @@ async def test_the_incident_shows_its_kept_frame_with_boxes_and_says_which_expir
                     await browser.close()
         finally:
             await api.stop()
-            stop.set()
-            await asyncio.wait_for(keeper, 10)
     assert errors == []
 
 
