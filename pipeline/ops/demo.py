@@ -46,7 +46,8 @@ LIMITS = {
 """What the demo's streams keep at most (settings, where production keeps 2 GiB of frames
 and 1 GiB of dead letters): the newest 128 MiB of frames (about ten minutes of two
 cameras) and 32 MiB of dead letters, a letter's body cut at 16 KiB (a bad frame's image
-left out, its size and hash kept). With PostgreSQL's WAL kept to 64 MB between
+left out, its size and hash kept); 64 MiB of incidents' evidence frames (then no more
+are kept). With PostgreSQL's WAL kept to 64 MB between
 checkpoints, what grows is the events: the store and the event streams, which the disk
 budget (`MAX_DISK_BYTES`) bounds."""
 MAX_DISK_BYTES = 1000 * 1000**2
@@ -58,6 +59,7 @@ LEGEND = (
     "pipeline's own dedup when a copy came later with a new Nats-Msg-Id) + dead-lettered "
     "+ not yet handled"
 )
+    "evidence_max_bytes": 64 * 1024**2,
 """The first status line: how the counts of the others add up."""
 WINDOW = "dropped by the duplicate window"
 """The key, among the published counts, of the copies JetStream acked as duplicates."""
