@@ -538,3 +538,20 @@ def test_the_incident_process_is_off_by_default_and_needs_a_sites_file() -> None
     assert not [m for m in manifests if m["kind"] == "ConfigMap"]
     pod = _pipeline_deployments(manifests)["incidents"]["spec"]["template"]["spec"]
     assert {"name": "our-sites"} in [v.get("configMap") for v in pod["volumes"]]
+
+
+def test_the_incident_process_and_the_api_use_nats_as_their_own_users() -> None:
+    """The evidence frames: the incident process writes the bucket as user incidents, the
+    API reads it as user api, each with its own Secret (deploy/nats/accounts.conf)."""
+    manifests = _render_values(_with_incidents(sites=SITES_EXAMPLE.read_text()))
+    nats = _values(None)["nats"]
+    deployments = _pipeline_deployments(manifests)
+    for component, user in (("incidents", nats["incidents"]), ("api", nats["api"])):
+        pod = deployments[component]["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        env = _env(container)
+        assert env["PIPELINE_NATS_URL"] == nats["url"]
+        assert env["PIPELINE_NATS_USER"] == user["user"]
+        password = env["PIPELINE_NATS_PASSWORD_FILE"]
+        assert _secret_of(pod, container, password) == user["passwordSecret"]
+        assert _secret_of(pod, container, env["PIPELINE_NATS_TLS_CA_FILE"]) == nats["caSecret"]

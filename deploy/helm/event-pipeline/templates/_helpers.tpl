@@ -52,6 +52,40 @@ checks them at start and refuses to run on a missing or drifted one. Both read t
 {{- end }}
 {{- end -}}
 
+{{/* Connect to NATS as `user` (a value such as .Values.nats.incidents: user and
+passwordSecret), its password from the Secret mounted at /run/secrets/nats and the CA at
+/run/secrets/nats-ca (volumes "nats" and "nats-ca": pipeline.natsVolumes). */}}
+{{- define "pipeline.natsUser" -}}
+- name: PIPELINE_NATS_URL
+  value: {{ .root.Values.nats.url | quote }}
+{{- if .root.Values.nats.caSecret }}
+- name: PIPELINE_NATS_TLS_CA_FILE
+  value: /run/secrets/nats-ca/ca.pem
+{{- end }}
+- name: PIPELINE_NATS_USER
+  value: {{ .user.user | quote }}
+- name: PIPELINE_NATS_PASSWORD_FILE
+  value: /run/secrets/nats/password
+{{- end -}}
+
+{{/* The volumes pipeline.natsUser reads. */}}
+{{- define "pipeline.natsVolumes" -}}
+- name: nats
+  secret: {secretName: {{ .user.passwordSecret }}}
+{{- if .root.Values.nats.caSecret }}
+- name: nats-ca
+  secret: {secretName: {{ .root.Values.nats.caSecret }}}
+{{- end }}
+{{- end -}}
+
+{{/* Their mounts. */}}
+{{- define "pipeline.natsMounts" -}}
+- {name: nats, mountPath: /run/secrets/nats, readOnly: true}
+{{- if .Values.nats.caSecret }}
+- {name: nats-ca, mountPath: /run/secrets/nats-ca, readOnly: true}
+{{- end }}
+{{- end -}}
+
 {{/* The port of nats.url (4222 when it names none). */}}
 {{- define "pipeline.natsPort" -}}
 {{- $host := (urlParse .Values.nats.url).host -}}
