@@ -32,7 +32,8 @@ def test_streams_apply_is_idempotent_and_reports_drift(
     assert main(["streams", "apply"]) == 0
     second = capsys.readouterr().out
     assert "created" not in second and "updated" not in second
-    assert second.count("unchanged") == 10  # 6 streams (AUDIT among them), 4 consumers
+    assert second.count("unchanged") == 11  # 6 streams (AUDIT among them), the evidence
+    # bucket (OBJ_EVIDENCE), 4 consumers
 
     monkeypatch.setenv("PIPELINE_MAX_ACK_PENDING", "100")
     assert main(["streams", "apply"]) == 0
