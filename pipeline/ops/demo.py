@@ -10,9 +10,11 @@ import logging
 import os
 import secrets
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -33,15 +35,30 @@ from .embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from .failures import causes
 from .incidents import load_sites_file
 from .migrate import migrate
+from .scenes import Scenes, play
 from .simulate import Cameras, Outgoing, Traffic, publish
 from .watch import ChildExited, Watch
 
-__all__ = ["LEGEND", "LIMITS", "MAX_DISK_BYTES", "WINDOW", "disk_usage", "run_demo", "status_line"]
+__all__ = [
+    "LEGEND",
+    "LIMITS",
+    "MAX_DISK_BYTES",
+    "ON_CALL",
+    "RESOLVE_AFTER_S",
+    "WINDOW",
+    "disk_usage",
+    "resolve_quiet",
+    "run_demo",
+    "status_line",
+]
+
+log = logging.getLogger(__name__)
 
 LIMITS = {
     "frames_max_bytes": 128 * 1024**2,
     "dead_letters_max_bytes": 32 * 1024**2,
     "dead_letter_max_body_bytes": 16 * 1024,
+    "evidence_max_bytes": 64 * 1024**2,
 }
 """What the demo's streams keep at most (settings, where production keeps 2 GiB of frames
 and 1 GiB of dead letters): the newest 128 MiB of frames (about ten minutes of two
@@ -53,13 +70,17 @@ budget (`MAX_DISK_BYTES`) bounds."""
 MAX_DISK_BYTES = 1000 * 1000**2
 """The data folder's size at which the producers stop (`pipeline demo --max-disk-mb`)."""
 _DISK_EVERY_S = 5.0
+RESOLVE_AFTER_S = 180.0
+"""How long after it opened the demo's on-call resolves an incident nobody acknowledged."""
+ON_CALL = "demo-on-call"
+"""Who the demo's on-call resolves incidents as."""
+_ON_CALL_EVERY_S = 10.0
 
 LEGEND = (
     "published = stored + duplicates dropped (by JetStream's duplicate window, or by the "
     "pipeline's own dedup when a copy came later with a new Nats-Msg-Id) + dead-lettered "
     "+ not yet handled"
 )
-    "evidence_max_bytes": 64 * 1024**2,
 """The first status line: how the counts of the others add up."""
 WINDOW = "dropped by the duplicate window"
 """The key, among the published counts, of the copies JetStream acked as duplicates."""
@@ -200,6 +221,7 @@ async def run_demo(
                 _simulate(
                     settings,
                     worker,
+                    operator=role["api"],
                     rate=rate,
                     cameras=cameras,
                     fps=fps,
@@ -268,6 +290,7 @@ async def _simulate(
     settings: Settings,
     worker: Worker,
     *,
+    operator: Settings,
     rate: float,
     cameras: int,
     fps: float,
@@ -286,7 +309,9 @@ async def _simulate(
         if ack.duplicate:
             published[WINDOW] += 1
 
-    traffic = Traffic(worker.subjects)
+    # Routine traffic matches no rule of the example sites file; the scenes make its
+    # incidents, a few a minute at most, and the on-call resolves them after a while.
+    traffic = Traffic(worker.subjects, routine=True)
     producers = [
         publish(
             nc.jetstream(),
@@ -295,7 +320,14 @@ async def _simulate(
             duration_s=duration_s,
             on_published=count,
             on_acked=acked,
-        )
+        ),
+        play(
+            nc.jetstream(),
+            Scenes(worker.subjects),
+            duration_s=duration_s,
+            on_published=count,
+            on_acked=acked,
+        ),
     ]
     if cameras:
         frames = Cameras(worker.subjects, cameras=cameras)
@@ -310,6 +342,7 @@ async def _simulate(
             )
         )
     producer = asyncio.gather(*producers)
+    on_call = asyncio.create_task(_on_call(operator))
     started = time.monotonic()
     full = False
     say(LEGEND)
@@ -322,8 +355,11 @@ async def _simulate(
     finally:
         # The producers stop first, while everything under them still runs.
         producer.cancel()
+        on_call.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await producer
+        with contextlib.suppress(asyncio.CancelledError):
+            await on_call
     # Let the worker catch up with what was published.
     deadline = time.monotonic() + 10
     expected = published["store"]
@@ -335,6 +371,44 @@ async def _simulate(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=left)
     await nc.drain()
+
+
+async def _on_call(operator: Settings) -> None:
+    """The demo's on-call: resolves each incident nobody acknowledged `RESOLVE_AFTER_S`
+    after it opened (as `ON_CALL`, through the API's query, as the API role), so the
+    dashboard shows incidents come and go; an acknowledged one is left to whoever
+    acknowledged it. Runs until cancelled; a failed round is tried again later."""
+    while True:
+        await asyncio.sleep(_ON_CALL_EVERY_S)
+        try:
+            await anyio.to_thread.run_sync(resolve_quiet, operator, RESOLVE_AFTER_S)
+        except psycopg.Error as exc:
+            log.debug("demo on-call: %s", exc)
+
+
+def resolve_quiet(operator: Settings, after_s: float) -> list[str]:
+    """Resolve the open, unacknowledged incidents opened more than `after_s` ago; their
+    ids."""
+    from projections.incidents.queries import (
+        IncidentNotFound,
+        IncidentStateError,
+        list_incidents,
+        resolve,
+    )
+
+    schema = operator.postgres_schema
+    done = []
+    with psycopg.connect(**operator.postgres_connection(), autocommit=True) as conn:
+        now = datetime.now(UTC)
+        for incident in list_incidents(conn, schema, state="open", limit=200):
+            opened = datetime.fromisoformat(incident["opened_at"])
+            if (now - opened).total_seconds() < after_s:
+                continue
+            note = f"resolved by the demo {after_s / 60:g} min after it opened, unacknowledged"
+            with contextlib.suppress(IncidentNotFound, IncidentStateError):
+                resolve(conn, schema, uuid.UUID(incident["incident_id"]), ON_CALL, note)
+                done.append(incident["incident_id"])
+    return done
 
 
 @dataclass

@@ -84,6 +84,10 @@ _KINDS = [
     ("motion.after_hours", "medium"),
     ("alarm.tamper", "critical"),
 ]
+_ROUTINE_KINDS = [("badge.accepted", "info"), ("motion.after_hours", "medium")]
+_ROUTINE_WEIGHTS = [4, 1]
+"""Routine traffic's security events: what no rule of the example sites file takes (the
+demo's incidents come from `scenes.Scenes`)."""
 
 
 def _now() -> str:
@@ -91,7 +95,13 @@ def _now() -> str:
 
 
 class Traffic:
-    """Generates messages; `bad_ratio` and `duplicate_ratio` are fractions of all messages."""
+    """Generates messages; `bad_ratio` and `duplicate_ratio` are fractions of all messages.
+
+    `routine` traffic has none of the events the example sites file's rules take: its
+    security events are granted badges and motion after hours, its services never report
+    `down` (the demo plays its incidents apart, `scenes.Scenes`). Otherwise every kind of
+    security event is as likely, and 2 % of health reports say `down`.
+    """
 
     def __init__(
         self,
@@ -101,9 +111,11 @@ class Traffic:
         duplicate_ratio: float = 0.02,
         bad_ratio: float = 0.01,
         oversize_bytes: int = 300 * 1024,
+        routine: bool = False,
         seed: int | None = None,
     ) -> None:
         self.subjects = subjects
+        self.routine = routine
         self.domains = domains
         self.duplicate_ratio = duplicate_ratio
         self.bad_ratio = bad_ratio
@@ -131,7 +143,7 @@ class Traffic:
         major = 1
         body: dict[str, Any]
         if domain is Domain.SECURITY:
-            kind, severity = self._rng.choice(_KINDS)
+            kind, severity = self._kind()
             body = {
                 "id": message_id,
                 "source": source,
@@ -164,8 +176,14 @@ class Traffic:
         del self._recent[:-1000]
         return out
 
+    def _kind(self) -> tuple[str, str]:
+        if self.routine:
+            return self._rng.choices(_ROUTINE_KINDS, weights=_ROUTINE_WEIGHTS)[0]
+        return self._rng.choice(_KINDS)
+
     def _health(self, message_id: str, service: str, major: int) -> dict[str, Any]:
-        status = self._rng.choices(["ok", "degraded", "down"], weights=[90, 8, 2])[0]
+        weights = [92, 8, 0] if self.routine else [90, 8, 2]
+        status = self._rng.choices(["ok", "degraded", "down"], weights=weights)[0]
         base = {
             "id": message_id,
             "service": service,
