@@ -80,7 +80,7 @@ def test_each_frame_encoding_has_its_media_type() -> None:
         id="f-1",
         camera="cam-1",
         sequence=0,
-        captured_at="2026-11-30T23:00:00Z",  # type: ignore[arg-type]
+        captured_at="2026-11-30T23:00:00Z",
         width=640,
         height=480,
         encoding=FrameEncoding.PNG,
