@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from nats.aio.client import Client
 
 from pipeline.ingest.codec import decode
 from pipeline.store.eventstore import Accepted
@@ -115,23 +116,40 @@ def health(
     return _json(Domain.MONITORING, service, body, received)
 
 
-def frame(
-    message_id: str,
-    at: datetime,
-    camera: str,
-    found: list[tuple[str, float]],
-    received: datetime,
-) -> Accepted:
-    """A stored analysed frame with these (label, confidence) detections."""
-    meta = FrameMetaV1(
+def frame_meta(
+    message_id: str, at: datetime, camera: str, encoding: FrameEncoding = FrameEncoding.JPEG
+) -> FrameMetaV1:
+    """The metadata of a 640 x 480 frame (as its headers carry it)."""
+    return FrameMetaV1(
         id=message_id,
         camera=camera,
         sequence=0,
         captured_at=at,
         width=640,
         height=480,
-        encoding=FrameEncoding.JPEG,
+        encoding=encoding,
     )
+
+
+async def publish_frame(nc: Client, meta: FrameMetaV1, body: bytes) -> int:
+    """A frame published to the FRAMES stream as a camera sends it; its stream sequence."""
+    subject = _SUBJECTS.subject(Domain.FRAMES, 1, meta.camera)
+    ack = await nc.jetstream().publish(subject, body, headers=meta.to_headers())
+    return int(ack.seq)
+
+
+def frame(
+    message_id: str,
+    at: datetime,
+    camera: str,
+    found: list[tuple[str, float]],
+    received: datetime,
+    *,
+    stream_seq: int = 1,
+    encoding: FrameEncoding = FrameEncoding.JPEG,
+) -> Accepted:
+    """A stored analysed frame with these (label, confidence) detections."""
+    meta = frame_meta(message_id, at, camera, encoding)
     payload = FrameAnalyzedV1(
         frame=meta,
         detections=tuple(
@@ -147,7 +165,7 @@ def frame(
         domain=Domain.FRAMES,
         message_id=message_id,
         subject=_SUBJECTS.subject(Domain.FRAMES, 1, camera),
-        stream_seq=1,
+        stream_seq=stream_seq,
         schema_version=meta.schema_version,
         received_at=received,
         payload=payload.model_dump(mode="json"),

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.aio.client import Client
 from PIL import Image
 from playwright.async_api import Page, async_playwright, expect
 
@@ -28,12 +27,11 @@ from pipeline.settings import Settings
 from pipeline.store.domain import event_id
 from pipeline.store.eventstore import Accepted, EventStore
 from projections.incidents.evidence import EXPIRED_REASON
-from schemas import Domain, FrameEncoding, FrameMetaV1
-from streams import Subjects
+from schemas import Domain, FrameEncoding
 
 from ..conftest import as_role
 from .dashboard import Api, api_settings, processes
-from .incidents import frame, security
+from .incidents import frame, frame_meta, publish_frame, security
 from .test_api_docs import OFFLINE, _chromium
 
 pytestmark = pytest.mark.timeout(180)
@@ -41,6 +39,7 @@ pytestmark = pytest.mark.timeout(180)
 GREY = (90, 110, 130)
 YELLOW = (255, 209, 102)  # the boxes' colour (#ffd166)
 PERSON = (330.0, 120.0, 420.0, 400.0)
+PNG = FrameEncoding.PNG
 
 
 @pytest.fixture
@@ -64,31 +63,12 @@ def _png() -> bytes:
     return out.getvalue()
 
 
-async def _published(nc: Client, camera: str, at: datetime) -> tuple[str, int]:
-    """A PNG frame published to FRAMES as a camera would: its id and stream sequence."""
-    meta = FrameMetaV1(
-        id=str(uuid.uuid4()),
-        camera=camera,
-        sequence=0,
-        captured_at=at,
-        width=640,
-        height=480,
-        encoding=FrameEncoding.PNG,
-    )
-    subject = Subjects().subject(Domain.FRAMES, 1, camera)
-    ack = await nc.jetstream().publish(subject, _png(), headers=meta.to_headers())
-    return meta.id, ack.seq
-
-
 def _analysed(ident: str, seq: int, at: datetime, box: tuple[float, ...]) -> Accepted:
-    stored = frame(ident, at, "cam-1", [("person", 0.91)], at)
+    stored = frame(ident, at, "cam-1", [("person", 0.91)], at, stream_seq=seq, encoding=PNG)
     (found,) = stored.payload["detections"]
-    payload = {
-        **stored.payload,
-        "frame": {**stored.payload["frame"], "encoding": "png"},
-        "detections": [{**found, "box": list(box)}],
-    }
-    return dataclasses.replace(stored, stream_seq=seq, payload=payload)
+    return dataclasses.replace(
+        stored, payload={**stored.payload, "detections": [{**found, "box": list(box)}]}
+    )
 
 
 async def test_the_incident_shows_its_kept_frame_with_boxes_and_says_which_expired(
@@ -98,8 +78,9 @@ async def test_the_incident_shows_its_kept_frame_with_boxes_and_says_which_expir
     await apply_streams_once(settings)
     nc = await nats.connect(settings.nats_url)
     at = datetime.now(UTC)
-    kept, kept_seq = await _published(nc, "cam-1", at + timedelta(seconds=1))
-    gone, gone_seq = await _published(nc, "cam-1", at + timedelta(seconds=2))
+    kept, gone = str(uuid.uuid4()), str(uuid.uuid4())
+    kept_seq = await publish_frame(nc, frame_meta(kept, at, "cam-1", PNG), _png())
+    gone_seq = await publish_frame(nc, frame_meta(gone, at, "cam-1", PNG), _png())
     await nc.jsm().delete_msg("FRAMES", gone_seq)  # dropped before it could be kept
     await nc.close()
     store.write(

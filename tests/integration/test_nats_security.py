@@ -46,12 +46,12 @@ from pipeline.store.eventstore import EventStore
 from projections.incidents import load_sites
 from projections.incidents.evidence import EvidenceKeeper, NatsLink
 from projections.incidents.process import IncidentProcess
-from schemas import Domain, FrameEncoding, FrameMetaV1
+from schemas import Domain
 from streams import Subjects
 
 from ..conftest import as_role, make_settings, wait_until
 from .helpers import ids_of, stored_ids, write_events
-from .incidents import T0, frame, security, sites_file
+from .incidents import T0, frame, frame_meta, publish_frame, security, sites_file
 
 CONF = Path(__file__).parents[2] / "deploy" / "nats" / "nats.conf"
 ROLES = ("operator", "worker", "auditor", "security-producer", "monitoring-producer")
@@ -311,25 +311,17 @@ async def test_the_incident_process_keeps_evidence_frames_the_api_only_reads(
     operator = await secure_nats.connect("operator")
     await apply_streams(operator, _settings(secure_nats, pg_schema, "operator"))
     camera = await secure_nats.connect("frames-producer")
-    meta = FrameMetaV1(
-        id=str(uuid.uuid4()),
-        camera="cam-1",
-        sequence=0,
-        captured_at=T0,
-        width=640,
-        height=480,
-        encoding=FrameEncoding.JPEG,
-    )
+    meta = frame_meta(str(uuid.uuid4()), T0, "cam-1")
     body = secrets.token_bytes(200_000)
-    ack = await camera.jetstream().publish("frames.v1.cam-1", body, headers=meta.to_headers())
+    seq = await publish_frame(camera, meta, body)
     later = T0 + datetime.timedelta(seconds=10)
-    analysed = frame(meta.id, T0, "cam-1", [("person", 0.9)], later)
+    analysed = frame(meta.id, T0, "cam-1", [("person", 0.9)], later, stream_seq=seq)
     settings = _settings(secure_nats, pg_schema, "incidents", sites_file=str(sites_file(tmp_path)))
     store = EventStore(as_role(settings, "writer").eventsourcing_env())
     store.write(
         [
             security("door", T0, "door.forced", "high", "door-1", later),
-            dataclasses.replace(analysed, stream_seq=ack.seq),
+            analysed,
         ]
     )
     store.close()
@@ -374,7 +366,7 @@ async def test_the_incident_process_keeps_evidence_frames_the_api_only_reads(
         if user == "api":
             forbidden += [
                 jsm.purge_stream("OBJ_EVIDENCE"),
-                jsm.get_msg("FRAMES", seq=ack.seq),
+                jsm.get_msg("FRAMES", seq=seq),
                 nc.jetstream().publish("$O.EVIDENCE.C.mine", b"x", timeout=1),
             ]
         for call in forbidden:
