@@ -307,6 +307,7 @@ async def test_the_api_serves_a_kept_frame_and_404s_the_rest(
             image = client.get(shown[str(kept)]["url"], headers=READ)
             assert image.status_code == 200, image.text
             assert image.headers["content-type"] == "image/jpeg"
+            assert image.headers["x-content-type-options"] == "nosniff"
             assert image.content == frames[kept]
             assert client.get(shown[str(kept)]["url"]).status_code == 401
 

@@ -267,7 +267,7 @@ async def incident_frame(
         stored.data,
         media_type=kept.content_type or stored.content_type,
         # A kept frame never changes (its object is named by its event).
-        headers={"Cache-Control": "private, max-age=86400"},
+        headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"},
     )
 
 
