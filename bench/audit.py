@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -59,14 +58,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from psycopg.sql import SQL, Identifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import as_role, bench_module, connect, percentiles_ms
 from pipeline.audit import trail
 from pipeline.audit.keys import MldsaSigner, generate_hsm_key
 from pipeline.audit.log import AuditLog, Logged
@@ -82,33 +81,8 @@ from pipeline.store.eventstore import EventStore
 from pipeline.store.reader import EventReader
 from tests.softhsm import softhsm
 
-_HERE = Path(__file__).resolve().parent
 _SAMPLE_S = 0.025
 """How often (f) samples the store's head and the log's size."""
-
-
-def _bench(name: str) -> ModuleType:
-    """bench/<name>.py as a module: its parts are reused here, not copied."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", _HERE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _as(settings: Settings, kind: Literal["writer", "auditor"]) -> Settings:
-    """`settings` connecting as one of the store's roles, as that part is deployed."""
-    return settings.model_copy(update={"postgres_user": settings.postgres_role(kind)})
-
-
-def _connect(settings: Settings) -> psycopg.Connection[Any]:
-    return psycopg.connect(**settings.postgres_connection(), autocommit=True)
-
-
-def _ms(times: Sequence[float]) -> tuple[float, float]:
-    """p50 and p99, in milliseconds, of durations in seconds."""
-    ordered = sorted(times)
-    return 1000 * statistics.median(ordered), 1000 * ordered[max(0, int(len(ordered) * 0.99) - 1)]
 
 
 # -- keys ------------------------------------------------------------------------------
@@ -146,7 +120,7 @@ def empty_log(settings: Settings) -> None:
     """Empty the schema's audit tables when they hold anything (a reused store), as the
     owner, under the break-glass setting (which records it)."""
     tables = AuditTables(settings.postgres_schema)
-    with _connect(settings) as conn, conn.transaction():
+    with connect(settings) as conn, conn.transaction():
         held = conn.execute(
             SQL("SELECT EXISTS (SELECT FROM {}) OR EXISTS (SELECT FROM {})").format(
                 tables.leaves, tables.checkpoints
@@ -167,7 +141,7 @@ def analyze(settings: Settings) -> None:
     deployed database (a test server may run without it: then the proofs' join is
     planned blind, as a scan of the whole log)."""
     tables = AuditTables(settings.postgres_schema)
-    with _connect(settings) as conn:
+    with connect(settings) as conn:
         for table in (tables.events, tables.leaves, tables.checkpoints):
             conn.execute(SQL("ANALYZE {}").format(table))
 
@@ -190,7 +164,7 @@ def follow(settings: Settings, keys: KeyRing) -> tuple[Logged, float]:
     """Catch the empty log up with the store, as `AuditLog.run`'s loop does; where the log
     stands and its rate (leaves/s). Then a checkpoint of the whole log, off the clock."""
     log = audit_log(settings, keys)
-    with _connect(settings) as conn:
+    with connect(settings) as conn:
         log.load(conn)
         started = time.perf_counter()
         while True:
@@ -236,7 +210,7 @@ def signing_times(
 def prove_times(settings: Settings, size: int, count: int) -> list[float]:
     """Seconds per `trail.prove` of `count` random logged events, on one connection."""
     tables = AuditTables(settings.postgres_schema)
-    with _connect(settings) as conn:
+    with connect(settings) as conn:
         # The log holds the store's events in order: its first `size` leaves are the first
         # `size` events.
         conn.execute("SELECT setseed(0.5)")
@@ -265,7 +239,7 @@ def verify_export(
     """Export the trail, then check the export as `pipeline audit verify --from DIR`
     does; the report, the export's rate and the check's (events/s)."""
     tables = AuditTables(settings.postgres_schema)
-    with _connect(settings) as conn:
+    with connect(settings) as conn:
         started = time.perf_counter()
         manifest = trail.export(
             conn, tables, directory, origin=settings.audit_log_origin(), keys=[]
@@ -282,7 +256,7 @@ def verify_export(
 def verify_live(settings: Settings, keys: Sequence[Verifier]) -> tuple[Report, float]:
     """Check the live trail in one snapshot, as `pipeline audit verify` does; events/s."""
     started = time.perf_counter()
-    with _connect(settings) as conn, conn.transaction():
+    with connect(settings) as conn, conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         sources = trail.live(conn, AuditTables(settings.postgres_schema))
         report = check(
@@ -339,7 +313,7 @@ class Beside:
             return samples[-1]
 
         def run() -> None:
-            with _connect(settings) as conn:
+            with connect(settings) as conn:
                 while not stop.wait(_SAMPLE_S):
                     sample(conn)
 
@@ -395,7 +369,7 @@ class Beside:
         )
         key = f"audit:{settings.postgres_schema}"
         try:
-            with _connect(settings) as conn:
+            with connect(settings) as conn:
                 self.watch.wait_until(
                     lambda: bool((row := conn.execute(held, {"key": key}).fetchone()) and row[0]),
                     timeout_s=60,
@@ -412,7 +386,7 @@ class Beside:
         """The follower's process and its database sessions' server processes."""
         if process is None:
             return []
-        with _connect(settings) as conn:
+        with connect(settings) as conn:
             rows = conn.execute(
                 "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (name,)
             ).fetchall()
@@ -427,7 +401,7 @@ class Beside:
         """How far behind the follower was when the last event was stored, and how long it
         took to log the rest."""
         table = AuditTables(settings.postgres_schema).events
-        with _connect(settings) as conn:
+        with connect(settings) as conn:
             head, stored = conn.execute(
                 SQL("SELECT max(notification_id), count(*) FROM {}").format(table)
             ).fetchone() or (0, 0)
@@ -477,7 +451,7 @@ def events_ratio(
     keyed: Settings, nats: str, processes: int, messages: int, rounds: int
 ) -> dict[str, Any]:
     """bench/events.py's pipeline rate without and with the follower, alternately."""
-    events = _bench("events")
+    events = bench_module("events")
     watch = Watch()
     base, server = events.bench_settings(nats, watch)
     log = Path(tempfile.mkdtemp(prefix="bench-audit-")) / "processes.log"
@@ -530,13 +504,13 @@ def events_ratio(
 
 def trail_figures(settings: Settings, keyed: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """(a) to (e): the store, the follower, signing, proofs and verification."""
-    projections = _bench("projections")
-    with _connect(settings) as conn:
+    projections = bench_module("projections")
+    with connect(settings) as conn:
         have = EventReader(args.schema).head(conn)
     if args.reuse and have >= args.events:
         print(f"(a) reusing the {have:,} events stored")
     else:
-        store = EventStore(_as(settings, "writer").eventsourcing_env())
+        store = EventStore(as_role(settings, "writer").eventsourcing_env())
         try:
             write_rate = projections.fill(settings, store, args.events)
         finally:
@@ -558,7 +532,7 @@ def trail_figures(settings: Settings, keyed: Settings, args: argparse.Namespace)
         verifiers = _verifiers(signers)
     finally:
         keys.close()
-    signing = {name: _ms(t) for name, t in times.items()}
+    signing = {name: percentiles_ms(t) for name, t in times.items()}
     print(
         f"(c) signing a checkpoint ({args.signatures} times each): HSM Ed25519 "
         f"p50 {signing['hsm'][0]:.2f} ms, p99 {signing['hsm'][1]:.2f} ms; ML-DSA-65 "
@@ -568,7 +542,7 @@ def trail_figures(settings: Settings, keyed: Settings, args: argparse.Namespace)
     )
 
     analyze(settings)
-    prove50, prove99 = _ms(prove_times(keyed, logged.size, args.proofs))
+    prove50, prove99 = percentiles_ms(prove_times(keyed, logged.size, args.proofs))
     print(
         f"(d) proofs of {min(args.proofs, logged.size)} random events against the checkpoint "
         f"of {logged.size:,} leaves: p50 {prove50:.2f} ms, p99 {prove99:.2f} ms"
@@ -614,7 +588,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     migrate(settings)  # the schema, tables and roles; each part below runs as its role
     print(f"PostgreSQL {base.postgres_host}/{base.postgres_dbname}, schema {args.schema}")
     try:
-        with audit_keys(_as(settings, "auditor")) as keyed:
+        with audit_keys(as_role(settings, "auditor")) as keyed:
             out = trail_figures(settings, keyed, args)
             if args.events_ratio:
                 print(
@@ -631,7 +605,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 )
     finally:
         if not args.reuse:
-            with _connect(settings) as conn:
+            with connect(settings) as conn:
                 conn.execute(SQL("DROP SCHEMA {} CASCADE").format(Identifier(args.schema)))
     return out
 

@@ -39,14 +39,14 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import psycopg
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import as_role, connect, percentiles_ms
 from pipeline.ops.migrate import migrate
 from pipeline.ops.simulate import stored_events
 from pipeline.ops.watch import Watch
@@ -55,15 +55,6 @@ from pipeline.store.eventstore import EventStore
 from pipeline.store.reader import EventReader
 from projections import VIEWS
 from projections.rebuild import Rebuilt, rebuild_views
-
-
-def _as(settings: Settings, kind: Literal["writer", "projector", "api"]) -> Settings:
-    """`settings` connecting as one of the store's roles, as that part is deployed."""
-    return settings.model_copy(update={"postgres_user": settings.postgres_role(kind)})
-
-
-def _connect(settings: Settings) -> psycopg.Connection[Any]:
-    return psycopg.connect(**settings.postgres_connection(), autocommit=True)
 
 
 def fill(settings: Settings, store: EventStore, count: int) -> float:
@@ -96,7 +87,7 @@ def bare_read(settings: Settings) -> tuple[int, float]:
     rows, after = 0, 0
     started = time.perf_counter()
     with (
-        _connect(settings) as conn,
+        connect(settings) as conn,
         conn.cursor(binary=True, row_factory=tuple_row) as curs,
     ):
         while True:
@@ -170,8 +161,7 @@ def api_latency(settings: Settings, requests: int) -> tuple[float, float]:
             response = client.get("/v1/security/events", params=params, headers=headers)
             times.append(time.perf_counter() - started)
             response.raise_for_status()
-    times.sort()
-    return 1000 * statistics.median(times), 1000 * times[int(len(times) * 0.99) - 1]
+    return percentiles_ms(times)
 
 
 def live_lag(settings: Settings, store: EventStore, rate: float, seconds: float) -> list[float]:
@@ -210,7 +200,7 @@ def live_lag(settings: Settings, store: EventStore, rate: float, seconds: float)
     query = positions.format(Identifier(settings.postgres_schema))
 
     def follow() -> None:
-        with _connect(settings) as conn:
+        with connect(settings) as conn:
             while not ended.is_set() and (not done.is_set() or pending):
                 row = conn.execute(query, (list(VIEWS),)).fetchone()
                 now = time.perf_counter()
@@ -221,7 +211,7 @@ def live_lag(settings: Settings, store: EventStore, rate: float, seconds: float)
                 time.sleep(0.005)
 
     try:
-        with _connect(settings) as conn:
+        with connect(settings) as conn:
             # The process is up and has applied a first batch before the clock starts.
             store.write([next(events) for _ in range(100)])
             warm = reader.head(conn)
@@ -268,9 +258,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     base = Settings()
     settings = base.model_copy(update={"postgres_schema": args.schema})
     migrate(settings)  # the schema, tables and roles; each part below runs as its role
-    store = EventStore(_as(settings, "writer").eventsourcing_env())
+    store = EventStore(as_role(settings, "writer").eventsourcing_env())
     try:
-        with _connect(settings) as conn:
+        with connect(settings) as conn:
             have = EventReader(args.schema).head(conn)
         print(f"PostgreSQL {base.postgres_host}/{base.postgres_dbname}, schema {args.schema}")
         write_rate = None
@@ -285,7 +275,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         rates = {}
         for label, jobs in (("one process, view after view", 1), ("a process per core", None)):
             print(f"  {label}:")
-            views, seconds = rebuild_all(_as(settings, "projector"), jobs)
+            views, seconds = rebuild_all(as_role(settings, "projector"), jobs)
             events = sum(v["events"] for v in views.values())
             rates[jobs] = events / seconds
             print(
@@ -293,7 +283,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 f"events/s (ratio to the bare read {rates[jobs] / read_rate:.2f})"
             )
         rebuild_rate = rates[None]
-        p50, p99 = api_latency(_as(settings, "api"), args.api_requests)
+        p50, p99 = api_latency(as_role(settings, "api"), args.api_requests)
         print(
             f"(c) API, main list query ({args.api_requests} requests): "
             f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"
@@ -311,7 +301,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         store.close()
         if not args.reuse:
-            with _connect(settings) as conn:
+            with connect(settings) as conn:
                 conn.execute(SQL("DROP SCHEMA {} CASCADE").format(Identifier(args.schema)))
     return {
         "events": rows,
