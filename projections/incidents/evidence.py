@@ -2,17 +2,18 @@
 bucket before the stream drops them, and read back for the API.
 
 The FRAMES stream keeps a frame an hour (less when its byte cap is reached); an incident
-is kept for ever. `EvidenceKeeper`, part of `pipeline run incidents`, follows the frames
+is kept for ever. `EvidenceKeeper`, a thread of the incident service, follows the frames
 that become evidence (`frames.FrameTable.pending`), reads each from the FRAMES stream by
-the stream sequence its `FrameAnalyzed` event recorded, and puts it in the bucket under
-the event's id, with the frame's metadata in the object's headers and description. The
-copy is at least once and idempotent: the bucket is asked first (an object of that name
-holding that message is kept already, so a frame copied just before a crash, and dropped
-from the stream since, is still found kept), a second put of the same name only replaces
-the object with the same bytes, and the frame's row in `incident_frames` is written
-after the bucket has acknowledged. A frame the stream no longer holds is settled as
-`expired`; NATS away or the bucket missing delays the copies (they wait in the incident
-log) and never the incident process, which runs in its own threads.
+the stream sequence its `FrameAnalyzed` event recorded (checking the message's
+`Frame-Id`), and puts it in the bucket under the event's id, with the frame's metadata
+in the object's headers and description. The copy is at least once and idempotent: the
+bucket is asked first (an object of that name holding that frame is kept already, so a
+frame copied just before a crash, and dropped from the stream since, is still found
+kept), a second put of the same name only replaces the object with the same bytes, and
+the frame's row in `incident_frames` is written after the bucket has acknowledged. A
+frame the stream no longer holds is settled as `expired`; NATS away or the bucket
+missing delays the copies (they wait in the incident log) and never the incident
+process. One keeper per schema copies; the others stand by.
 
 `FrameBucket.read` serves a kept frame to the API with message gets only (the API's
 NATS user reads the bucket's stream and creates nothing), checking the object's digest.
@@ -40,6 +41,7 @@ from nats.js.object_store import ObjectStore
 from pipeline.metrics import IncidentMetrics
 from pipeline.settings import Settings
 from schemas import Domain
+from schemas.frames import FRAME_HEADERS
 from streams import Subjects
 
 from .frames import EvidenceFrame, FrameTable, Settled
@@ -59,7 +61,8 @@ EXPIRED_REASON = "frame expired before it was kept"
 NO_MESSAGE = 10037
 """JetStream's error code for a stream that holds no message at a sequence."""
 EVENT_ID = "Pipeline-Event-Id"
-MESSAGE_ID = "Nats-Msg-Id"
+FRAME_ID = FRAME_HEADERS["id"]
+"""The header naming a frame (its message id), on its message and on its object."""
 _COPIED = ("Frame-", "Nats-Msg-Id")
 """Headers of the frame's message that its object keeps."""
 _BATCH = 200
@@ -110,7 +113,7 @@ class FrameBucket:
         name = str(frame.event_id)
         with contextlib.suppress(ObjectNotFoundError):
             info = await self.store.get_info(name)
-            if _header(info.headers, MESSAGE_ID) == frame.message_id:
+            if _header(info.headers, FRAME_ID) == frame.frame.id:
                 return Settled(frame, "kept", info.size, info.digest)
         try:
             msg = await self.js.get_msg(self.frames, seq=frame.stream_seq)
@@ -118,8 +121,8 @@ class FrameBucket:
             if exc.err_code != NO_MESSAGE:
                 raise  # no FRAMES stream at all: not the frame's fault
             return Settled(frame, "expired", reason=EXPIRED_REASON)
-        found = (msg.headers or {}).get(MESSAGE_ID)
-        if found != frame.message_id:
+        found = (msg.headers or {}).get(FRAME_ID)
+        if found != frame.frame.id:
             # The sequence holds another frame: the stream was made anew since.
             return Settled(frame, "expired", reason=f"{EXPIRED_REASON} (the stream was reset)")
         headers = {k: [v] for k, v in (msg.headers or {}).items() if k.startswith(_COPIED)}

@@ -179,9 +179,17 @@ async def test_a_frame_gone_from_the_stream_is_reported_not_a_crash(
     # The first frame's message is dropped from FRAMES (as its hour or byte cap would).
     info = await nc.jsm().stream_info("FRAMES")
     await nc.jsm().delete_msg("FRAMES", info.state.first_seq)
+    # A frame whose sequence holds another frame's message (the stream made anew since).
+    other = str(uuid.uuid4())
+    store.write([_analysed(other, "cam-1", info.state.last_seq, [("person", 0.8)])])
     await asyncio.to_thread(_follow, settings)
     await _keep_all(settings)
-    assert _settled(settings) == {gone: ("expired", EXPIRED_REASON), kept: ("kept", "")}
+    assert _settled(settings) == {
+        gone: ("expired", EXPIRED_REASON),
+        kept: ("kept", ""),
+        event_id(Domain.FRAMES, other): ("expired", f"{EXPIRED_REASON} (the stream was reset)"),
+    }
+    assert await _bucket_bytes(nc, kept) == frames[kept]
 
 
 def _start(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
