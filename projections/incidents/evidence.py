@@ -222,6 +222,10 @@ class NatsLink:
             self._nc = self._bucket = None
 
 
+_OUTAGES = (OSError, nats.errors.Error, TimeoutError, psycopg.Error)
+"""What NATS or the database away raise (logged once per kind, then retried)."""
+
+
 class _Standby(Exception):
     """Another keeper copies this schema's evidence frames."""
 
@@ -248,7 +252,8 @@ class EvidenceKeeper:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep the evidence frames until `stop` is set; NATS or the database away only
-        delays them (the problem is logged once, then again when it changes)."""
+        delays them (the problem is logged once, then again when it changes), and any
+        other error is logged with its trace and tried again (with a backoff)."""
         delay, problem = 0.5, ""
         try:
             while not stop.is_set():
@@ -267,16 +272,18 @@ class EvidenceKeeper:
                 except _Standby:
                     self.after = 0
                     wait = self.standby_s
-                except (OSError, nats.errors.Error, TimeoutError, psycopg.Error) as exc:
+                except Exception as exc:
                     self.metrics.evidence_errors.inc()
-                    if repr(exc) != problem:
+                    if not isinstance(exc, _OUTAGES):
+                        log.exception("evidence: unexpected error; again in %.1f s", delay)
+                    elif repr(exc) != problem:
                         log.warning(
                             "evidence: cannot keep the incidents' frames (%r); they wait in "
                             "the incident log and the FRAMES stream (is NATS up, has the "
                             "operator run `pipeline streams apply`?)",
                             exc,
                         )
-                        problem = repr(exc)
+                    problem = repr(exc)
                     self.after = 0  # look again at every frame not settled
                     await anyio.to_thread.run_sync(self._close)
                     wait, delay = delay, min(delay * 2, 30.0)
