@@ -39,10 +39,10 @@ from .detection.extra import require_for_frames
 from .detection.frames import FrameIntake
 from .detection.pool import DetectorPool, PoolConfig, connect_ray
 from .errors import ConfigError, StoreUnavailable
+from .ingest import pull
 from .ingest.deadletter import DeadLetters
 from .ingest.dedup import CommittedIds, key_prefix
 from .ingest.intake import Intake, IntakeServices
-from .ingest.natsfix import ensure_fetch_timeout_contract
 from .ingest.pause import Pauses
 from .ingest.writer import GroupWriter
 from .metrics import Metrics
@@ -296,7 +296,7 @@ class Worker:
         )
         self._writer = GroupWriter(self.store)
         self._writer.start()
-        ensure_fetch_timeout_contract()
+        pull.install()
         if Domain.FRAMES in s.domains:
             await self._start_pool()
         services: IntakeServices = {

@@ -1,0 +1,189 @@
+"""`pipeline.ingest.pull.fetch` on a real server: no message arrives after a fetch returns.
+
+The first test shows what nats-py's own `fetch` does (and why `pull` exists); the others
+hold `pull.fetch` to its contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats.errors
+import pytest
+from nats.aio.client import Client
+from nats.aio.subscription import Subscription
+from nats.js.client import JetStreamContext
+
+from pipeline.ingest import pull
+
+STREAM, SUBJECT, CONSUMER = "PULL", "pull.x", "pull"
+PULL_REQUESTS = f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{CONSUMER}"
+"""Where a pull subscription sends its requests; a plain subscription there sees each one."""
+
+BIG = b"x" * 200_000
+"""A message big enough that a batch of them takes longer than a 10 ms window to arrive."""
+
+
+@pytest.fixture
+async def sub(nc: Client) -> AsyncIterator[JetStreamContext.PullSubscription]:
+    js = nc.jetstream()
+    await js.add_stream(name=STREAM, subjects=[SUBJECT])
+    yield await js.pull_subscribe(SUBJECT, durable=CONSUMER, stream=STREAM)
+
+
+def _left_behind(sub: JetStreamContext.PullSubscription) -> int:
+    assert sub._sub is not None
+    return sub._sub._pending_queue.qsize()
+
+
+async def _publish(nc: Client, n: int, body: bytes = b"m") -> None:
+    js = nc.jetstream()
+    for _ in range(n):
+        await js.publish(SUBJECT, body)
+
+
+async def _requests(nc: Client, seen: Subscription) -> list[dict[str, Any]]:
+    """The pull requests sent since the last call (the flush's reply comes after them)."""
+    await nc.flush()
+    return [json.loads((await seen.next_msg(1)).data) for _ in range(seen.pending_msgs)]
+
+
+async def _batches(
+    nc: Client,
+    sub: JetStreamContext.PullSubscription,
+    fetch: Any,
+    rounds: int = 20,
+) -> tuple[int, int, int]:
+    """Rounds of 16 big messages fetched in a 10 ms window, as FastStream's batch loop does,
+    with 50 ms of handling per fetch: (fetches, fetches that left messages behind, received)."""
+    fetches = left = received = 0
+    for _ in range(rounds):
+        await _publish(nc, 16, BIG)
+        got = 0
+        while got < 16:
+            try:
+                msgs = await fetch(sub, 16 - got, 0.01)
+            except nats.errors.TimeoutError:
+                continue
+            fetches += 1
+            got += len(msgs)
+            await asyncio.sleep(0.05)  # the handler at work: late messages arrive meanwhile
+            left += _left_behind(sub) > 0
+            for msg in msgs:
+                await msg.ack()
+        received += got
+    return fetches, left, received
+
+
+async def test_nats_py_fetch_leaves_messages_behind(
+    nc: Client, sub: JetStreamContext.PullSubscription
+) -> None:
+    """nats-py returns at its deadline while the server still sends: they wait in the buffer."""
+    fetches, left, received = await _batches(nc, sub, pull.upstream_fetch)
+    assert received == 320
+    assert left, (
+        f"none of nats-py's {fetches} fetches left a message behind: "
+        "pipeline/ingest/pull.py may no longer be needed"
+    )
+
+
+async def test_pull_fetch_leaves_nothing_behind(
+    nc: Client, sub: JetStreamContext.PullSubscription
+) -> None:
+    fetches, left, received = await _batches(nc, sub, pull.fetch)
+    assert received == 320
+    assert left == 0, f"{left} of {fetches} fetches left messages in the client"
+
+
+async def test_a_partial_batch_returns_as_soon_as_the_server_says_it_is_all(
+    nc: Client, sub: JetStreamContext.PullSubscription
+) -> None:
+    await _publish(nc, 5)
+    started = time.monotonic()
+    msgs = await pull.fetch(sub, 16, 5)
+    assert [m.data for m in msgs] == [b"m"] * 5
+    assert time.monotonic() - started < 1.0  # not the 5 s time-out
+    assert _left_behind(sub) == 0
+
+
+async def test_a_full_batch_is_exactly_the_batch(
+    nc: Client, sub: JetStreamContext.PullSubscription
+) -> None:
+    await _publish(nc, 20)
+    assert len(await pull.fetch(sub, 16, 1)) == 16
+    assert _left_behind(sub) == 0
+    assert len(await pull.fetch(sub, 16, 1)) == 4
+
+
+async def test_waits_for_a_message_published_within_the_time_out(
+    nc: Client, sub: JetStreamContext.PullSubscription
+) -> None:
+    async def later() -> None:
+        await asyncio.sleep(0.1)
+        await _publish(nc, 1, b"late")
+
+    task = asyncio.create_task(later())
+    msgs = await pull.fetch(sub, 16, 1)
+    await task
+    assert [m.data for m in msgs] == [b"late"]
+    assert _left_behind(sub) == 0
+
+
+async def test_nothing_within_the_time_out_raises_the_nats_error(
+    nc: Client, sub: JetStreamContext.PullSubscription
+) -> None:
+    seen = await nc.subscribe(PULL_REQUESTS)
+    started = time.monotonic()
+    with pytest.raises(nats.errors.TimeoutError):
+        await pull.fetch(sub, 10, 0.2)
+    assert 0.15 < time.monotonic() - started < 1.0
+    requests = await _requests(nc, seen)
+    assert requests[0] == {"batch": 10, "no_wait": True}
+    assert requests[1]["batch"] == 10
+    assert 0 < requests[1]["expires"] < 200_000_000
+
+
+async def test_a_time_out_too_short_for_a_waiting_request_asks_only_what_is_there(
+    nc: Client, sub: JetStreamContext.PullSubscription
+) -> None:
+    """Under 1 ms: no request that would expire in the past, only the no-wait one."""
+    seen = await nc.subscribe(PULL_REQUESTS)
+    with pytest.raises(nats.errors.TimeoutError):
+        await pull.fetch(sub, 10, 0.0005)
+    assert await _requests(nc, seen) == [{"batch": 10, "no_wait": True}]
+    await _publish(nc, 1, b"one")
+    assert [m.data for m in await pull.fetch(sub, 10, 0.0005)] == [b"one"]
+
+
+async def test_messages_a_given_up_request_delivers_are_taken_first(
+    nc: Client, sub: JetStreamContext.PullSubscription, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose end does not come in time is given up; the next fetch takes its
+    late messages from the buffer before asking for more."""
+    # Given up 0.25 s before it expires on the server: what it still delivers, and its end,
+    # come to the buffer.
+    monkeypatch.setattr(pull, "GRACE_S", -0.25)
+    started = time.monotonic()
+    with pytest.raises(nats.errors.TimeoutError):
+        await pull.fetch(sub, 2, 0.3)
+    assert time.monotonic() - started < 0.2
+    await _publish(nc, 1, b"orphan")
+    await asyncio.sleep(0.35)  # the request's 408 arrives too
+    assert _left_behind(sub) == 2
+    msgs = await pull.fetch(sub, 2, 1)
+    assert [m.data for m in msgs] == [b"orphan"]
+
+
+def test_install_puts_it_on_the_class() -> None:
+    pull.install()
+    pull.install()  # idempotent
+    assert vars(JetStreamContext.PullSubscription)["fetch"] is pull.fetch
+
+
+async def test_a_batch_below_one_is_refused(sub: JetStreamContext.PullSubscription) -> None:
+    with pytest.raises(ValueError, match="batch"):
+        await pull.fetch(sub, 0, 1)
