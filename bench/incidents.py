@@ -12,19 +12,23 @@ phase works in a namespace and schema of its own, removed afterwards (bench/even
       (c) does; `--rate R` takes R as the half load instead and skips the measure;
   (b) publish to page: in a fresh schema, the workers, `pipeline run projections`,
       `pipeline run incidents` and `pipeline run api` (each as its role) run while
-      bench/events.py's mixed traffic is published at the half load (a thread of its
-      own); a client reads `/v1/stream` with a bearer token. Every --spacing-seconds,
-      one triggering security event (kind `intrusion.confirmed`, severity critical,
-      from the source of a zone of its own, so each opens a new incident by the sites
-      file's `single` rule) is published; its latency is from just before its publish
-      to the arrival of the first server-sent update whose incidents section carries an
-      incident it caused (`incident_publish_to_page_p50_ms`, `_p99_ms`). Each incident
-      seen is then resolved through the API, as an operator would. The sites file
-      (written here) also places the traffic's sources and gives the correlator a
-      `correlate` and a `count` rule over them that buffer every security event but
-      never fire (the traffic has no frames, and the count is out of reach): the
-      process reads and correlates the whole load, and only the triggers open
-      incidents;
+      bench/events.py's mixed traffic is published at the half load (by a process of
+      its own); a client reads `/v1/stream` with a bearer token. Every
+      --spacing-seconds, one triggering security event (kind `intrusion.confirmed`,
+      severity critical, from the source of a zone of its own, so each opens a new
+      incident by the sites file's `single` rule) is published, --incidents of them
+      after one off the clock; its latency is from just before its publish to the
+      arrival of the first server-sent update whose incidents section carries an
+      incident it caused (`incident_publish_to_page_p50_ms`, `_p99_ms`, `_max_ms`).
+      Each such incident seen is then resolved through the API, as an operator would.
+      Where the time went, p50 and p99 of each stage (`stage_<name>_p50_ms`,
+      `_p99_ms`): `received`, publish to the worker's event (its timestamp);
+      `recorded`, to the incident process recording `IncidentOpened` (its
+      `recorded_at`); `page`, to the update. The sites file (written here) also places
+      the traffic's sources and services in a zone, with the example sites file's
+      `forced-door-with-person`, `badge-rejected-burst` and `service-down` rules over
+      them: the process reads and correlates the whole load (which opens incidents of
+      its own too);
   (c) the rebuild: the incident process stopped, `rebuild` (what `pipeline incidents
       rebuild` runs), as the projector role, over the store (b) left: the events it
       reads (security events, analysed frames and health reports; metrics are skipped
