@@ -204,9 +204,15 @@ async def _delete_streams(settings: Settings) -> None:
     await nc.close()
 
 
+def mixed(subjects: Subjects, seed: int) -> Iterator[Outgoing]:
+    """Valid messages of the three JSON domains in turn, without end."""
+    traffic = Traffic(subjects, duplicate_ratio=0.0, bad_ratio=0.0, seed=seed)
+    return (traffic.valid(EVENT_DOMAINS[i % 3]) for i in itertools.count())
+
+
 def messages(settings: Settings, count: int, seed: int) -> list[Outgoing]:
-    traffic = Traffic(Subjects(settings.namespace), duplicate_ratio=0.0, bad_ratio=0.0, seed=seed)
-    return [traffic.valid(EVENT_DOMAINS[i % 3]) for i in range(count)]
+    """The first `count` of `mixed` in the settings' namespace."""
+    return list(itertools.islice(mixed(Subjects(settings.namespace), seed), count))
 
 
 async def publish_all(settings: Settings, batch: Sequence[Outgoing]) -> None:
@@ -424,8 +430,7 @@ async def _fault_timeline(
     nc = await nats.connect(settings.nats_url)
     try:
         js = nc.jetstream()
-        traffic = Traffic(subjects, duplicate_ratio=0.0, bad_ratio=0.0, seed=4)
-        source = (traffic.valid(EVENT_DOMAINS[i % 3]) for i in itertools.count())
+        source = mixed(subjects, seed=4)
         done = asyncio.Event()
 
         def record(out: Outgoing) -> None:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import multiprocessing
 import os
@@ -64,9 +63,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import as_role, bench_module, connect, percentiles_ms
 from pipeline.ops.embedded import free_port
-from pipeline.ops.simulate import Expect, Outgoing, Traffic, publish, uuid7
+from pipeline.ops.simulate import Expect, Outgoing, publish, uuid7
 from pipeline.ops.watch import Child, Watch
-from pipeline.settings import EVENT_DOMAINS, Settings
+from pipeline.settings import Settings
 from pipeline.store.domain import event_id
 from pipeline.store.reader import EventReader
 from projections.incidents import load_sites
@@ -239,8 +238,7 @@ def _load(nats_url: str, namespace: str, rate: float, stop: Any, **shared: Any) 
     """The load's process: publish until `stop` is set."""
 
     async def produce() -> None:
-        traffic = Traffic(Subjects(namespace), duplicate_ratio=0.0, bad_ratio=0.0, seed=7)
-        source = (traffic.valid(EVENT_DOMAINS[i % 3]) for i in itertools.count())
+        source = events.mixed(Subjects(namespace), seed=7)
         nc = await nats.connect(nats_url)
         started = time.perf_counter()
         try:
