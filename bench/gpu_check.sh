@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from pipeline.detection.detector import DetectorConfig, export_model
-from pipeline.detection.pool import Analysis, DetectorPool, Frame, PoolConfig, connect_ray
+from pipeline.detection.frame import Analysis, Frame
+from pipeline.detection.pool import DetectorPool, PoolConfig
+from pipeline.detection.raycluster import connect_ray
 from pipeline.ops.simulate import Cameras
 from streams import Subjects
 

@@ -37,7 +37,8 @@ from . import tracing
 from .detection.detector import DetectorConfig
 from .detection.extra import require_for_frames
 from .detection.frames import FrameIntake
-from .detection.pool import DetectorPool, PoolConfig, connect_ray
+from .detection.pool import DetectorPool, PoolConfig
+from .detection.raycluster import connect_ray
 from .errors import ConfigError, StoreUnavailable
 from .ingest import pull
 from .ingest.deadletter import DeadLetters

@@ -253,7 +253,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """One local Ray for the whole run (starting one takes seconds)."""
     import ray
 
-    from pipeline.detection.pool import connect_ray
+    from pipeline.detection.raycluster import connect_ray
 
     # Short path: Ray's socket names must fit in 107 bytes.
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")

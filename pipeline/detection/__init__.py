@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from .detector import DetectorConfig, UltralyticsDetector, export_model, model_format
-from .pool import DetectorPool, Frame, PoolConfig, connect_ray
+from .frame import Frame
+from .pool import DetectorPool, PoolConfig
+from .raycluster import connect_ray
 
 __all__ = [
     "DetectorConfig",

@@ -45,7 +45,8 @@ from ..ingest.deadletter import DeadLetter
 from ..ingest.intake import Delivery, Intake, delivery_info
 from ..store.domain import event_id
 from ..store.eventstore import Accepted
-from .pool import Analysis, DetectorPool, Frame, Outcome, Unreadable, check_size
+from .frame import Analysis, Frame, Outcome, Unreadable, check_size
+from .pool import DetectorPool
 
 __all__ = ["FrameIntake"]
 

@@ -15,15 +15,10 @@ import pytest
 import ray.cloudpickle
 
 from pipeline.detection import pool as pool_module
+from pipeline.detection.actor import DetectorActor
 from pipeline.detection.detector import DetectorConfig
-from pipeline.detection.pool import (
-    Analysis,
-    DetectorActor,
-    DetectorPool,
-    Frame,
-    PoolConfig,
-    Unreadable,
-)
+from pipeline.detection.frame import Analysis, Frame, Unreadable
+from pipeline.detection.pool import DetectorPool, PoolConfig
 from pipeline.errors import DetectionFailed, Reason
 from pipeline.ingest.pause import Pauses
 from pipeline.metrics import Metrics

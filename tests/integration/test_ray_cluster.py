@@ -24,17 +24,19 @@ RAY = Path(sys.executable).parent / "ray"
 
 SCRIPT = """
 import asyncio, json, sys
-import pipeline.detection.pool as pool_module
+import pipeline.detection.raycluster as raycluster
 from pipeline.detection.detector import DetectorConfig
-from pipeline.detection.pool import DetectorPool, Frame, PoolConfig, RayVersions, connect_ray
+from pipeline.detection.frame import Frame
+from pipeline.detection.pool import DetectorPool, PoolConfig
+from pipeline.detection.raycluster import RayVersions, connect_ray
 from pipeline.errors import ConfigError
 from pipeline.ops.simulate import Cameras
 from streams import Subjects
 
 address, model, token, python = sys.argv[1:5]
 if python:  # this process claims another Python (the cluster's is the real one)
-    ray_version = pool_module.local_versions().ray
-    pool_module.local_versions = lambda: RayVersions(python, ray_version)
+    ray_version = raycluster.local_versions().ray
+    raycluster.local_versions = lambda: RayVersions(python, ray_version)
 
 async def main() -> None:
     try:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.detection.detector import DetectorConfig, UltralyticsDetector, model_format
-from pipeline.detection.pool import _yolo_env
+from pipeline.detection.raycluster import yolo_env
 from pipeline.errors import ConfigError
 from pipeline.ops.simulate import sample_images
 from pipeline.settings import Settings
@@ -158,7 +158,7 @@ def test_production_runs_ultralytics_offline_and_never_downloads(tmp_path: Path)
     )
     config = DetectorConfig.from_settings(settings)
     assert config.offline and config.sha256 == "1" * 64
-    assert _yolo_env(offline=True)["YOLO_OFFLINE"] == "1"
+    assert yolo_env(offline=True)["YOLO_OFFLINE"] == "1"
     # An official name not on disk would be downloaded in development; not here.
     with pytest.raises(ConfigError, match=r"model file 'yolo11n\.pt' not found"):
         UltralyticsDetector(config)

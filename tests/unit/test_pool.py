@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.detection.pool import RayVersions, _use_token_auth, check_versions
+from pipeline.detection.raycluster import RayVersions, check_versions, use_token_auth
 from pipeline.errors import ConfigError
 
 
@@ -54,18 +54,18 @@ def ray_env() -> Iterator[None]:
 @pytest.mark.usefixtures("ray_env")
 def test_token_authentication_stays_on(monkeypatch: pytest.MonkeyPatch) -> None:
     # A cluster's token, from the settings.
-    _use_token_auth("ray://head:10001", "s3cret", required=True)
+    use_token_auth("ray://head:10001", "s3cret", required=True)
     assert (os.environ["RAY_AUTH_MODE"], os.environ["RAY_AUTH_TOKEN"]) == ("token", "s3cret")
     # A local Ray without one: a random token of its own.
     monkeypatch.delenv("RAY_AUTH_TOKEN")
-    _use_token_auth("", "", required=True)
+    use_token_auth("", "", required=True)
     assert os.environ["RAY_AUTH_MODE"] == "token" and len(os.environ["RAY_AUTH_TOKEN"]) == 64
     # Disabled in the environment: refused in production, left as it is elsewhere.
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     with pytest.raises(ConfigError, match="RAY_AUTH_MODE: Ray's token authentication"):
-        _use_token_auth("", "", required=True)
-    _use_token_auth("", "", required=False)
+        use_token_auth("", "", required=True)
+    use_token_auth("", "", required=False)
     assert os.environ["RAY_AUTH_MODE"] == "disabled"
     # A token given wins over the environment.
-    _use_token_auth("ray://head:10001", "s3cret", required=False)
+    use_token_auth("ray://head:10001", "s3cret", required=False)
     assert os.environ["RAY_AUTH_MODE"] == "token"
