@@ -256,6 +256,8 @@ class IncidentProcess:
                     decided += _decide(correlator, item)
                 self.tables.record(conn, decided)
                 self._fold(conn, [*actions, *decided])
+                if decided:  # the dashboards' followers read it at the commit, not their poll
+                    conn.execute("SELECT pg_notify(%s, '')", (self.reader.channel,))
                 if upto > at:
                     self.positions.advance(conn, POSITION_KEY, upto)
         except BaseException:
