@@ -9,15 +9,16 @@ not), the server redelivers them and the work is done twice (the store keeps one
 the other is counted as a duplicate). With 200 kB messages and a 10 ms batch window, 13
 of 33 of nats-py's fetches left messages behind (`tests/unit/test_pull.py`).
 
-`fetch` here returns only once every pull request it made has ended: its batch
-delivered, or the server's status saying that it is over (404 no messages, 408 expired,
-409 refused). The time-out decides when to ask no more and when a waiting request
-expires on the server; it does not cut off messages already on their way. A request
-whose end never comes (the connection was lost meanwhile) is given up `GRACE_S` after its
-deadline; what it delivers later is taken first by the next fetch. Like nats-py's own
-after nats-io/nats.py#1008, a time-out with nothing fetched raises
-`nats.errors.TimeoutError`, which FastStream's batch loop expects, and a time-out too
-short to ask the server in (under 1 ms) raises it at once without a request.
+`fetch` here sends one pull request, which expires on the server at the fetch's
+deadline, and returns only once it has ended: its batch delivered, or the server's
+status saying that it is over (408 expired, 404, 409 refused). The deadline does not cut
+off messages already on their way. A request whose end never comes (the connection was
+lost meanwhile) is given up `GRACE_S` after its deadline; what it delivers later is
+taken first by the next fetch (and its end, arriving during a later request, can end
+that one early: the rare case where a message may still wait in the buffer). A time-out
+with nothing fetched raises `nats.errors.TimeoutError`, which FastStream's batch loop
+expects (nats-py's own can raise the builtin one: nats-io/nats.py#1008), and a time-out
+too short to ask the server in (under 1 ms) raises it at once, without a request.
 
 FastStream calls `fetch` on subscriptions it makes itself, so `install` puts it on nats-py's
 class. It uses the subscription's private members (`_sub`, `_nms`, `_deliver`, `_nc`),
@@ -44,6 +45,9 @@ upstream_fetch = JetStreamContext.PullSubscription.fetch
 GRACE_S = 2.0
 """How long after its deadline a request's end is waited for before it is given up."""
 
+DEFAULT_TIMEOUT_S = 5.0
+"""A fetch without a time-out waits this long, as nats-py's does by default."""
+
 _MIN_TIMEOUT_S = 0.001
 """A pull request expires 0.1 ms before the fetch's deadline: shorter would be in the past."""
 
@@ -62,20 +66,13 @@ async def fetch(
         raise ValueError("nats: invalid batch size")
     if timeout is not None and timeout <= 0:
         raise ValueError("nats: invalid fetch timeout")
-    deadline = None if timeout is None else time.monotonic() + timeout
     msgs = _buffered(sub, batch)
-    if msgs:
-        # Whatever else the stream has now, without waiting for more.
-        if len(msgs) < batch:
-            await _pull(sub, msgs, batch, None, heartbeat)
+    if msgs:  # the rest of the window is the next fetch's
         return msgs
-    await _pull(sub, msgs, batch, None, heartbeat)
-    if msgs:
-        return msgs
-    left = None if deadline is None else deadline - time.monotonic()
-    if left is not None and left < _MIN_TIMEOUT_S:
+    wait = DEFAULT_TIMEOUT_S if timeout is None else timeout
+    if wait < _MIN_TIMEOUT_S:
         raise nats.errors.TimeoutError
-    await _pull(sub, msgs, batch, left, heartbeat)
+    await _pull(sub, msgs, batch, wait, heartbeat)
     if not msgs:
         raise nats.errors.TimeoutError
     return msgs
@@ -105,23 +102,23 @@ async def _pull(
     sub: JetStreamContext.PullSubscription,
     msgs: list[Msg],
     batch: int,
-    wait: float | None,
+    wait: float,
     heartbeat: float | None,
 ) -> None:
-    """Ask for `batch - len(msgs)` more, waiting up to `wait` s for them to be published
-    (`None`: not at all), and add what comes to `msgs` until the request ends."""
-    needed = batch - len(msgs)
-    request: dict[str, Any] = {"batch": needed}
-    if wait is None:
-        request["no_wait"] = True
-    else:
-        request["expires"] = int(wait * 1e9) - 100_000
+    """Ask for `batch` messages, waiting up to `wait` s for them to be published, and add
+    what comes to `msgs` until the request ends.
+
+    Every request expires: one without (a `no_wait` alone) is not answered at all while
+    the consumer has `max_ack_pending` messages unacknowledged, and would deliver later,
+    to nobody."""
+    request: dict[str, Any] = {"batch": batch, "expires": int(wait * 1e9) - 100_000}
     if heartbeat:
         request["idle_heartbeat"] = int(heartbeat * 1e9)
     await sub._nc.publish(sub._nms, json.dumps(request).encode(), sub._deliver)
-    give_up = time.monotonic() + (wait or 0.0) + GRACE_S
+    give_up = time.monotonic() + wait + GRACE_S
     inner = sub._sub
     assert inner is not None
+    needed = batch
     while needed:
         try:
             msg = await inner.next_msg(timeout=max(give_up - time.monotonic(), 0.001))

@@ -16,6 +16,7 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
+from nats.js.api import ConsumerConfig
 from nats.js.client import JetStreamContext
 
 from pipeline.ingest import pull
@@ -99,14 +100,14 @@ async def test_pull_fetch_leaves_nothing_behind(
     assert left == 0, f"{left} of {fetches} fetches left messages in the client"
 
 
-async def test_a_partial_batch_returns_as_soon_as_the_server_says_it_is_all(
+async def test_a_partial_batch_returns_when_its_request_expires(
     nc: Client, sub: JetStreamContext.PullSubscription
 ) -> None:
     await _publish(nc, 5)
     started = time.monotonic()
-    msgs = await pull.fetch(sub, 16, 5)
+    msgs = await pull.fetch(sub, 16, 0.3)
     assert [m.data for m in msgs] == [b"m"] * 5
-    assert time.monotonic() - started < 1.0  # not the 5 s time-out
+    assert 0.25 < time.monotonic() - started < 1.0  # the 408 at the deadline, not the grace
     assert _left_behind(sub) == 0
 
 
@@ -141,22 +142,45 @@ async def test_nothing_within_the_time_out_raises_the_nats_error(
     with pytest.raises(nats.errors.TimeoutError):
         await pull.fetch(sub, 10, 0.2)
     assert 0.15 < time.monotonic() - started < 1.0
-    requests = await _requests(nc, seen)
-    assert requests[0] == {"batch": 10, "no_wait": True}
-    assert requests[1]["batch"] == 10
-    assert 0 < requests[1]["expires"] < 200_000_000
+    [request] = await _requests(nc, seen)
+    assert request["batch"] == 10
+    assert 0 < request["expires"] < 200_000_000
 
 
-async def test_a_time_out_too_short_for_a_waiting_request_asks_only_what_is_there(
+async def test_a_time_out_too_short_for_a_request_sends_none(
     nc: Client, sub: JetStreamContext.PullSubscription
 ) -> None:
-    """Under 1 ms: no request that would expire in the past, only the no-wait one."""
+    """Under 1 ms a request would expire in the past: none is sent."""
     seen = await nc.subscribe(PULL_REQUESTS)
-    with pytest.raises(nats.errors.TimeoutError):
-        await pull.fetch(sub, 10, 0.0005)
-    assert await _requests(nc, seen) == [{"batch": 10, "no_wait": True}]
     await _publish(nc, 1, b"one")
-    assert [m.data for m in await pull.fetch(sub, 10, 0.0005)] == [b"one"]
+    for timeout in (0.00005, 0.0005, 0.0009):
+        with pytest.raises(nats.errors.TimeoutError):
+            await pull.fetch(sub, 10, timeout)
+    assert await _requests(nc, seen) == []
+    assert [m.data for m in await pull.fetch(sub, 10, 0.2)] == [b"one"]
+
+
+async def test_a_consumer_at_max_ack_pending_leaves_no_request_waiting(nc: Client) -> None:
+    """No answer comes while every allowed message is unacknowledged: the request expires
+    at the deadline and leaves nothing open to deliver later, to nobody."""
+    js = nc.jetstream()
+    await js.add_stream(name=STREAM, subjects=[SUBJECT])
+    config = ConsumerConfig(durable_name=CONSUMER, max_ack_pending=2)
+    sub = await js.pull_subscribe(SUBJECT, durable=CONSUMER, stream=STREAM, config=config)
+    await _publish(nc, 6)
+    held = await pull.fetch(sub, 2, 1)
+    assert len(held) == 2
+    for _ in range(3):
+        started = time.monotonic()
+        with pytest.raises(nats.errors.TimeoutError):
+            await pull.fetch(sub, 2, 0.1)
+        assert time.monotonic() - started < 1.0  # not the grace
+    assert (await js.consumer_info(STREAM, CONSUMER)).num_waiting == 0
+    for msg in held:
+        await msg.ack()
+    await nc.flush()
+    assert len(await pull.fetch(sub, 2, 1)) == 2
+    assert _left_behind(sub) == 0
 
 
 async def test_messages_a_given_up_request_delivers_are_taken_first(
