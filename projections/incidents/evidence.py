@@ -210,9 +210,12 @@ class NatsLink:
     async def bucket(self) -> FrameBucket:
         """The evidence bucket on the connection (looked up once per connection)."""
         nc = await self.client()
-        if self._bucket is None:
-            self._bucket = await FrameBucket.open(nc, self.subjects)
-        return self._bucket
+        async with self._lock:
+            if self._nc is not nc:  # lost and made anew meanwhile: not this one's bucket
+                raise nats.errors.ConnectionClosedError
+            if self._bucket is None:
+                self._bucket = await FrameBucket.open(nc, self.subjects)
+            return self._bucket
 
     async def close(self) -> None:
         """Close the connection, if one was made."""
