@@ -68,10 +68,13 @@ class ColumnarRecorder(PostgresApplicationRecorder):
                 "SELECT b.i, b.v, topic_names[b.ti], substring(states FROM b.st FOR b.ln) "
                 "FROM (SELECT "
                 "encode(substring(ids FROM (u.n * 16 - 15)::int FOR 16), 'hex')::uuid AS i, "
-                "u.v, u.ti, u.st, u.ln FROM unnest(versions, topic_idx, starts, lengths) "
+                "u.v, u.ti, u.st, u.ln, u.n FROM unnest(versions, topic_idx, starts, lengths) "
                 "WITH ORDINALITY AS u(v, ti, st, ln, n)) AS b "
                 "WHERE NOT EXISTS (SELECT 1 FROM {schema}.{table} e "
                 "WHERE e.originator_id = b.i AND e.originator_version = b.v) "
+                # In the batch's order: PostgreSQL 16 and later may answer the anti-join
+                # in hash order, and positions are given as the rows come.
+                "ORDER BY b.n "
                 "RETURNING t.originator_id, true; "
                 "RETURN QUERY SELECT c.originator_id, false FROM {schema}.{table} c "
                 "WHERE c.originator_id = ANY(confirm) AND c.originator_version = 1; "
