@@ -7,6 +7,7 @@ import json
 import random
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -253,3 +254,10 @@ def incident_position(schema: str) -> int:
             f"SELECT position FROM \"{schema}\".projection_positions WHERE view = 'incidents'"
         ).fetchone()
     return int(row[0]) if row else -1
+
+
+def boxed(stored: Accepted, *boxes: tuple[float, float, float, float]) -> Accepted:
+    """A stored frame whose detections are at `boxes` (x1, y1, x2, y2 on 640 x 480)."""
+    found = stored.payload["detections"]
+    placed = [{**d, "box": list(box)} for d, box in zip(found, boxes, strict=True)]
+    return replace(stored, payload={**stored.payload, "detections": placed})

@@ -20,7 +20,6 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -36,7 +35,7 @@ from pipeline.store.eventstore import Accepted, EventStore
 from ..conftest import as_role
 from .dashboard import READER, Api, api_settings, processes
 from .helpers import head
-from .incidents import frame, health, security
+from .incidents import boxed, frame, health, security
 from .test_api_docs import OFFLINE, _chromium
 
 pytestmark = pytest.mark.timeout(180)
@@ -67,24 +66,17 @@ def _badges(count: int, severity: str = "low") -> list[Accepted]:
     ]
 
 
-def _boxed(stored: Accepted, *boxes: tuple[float, float, float, float]) -> Accepted:
-    """A stored frame whose detections are at `boxes` (x1, y1, x2, y2 on 640 x 480)."""
-    found = stored.payload["detections"]
-    placed = [{**d, "box": list(box)} for d, box in zip(found, boxes, strict=True)]
-    return replace(stored, payload={**stored.payload, "detections": placed})
-
-
 def _scene() -> list[Accepted]:
     """Cameras, services and security events of several kinds, as a site sends them."""
     at = _now()
     s = timedelta(seconds=1)
     return [
         frame(uuid.uuid4().hex, at - 40 * s, "cam-2", [], at),
-        _boxed(
+        boxed(
             frame(uuid.uuid4().hex, at - 30 * s, "cam-2", [("car", 0.88)], at),
             (300, 250, 520, 390),
         ),
-        _boxed(
+        boxed(
             frame(uuid.uuid4().hex, at - 20 * s, "cam-1", [("car", 0.71)], at),
             (40, 260, 260, 400),
         ),
@@ -100,7 +92,7 @@ def _intrusion() -> list[Accepted]:
     at = _now()
     return [
         security(uuid.uuid4().hex, at, "door.forced", "high", "door-1", at),
-        _boxed(
+        boxed(
             frame(
                 uuid.uuid4().hex,
                 at + timedelta(seconds=2),

@@ -6,7 +6,6 @@ saved with the test's output (and in PIPELINE_TESTS_ARTIFACTS, if set)."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import re
@@ -31,7 +30,7 @@ from schemas import Domain, FrameEncoding
 
 from ..conftest import as_role
 from .dashboard import Api, api_settings, processes
-from .incidents import frame, frame_meta, publish_frame, security
+from .incidents import boxed, frame, frame_meta, publish_frame, security
 from .test_api_docs import OFFLINE, _chromium
 
 pytestmark = pytest.mark.timeout(180)
@@ -63,12 +62,11 @@ def _png() -> bytes:
     return out.getvalue()
 
 
-def _analysed(ident: str, seq: int, at: datetime, box: tuple[float, ...]) -> Accepted:
+def _analysed(
+    ident: str, seq: int, at: datetime, box: tuple[float, float, float, float]
+) -> Accepted:
     stored = frame(ident, at, "cam-1", [("person", 0.91)], at, stream_seq=seq, encoding=PNG)
-    (found,) = stored.payload["detections"]
-    return dataclasses.replace(
-        stored, payload={**stored.payload, "detections": [{**found, "box": list(box)}]}
-    )
+    return boxed(stored, box)
 
 
 async def test_the_incident_shows_its_kept_frame_with_boxes_and_says_which_expired(
