@@ -38,10 +38,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import nats
+import orjson
 import psycopg
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -168,6 +170,154 @@ class StoreWatcher:
                 conn.close()
 
 
+class Tap:
+    """A core NATS subscriber on the event subjects, in a thread of its own: when each
+    message (by its Nats-Msg-Id) went through the server, the stage before any consumer."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.seen: dict[str, float] = {}
+        self._settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),))
+
+    def __enter__(self) -> Tap:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the NATS tap did not subscribe within 10 s")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    async def _run(self) -> None:
+        self._stop = asyncio.Event()
+        subjects = Subjects(self._settings.namespace)
+        nc = await nats.connect(self._settings.nats_url)
+        seen = self.seen
+
+        async def arrived(msg: Any) -> None:
+            seen.setdefault((msg.headers or {}).get("Nats-Msg-Id", ""), time.perf_counter())
+
+        for domain in EVENT_DOMAINS:
+            await nc.subscribe(subjects.wildcard(domain), cb=arrived, pending_msgs_limit=-1)
+        await nc.flush()
+        self._ready.set()
+        await self._stop.wait()
+        await nc.close()
+
+
+STAGES = {
+    "nats": "publish -> through the server (a core subscriber sees it)",
+    "pull": "through the server -> a worker's batch starts (stream wait, pull, event loop)",
+    "store": "batch start -> committed (decode, previous commit, group commit, transaction)",
+}
+
+
+def breakdown(
+    settings: Settings,
+    sent_at: dict[uuid.UUID, float],
+    seen: dict[str, float],
+    committed: dict[uuid.UUID, float],
+    live: Sequence[Outgoing],
+) -> dict[str, Any]:
+    """Where publish-to-commit time goes, by stage: p50 and p99 of each, and the mean of
+    each over the slowest 1 % of events. The batch start is the stored event's timestamp
+    (the worker's clock, this host's)."""
+    table = f'"{settings.postgres_schema}".journal_events'
+    with psycopg.connect(**_conninfo(settings)) as conn:
+        rows = conn.execute(
+            f"SELECT originator_id, state FROM {table} WHERE originator_id = ANY(%s)",
+            (list(sent_at),),
+        ).fetchall()
+    to_perf = time.time() - time.perf_counter()
+    started = {
+        row[0]: datetime.fromisoformat(orjson.loads(row[1])["timestamp"]["_data_"]).timestamp()
+        - to_perf
+        for row in rows
+    }
+    parts: dict[str, list[float]] = {name: [] for name in STAGES}
+    totals: list[tuple[float, dict[str, float]]] = []
+    for out in live:
+        eid = event_id(out.domain, out.message_id)
+        if eid not in started or out.message_id not in seen:
+            continue
+        marks = [sent_at[eid], seen[out.message_id], started[eid], committed[eid]]
+        one = {n: (b - a) * 1000 for n, a, b in zip(STAGES, marks, marks[1:], strict=False)}
+        for name, value in one.items():
+            parts[name].append(value)
+        totals.append(((marks[-1] - marks[0]) * 1000, one))
+    totals.sort(key=lambda item: item[0])
+    slowest = [one for _, one in totals[-max(1, len(totals) // 100) :]]
+    found: dict[str, Any] = {"stages_timed": len(totals)}
+    for name, values in parts.items():
+        values.sort()
+        found[f"stage_{name}_p50_ms"] = round(_quantile(values, 0.5), 2)
+        found[f"stage_{name}_p99_ms"] = round(_quantile(values, 0.99), 2)
+        found[f"stage_{name}_in_slowest_ms"] = round(
+            sum(one[name] for one in slowest) / len(slowest), 2
+        )
+    return found
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    return ordered[max(0, int(len(ordered) * q) - 1)] if ordered else float("nan")
+
+
+def bare_latency(
+    base: Settings, rate: float, seconds: float, batch: int, watch: Watch
+) -> list[float]:
+    """Publish-to-fetch latencies (ms) of bare pull consumers (one per stream) that fetch up
+    to `batch` with the worker's batch window and ack, at `rate` messages/s."""
+    with workspace(base) as settings:
+        return asyncio.run(watch.guard(_bare_latency(settings, rate, seconds, batch)))
+
+
+async def _bare_latency(settings: Settings, rate: float, seconds: float, batch: int) -> list[float]:
+    subjects = Subjects(settings.namespace)
+    nc = await nats.connect(settings.nats_url)
+    await apply_streams(nc, settings)
+    js = nc.jetstream()
+    live = messages(settings, int(rate * seconds), seed=2)
+    sent_at: dict[str, float] = {}
+    fetched: dict[str, float] = {}
+    done = asyncio.Event()
+
+    async def consume(domain: Domain) -> None:
+        sub = await js.pull_subscribe(
+            subjects.wildcard(domain),
+            durable=f"bare-{domain.value}",
+            stream=subjects.stream(domain),
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
+        )
+        while not done.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=settings.batch_timeout_s)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            now = time.perf_counter()
+            for msg in msgs:
+                fetched.setdefault((msg.headers or {}).get("Nats-Msg-Id", ""), now)
+                await msg.ack()
+
+    def stamp(out: Outgoing) -> None:
+        sent_at[out.message_id] = time.perf_counter()
+
+    consumers = [asyncio.create_task(consume(d)) for d in EVENT_DOMAINS]
+    await asyncio.sleep(0.5)  # the consumers exist before the first message
+    await publish(js, iter(live), rate=rate, count=len(live), on_published=stamp)
+    deadline = time.monotonic() + 60
+    while len(fetched) < len(sent_at) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    done.set()
+    await asyncio.gather(*consumers)
+    await nc.close()
+    return sorted((fetched[m] - t) * 1000 for m, t in sent_at.items() if m in fetched)
+
+
 def _conninfo(settings: Settings) -> dict[str, Any]:
     return {
         "host": settings.postgres_host,
@@ -291,11 +441,13 @@ def pipeline_rate(
     watch: Watch,
     latency_s: float = 0.0,
     beside: Callable[[Settings], contextlib.AbstractContextManager[object]] | None = None,
+    stages: dict[str, Any] | None = None,
 ) -> tuple[float, list[float], float]:
     """Events/s of `processes` workers on a backlog of `count`; then latency at half rate.
 
     `beside(settings)`, when given, is entered before the workers start and left after
     they stop, on the run's schema (bench/audit.py runs the audit log's follower there).
+    `stages`, when given, receives the latency's breakdown by stage (`breakdown`).
     Every wait ends as soon as a process in `watch` (the workers among them) exits.
     """
     with (
@@ -333,9 +485,12 @@ def pipeline_rate(
                     )
                     await nc.close()
 
-                asyncio.run(watch.guard(produce()))
-                clock.wait_for(count + len(live), watch)
+                with Tap(settings) as tap:
+                    asyncio.run(watch.guard(produce()))
+                    clock.wait_for(count + len(live), watch)
                 latencies = sorted((clock.committed[i] - t) * 1000 for i, t in sent_at.items())
+                if stages is not None:
+                    stages.update(breakdown(settings, sent_at, tap.seen, clock.committed, live))
         finally:
             watch.stop(workers)
     return rate, latencies, live_rate
@@ -535,18 +690,37 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             f"(b) pipeline, 1 worker process:                {one:>8,.0f} events/s "
             f"(ratio {one / top:.2f})"
         )
+        stages: dict[str, Any] = {}
         rate, latencies, live_rate = pipeline_rate(
-            base, args.processes, args.messages, log, watch, latency_s=args.latency_seconds
+            base,
+            args.processes,
+            args.messages,
+            log,
+            watch,
+            latency_s=args.latency_seconds,
+            stages=stages,
         )
         print(
             f"(b) pipeline, {args.processes} worker processes:              {rate:>8,.0f} events/s "
             f"(ratio {rate / top:.2f})"
         )
-        p50 = latencies[len(latencies) // 2]
-        p99 = latencies[max(0, int(len(latencies) * 0.99) - 1)]
+        p50, p99 = _quantile(latencies, 0.5), _quantile(latencies, 0.99)
         print(
             f"(c) publish-to-commit at {live_rate:,.0f}/s for {args.latency_seconds:.0f} s: "
             f"p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(latencies)} events)"
+        )
+        for name, meaning in STAGES.items():
+            print(
+                f"    {name:<5} p50 {stages[f'stage_{name}_p50_ms']:>7.1f} ms, "
+                f"p99 {stages[f'stage_{name}_p99_ms']:>7.1f} ms, "
+                f"in the slowest 1 % {stages[f'stage_{name}_in_slowest_ms']:>7.1f} ms: {meaning}"
+            )
+        bare = bare_latency(base, live_rate, args.latency_seconds, args.batch, watch)
+        bare_p50, bare_p99 = _quantile(bare, 0.5), _quantile(bare, 0.99)
+        print(
+            f"(c) bare path at the same rate, publish -> fetched by a bare consumer: "
+            f"p50 {bare_p50:.1f} ms, p99 {bare_p99:.1f} ms ({len(bare)} messages); "
+            f"pipeline p99 / bare p99 = {p99 / bare_p99:.1f}"
         )
         fault: dict[str, Any] = {}
         if args.fault:
@@ -575,6 +749,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "ratio": round(rate / top, 3),
         "p50_ms": round(p50, 2),
         "p99_ms": round(p99, 2),
+        "bare_p50_ms": round(bare_p50, 2),
+        "bare_p99_ms": round(bare_p99, 2),
+        "p99_ratio_to_bare": round(p99 / bare_p99, 2),
+        **stages,
         "processes": args.processes,
         "pipeline_1_process_events_per_s": round(one),
         "latency_rate_per_s": round(live_rate),

@@ -119,12 +119,17 @@ async def _pull(
     give_up = time.monotonic() + wait + GRACE_S
     inner = sub._sub
     assert inner is not None
+    queue = inner._pending_queue
     needed = batch
     while needed:
-        try:
-            msg = await inner.next_msg(timeout=max(give_up - time.monotonic(), 0.001))
-        except nats.errors.TimeoutError:
-            return  # the end never came: what it still delivers waits for the next fetch
+        if queue.empty():  # `next_msg` starts a task per call: only to wait
+            try:
+                msg = await inner.next_msg(timeout=max(give_up - time.monotonic(), 0.001))
+            except nats.errors.TimeoutError:
+                return  # the end never came: what it still delivers waits for the next fetch
+        else:
+            msg = queue.get_nowait()
+            inner._pending_size -= len(msg.data)
         status = JetStreamContext.is_status_msg(msg)
         if status == _HEARTBEAT:
             continue

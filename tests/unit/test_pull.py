@@ -216,3 +216,26 @@ def test_install_puts_it_on_the_class() -> None:
 async def test_a_batch_below_one_is_refused(sub: JetStreamContext.PullSubscription) -> None:
     with pytest.raises(ValueError, match="batch"):
         await pull.fetch(sub, 0, 1)
+
+
+async def test_messages_already_arrived_are_taken_without_a_wait_each(
+    nc: Client, sub: JetStreamContext.PullSubscription, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`next_msg` starts a task and a timer per call: it is called only to wait for the
+    next message, not for each one already in the buffer (a quarter of a worker's CPU)."""
+    await _publish(nc, 200)
+    assert sub._sub is not None
+    inner = sub._sub
+    waits = 0
+    next_msg = inner.next_msg
+
+    async def counted(timeout: float = 1.0) -> Any:  # noqa: ASYNC109 (next_msg's signature)
+        nonlocal waits
+        waits += 1
+        await asyncio.sleep(0.02)  # the batch's other messages arrive meanwhile
+        return await next_msg(timeout)
+
+    monkeypatch.setattr(inner, "next_msg", counted)
+    msgs = await pull.fetch(sub, 200, 2)
+    assert len(msgs) == 200
+    assert waits < 20, f"{waits} waits for 200 messages"
