@@ -18,12 +18,20 @@ idempotent. Every process then connects as a role holding only what it needs:
 The event table, the audit tables and the incident logs are append-only: no role is
 granted UPDATE, DELETE or TRUNCATE on them, and a trigger refuses those to the owner
 too (see `pipeline/audit/tables.py` for the logged break-glass setting).
+
+The event table's vacuum settings (`EVENTS_STORAGE`) suit an insert-only table: a
+vacuum every `autovacuum_vacuum_insert_threshold` new rows, whatever the table's size,
+freezes the pages it scans, so an anti-wraparound vacuum finds them frozen already;
+and no vacuum ends by truncating the table (which takes ACCESS EXCLUSIVE, a lock even
+readers wait for). Writers do not wait for a vacuum at all (see
+`pipeline/store/recorder.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,11 +47,27 @@ from ..settings import Settings
 from ..store.eventstore import EventStore
 from ..store.reader import EVENTS_TABLE
 
-__all__ = ["ROLES", "Migrated", "migrate"]
+__all__ = ["EVENTS_STORAGE", "ROLES", "Migrated", "migrate"]
 
 log = logging.getLogger(__name__)
 
 ROLES = ("writer", "projector", "api", "auditor")
+
+EVENTS_STORAGE = {
+    # Vacuumed every 100,000 inserted rows rather than every fifth of the table's size:
+    # each run's work stays small as the store grows.
+    "autovacuum_vacuum_insert_threshold": "100000",
+    "autovacuum_vacuum_insert_scale_factor": "0",
+    # Frozen as soon as vacuumed: an insert-only table's rows never change again.
+    "autovacuum_freeze_min_age": "0",
+    # No truncation at the end of a vacuum (an append-only table has no empty tail).
+    "vacuum_truncate": "false",
+}
+"""Storage parameters of the event table, set (where they differ) by `migrate`."""
+
+DDL_WAIT = "2s"
+"""How long `migrate`'s DDL waits for a lock (writers may wait behind it) before it
+tries again."""
 
 
 @dataclass(frozen=True)
@@ -77,13 +101,56 @@ def migrate(settings: Settings) -> Migrated:
             _role(conn, name, passwords[kind])
         # The event table and its insert function, as eventsourcing makes them.
         EventStore(settings.eventsourcing_env(create_table=True)).close()
-        with conn.transaction():
-            Positions(schema).create(conn)
-            AuditTables(schema).create(conn)
-            IncidentTables(schema).create_logs(conn)
-            _grant(conn, schema, roles)
+        while True:
+            # The append-only trigger's DDL takes a lock on the event table that waits for
+            # a running VACUUM, and every writer would wait behind it: first let the
+            # vacuum end, then wait for any other lock only briefly, and try again.
+            _no_vacuum(conn, schema)
+            try:
+                _storage(conn, schema)
+                with conn.transaction():
+                    conn.execute(SQL("SET LOCAL lock_timeout = {}").format(Literal(DDL_WAIT)))
+                    Positions(schema).create(conn)
+                    AuditTables(schema).create(conn)
+                    IncidentTables(schema).create_logs(conn)
+                    _grant(conn, schema, roles)
+                break
+            except psycopg.errors.LockNotAvailable as exc:
+                log.info("migrating schema %s: %s; trying again", schema, exc)
     log.info("migrated schema %s", schema)
     return Migrated(schema, roles)
+
+
+def _no_vacuum(conn: psycopg.Connection[Any], schema: str) -> None:
+    """Return once no VACUUM of the event table runs (as far as this role can see)."""
+    events = SQL("{}.{}").format(Identifier(schema), Identifier(EVENTS_TABLE)).as_string(conn)
+    logged = False
+    while True:
+        row = conn.execute(
+            "SELECT pid FROM pg_stat_progress_vacuum WHERE relid = %s::regclass", (events,)
+        ).fetchone()
+        if row is None:
+            return
+        if not logged:
+            log.info("waiting for the VACUUM of %s (pid %s) to end", events, row[0])
+            logged = True
+        time.sleep(1.0)
+
+
+def _storage(conn: psycopg.Connection[Any], schema: str) -> None:
+    """Set the event table's storage parameters that differ from `EVENTS_STORAGE`."""
+    events = SQL("{}.{}").format(Identifier(schema), Identifier(EVENTS_TABLE))
+    row = conn.execute(
+        "SELECT reloptions FROM pg_class WHERE oid = %s::regclass", (events.as_string(conn),)
+    ).fetchone()
+    have = dict(o.split("=", 1) for o in (row[0] if row and row[0] else []))
+    changed = {k: v for k, v in EVENTS_STORAGE.items() if have.get(k) != v}
+    if changed:
+        # Skipped when nothing differs: the ALTER waits for a running VACUUM to end.
+        options = SQL(", ").join(
+            SQL("{} = {}").format(SQL(k), Literal(v)) for k, v in changed.items()
+        )
+        conn.execute(SQL("ALTER TABLE {} SET ({})").format(events, options))
 
 
 def _role(conn: psycopg.Connection[Any], name: str, password: str) -> None:

@@ -1,14 +1,25 @@
 """A Postgres application recorder that stores a batch of new events in one statement.
 
-`insert_new` calls a database function that takes the same EXCLUSIVE table lock as the
-stock recorder (so notification ids commit in order), notifies listeners, and inserts
-only the rows whose id is not stored yet, returning the ids it stored. Because every
-writer takes that lock first, the existence check and the insert cannot be raced by
-another worker. The whole transaction is a single statement: no client round trip
-happens while the table lock is held. The same statement also reports which of the
-ids a cache believed stored (`confirm`) the table does hold, so a cache is never
-believed on its own word. A lock wait longer than the datastore's `lock_timeout` fails
-the statement (a transient error: the caller tries again later).
+`insert_new` calls a database function that serialises the writers of the event table,
+notifies listeners, and inserts only the rows whose id is not stored yet, returning the
+ids it stored. Writers take turns on a transaction-level advisory lock keyed by the
+table (`order_lock`), held until the commit, so notification ids commit in the order
+they are drawn: a reader that has seen position N never later finds a new event below
+N. Because every writer takes that lock first, the existence check and the insert
+cannot be raced by another worker either. The whole transaction is a single
+statement: no client round trip happens while the lock is held. The same statement
+also reports which of the ids a cache believed stored (`confirm`) the table does hold,
+so a cache is never believed on its own word. A lock wait longer than the datastore's
+`lock_timeout` fails the statement (a transient error: the caller tries again later).
+
+Why not the EXCLUSIVE table lock of the stock recorder: it conflicts with the SHARE
+UPDATE EXCLUSIVE lock of VACUUM and ANALYZE. An anti-wraparound autovacuum, or a
+manual `VACUUM (FREEZE)`, does not give way, so every writer would wait for as long as
+it runs; the advisory lock does not conflict with any table lock. An inserter still
+takes ROW EXCLUSIVE on the table, which conflicts with EXCLUSIVE: a writer running an
+earlier definition of the function (LOCK TABLE ... IN EXCLUSIVE MODE) excludes, and is
+excluded by, every writer running this one, so the two kinds together still commit
+positions in order.
 
 Ids and states travel as one bytea each (the states with the start and length of each
 one) and topics as indexes into the few distinct names: psycopg renders a list element
@@ -25,14 +36,29 @@ import psycopg
 from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.utils import retry
-from psycopg.rows import tuple_row
-from psycopg.sql import SQL, Identifier
+from psycopg import Cursor
+from psycopg.rows import DictRow, tuple_row
+from psycopg.sql import SQL, Composed, Identifier, Literal
 
-__all__ = ["ColumnarRecorder"]
+__all__ = ["ORDER_LOCK_SPACE", "ColumnarRecorder", "order_lock"]
+
+ORDER_LOCK_SPACE = 0x65766E74
+"""First key of the writers' advisory lock (b"evnt"); the second is the table's oid."""
 
 
 def _uuid(value: uuid.UUID | str) -> uuid.UUID:
     return value if isinstance(value, uuid.UUID) else uuid.UUID(value)
+
+
+def order_lock(schema: str, table: str) -> Composed:
+    """The statement every writer of `schema.table` runs before it inserts, in the inserting
+    transaction: positions then commit in the order they are drawn."""
+    # Two int4 keys: a keyspace apart from the one-bigint keys of `pg_advisory_lock`
+    # (taken elsewhere on hashtext of the same name, e.g. by `create_table`).
+    return SQL("PERFORM pg_catalog.pg_advisory_xact_lock({}, {}::regclass::oid::int)").format(
+        Literal(ORDER_LOCK_SPACE),
+        Literal(SQL("{}.{}").format(Identifier(schema), Identifier(table)).as_string(None)),
+    )
 
 
 class ColumnarRecorder(PostgresApplicationRecorder):
@@ -57,10 +83,13 @@ class ColumnarRecorder(PostgresApplicationRecorder):
                 "CREATE OR REPLACE FUNCTION {schema}.{function}("
                 "ids bytea, versions bigint[], topic_names text[], topic_idx int[], "
                 "states bytea, starts int[], lengths int[], confirm uuid[]) "
-                "RETURNS TABLE (id uuid, inserted boolean) LANGUAGE plpgsql AS $BODY$ "
+                "RETURNS TABLE (id uuid, inserted boolean) LANGUAGE plpgsql "
+                # In the same statement as the body: a replaced function never runs, even
+                # for a moment, with the rights of a writer (which may not insert).
+                "SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $BODY$ "
                 "BEGIN "
                 "SET LOCAL lock_timeout = '{lock_timeout}s'; "
-                "LOCK TABLE {schema}.{table} IN EXCLUSIVE MODE; "
+                "{order_lock}; "
                 "NOTIFY {channel}; "
                 "RETURN QUERY "
                 "INSERT INTO {schema}.{table} AS t "
@@ -84,6 +113,7 @@ class ColumnarRecorder(PostgresApplicationRecorder):
                 table=table,
                 function=function,
                 lock_timeout=datastore.lock_timeout,
+                order_lock=order_lock(datastore.schema, events_table_name),
                 channel=Identifier(self.channel_name),
             )
         )
@@ -105,6 +135,24 @@ class ColumnarRecorder(PostgresApplicationRecorder):
                 super().create_table()
             finally:
                 conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (name,))
+
+    def _create_table(self, curs: Cursor[DictRow]) -> None:
+        """Run the create statements, less an index that exists already.
+
+        `CREATE INDEX IF NOT EXISTS` takes the table's SHARE lock before it looks: behind
+        a running VACUUM it would wait, and every writer would wait behind it, so a
+        migration of a store in use would pause writing for as long as the vacuum runs.
+        """
+        index = SQL("{}.{}").format(
+            Identifier(self.datastore.schema), Identifier(self.notification_id_index_name)
+        )
+        curs.execute("SELECT to_regclass(%s) IS NOT NULL AS found", (index.as_string(None),))
+        row = curs.fetchone()
+        skip = "CREATE UNIQUE INDEX IF NOT EXISTS" if row and row["found"] else "CREATE TYPE"
+        for statement in self.sql_create_statements:
+            text = statement.as_string()
+            if "CREATE TYPE" not in text and not text.startswith(skip):
+                curs.execute(statement, prepare=False)
 
     @retry((InterfaceError, OperationalError), max_attempts=3, wait=0.2)
     def insert_new(
