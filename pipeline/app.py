@@ -62,6 +62,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+STREAM_CHECK_S = 60.0
+"""How long a starting worker retries reading its streams when the reads time out."""
+
 
 async def connect_nats(settings: Settings) -> Client:
     """Connect to NATS, or fail at once with an error naming the setting.
@@ -76,7 +79,7 @@ async def connect_nats(settings: Settings) -> Client:
     options = settings.nats_options()
     try:
         probe = await nats.connect(
-            settings.nats_url,
+            settings.nats_servers(),
             connect_timeout=5,
             allow_reconnect=False,
             max_reconnect_attempts=1,
@@ -95,7 +98,7 @@ async def connect_nats(settings: Settings) -> Client:
         ) from exc
     await probe.close()
     return await nats.connect(
-        settings.nats_url, connect_timeout=5, max_reconnect_attempts=-1, **options
+        settings.nats_servers(), connect_timeout=5, max_reconnect_attempts=-1, **options
     )
 
 
@@ -182,12 +185,25 @@ async def check_streams(nc: Client, settings: Settings) -> None:
     `pipeline streams apply`. Other drift (retention, limits) is logged, not refused.
     """
     streams, consumers = stream_definitions(settings)
-    try:
-        found = await check(nc.jsm(), streams, consumers)
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise ConfigError(
-            "PIPELINE_NATS_URL", f"cannot read the streams at {settings.nats_url}: {exc!r}"
-        ) from exc
+    deadline = asyncio.get_running_loop().time() + STREAM_CHECK_S
+    while True:
+        try:
+            found = await check(nc.jsm(), streams, consumers)
+            break
+        except TimeoutError as exc:
+            # In a cluster, a stream whose leader was lost answers nothing until its
+            # replicas elect another (seconds): wait for that rather than exit.
+            if asyncio.get_running_loop().time() > deadline:
+                raise ConfigError(
+                    "PIPELINE_NATS_URL",
+                    f"cannot read the streams at {settings.nats_url} within "
+                    f"{STREAM_CHECK_S:.0f} s: {exc!r}",
+                ) from exc
+            log.warning("reading the streams timed out (a stream without a leader?); retrying")
+        except nats.errors.Error as exc:
+            raise ConfigError(
+                "PIPELINE_NATS_URL", f"cannot read the streams at {settings.nats_url}: {exc!r}"
+            ) from exc
     for change in found.drift:
         log.warning("%s (run `pipeline streams apply` to apply the configured value)", change)
     if found.problems:
@@ -333,7 +349,7 @@ class Worker:
         broker_log = logging.getLogger("pipeline.broker")
         broker_log.setLevel(logging.WARNING)
         self._broker = broker = NatsBroker(
-            s.nats_url,
+            s.nats_servers(),
             logger=broker_log,
             graceful_timeout=30.0,
             max_reconnect_attempts=-1,

@@ -16,7 +16,15 @@ from schemas import Domain
 
 from .errors import ConfigError
 
-__all__ = ["ALL_DOMAINS", "EVENT_DOMAINS", "JWT_ALGORITHMS", "ApiToken", "Scope", "Settings"]
+__all__ = [
+    "ALL_DOMAINS",
+    "EVENT_DOMAINS",
+    "JWT_ALGORITHMS",
+    "ApiToken",
+    "Scope",
+    "Settings",
+    "nats_server_urls",
+]
 
 _SECRETS = (
     "nats_password",
@@ -53,6 +61,59 @@ _SCOPE_MAP: dict[str, tuple[Scope, ...]] = {
 }
 
 
+_NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def nats_server_urls(value: str) -> list[str]:
+    """The server URLs of a `PIPELINE_NATS_URL`: one URL, or a comma-separated list of a
+    cluster's (`nats://a:4222,nats://b:4222`); `ValueError` naming a malformed entry.
+
+    A list is all `tls://` or none (one TLS context serves every server) and does not mix
+    websocket and plain URLs (the NATS client refuses to).
+    """
+    urls = [entry.strip() for entry in value.split(",")]
+    for position, url in enumerate(urls, 1):
+        problem = _nats_url_problem(url)
+        if problem:
+            raise ValueError(
+                f"PIPELINE_NATS_URL: entry {position} ({url!r}) {problem}; expected "
+                "scheme://host[:port] or a comma-separated list of them, such as "
+                "nats://nats-1:4222,nats://nats-2:4222"
+            )
+    schemes = {urlsplit(url).scheme for url in urls}
+    if schemes & {"ws", "wss"} and not schemes <= {"ws", "wss"}:
+        raise ValueError(
+            "PIPELINE_NATS_URL: websocket (ws://, wss://) and plain (nats://, tls://) "
+            "servers in one list; use one kind"
+        )
+    if "tls" in schemes and schemes != {"tls"}:
+        raise ValueError(
+            "PIPELINE_NATS_URL: some servers are tls:// and some are not; "
+            "use tls:// for all of them or for none"
+        )
+    return urls
+
+
+def _nats_url_problem(url: str) -> str:
+    """What is wrong with one NATS server URL; empty when nothing is."""
+    if not url:
+        return "is empty"
+    parts = urlsplit(url)
+    if parts.scheme not in _NATS_SCHEMES:
+        return "does not start with nats://, tls://, ws:// or wss://"
+    try:
+        port = parts.port
+    except ValueError:
+        return "has a port that is not a number from 0 to 65535"
+    if not parts.hostname:
+        return "names no host"
+    if port == 0:
+        return "has port 0"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "has a path, query or fragment"
+    return ""
+
+
 class ApiToken(BaseModel):
     """A static API token with a name: who acknowledges an incident with it."""
 
@@ -72,7 +133,7 @@ class Settings(BaseSettings):
     # Where this runs: `production` refuses to start without authentication and passwords
     env: Literal["development", "production"] = "development"
 
-    # NATS JetStream
+    # NATS JetStream: one server's URL, or a cluster's as a comma-separated list
     nats_url: str = "nats://127.0.0.1:4222"
     # Authentication: user and password, a credentials (.creds) file, or an NKey seed file
     nats_user: str = ""
@@ -334,6 +395,12 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_urls_well_formed(cls, value: str) -> str:
+        nats_server_urls(value)
+        return value
+
     @model_validator(mode="after")
     def _one_nats_authentication(self) -> Settings:
         given = [
@@ -458,12 +525,16 @@ class Settings(BaseSettings):
         if self.nats_inbox_prefix:
             return self.nats_inbox_prefix
         return f"_INBOX_{self.nats_user}" if self.nats_user else "_INBOX"
+    def nats_servers(self) -> list[str]:
+        """The NATS servers to connect to: each URL of `PIPELINE_NATS_URL`, in its order."""
+        return nats_server_urls(self.nats_url)
+
 
     def nats_tls(self) -> ssl.SSLContext | None:
-        """The TLS context for NATS: when a CA or client certificate is set, or the URL
-        says `tls://`; None for a plain connection."""
+        """The TLS context for NATS: when a CA or client certificate is set, or the URLs
+        say `tls://` (all of them or none, as checked); None for a plain connection."""
         wanted = self.nats_tls_ca_file or self.nats_tls_cert_file
-        if not wanted and not self.nats_url.startswith("tls://"):
+        if not wanted and not self.nats_servers()[0].startswith("tls://"):
             return None
         context = ssl.create_default_context(cafile=self.nats_tls_ca_file or None)
         if self.nats_tls_cert_file:

@@ -57,7 +57,12 @@ async def apply(
 ) -> list[Applied]:
     """Make the server match the given configs; safe to run any number of times."""
     results = [await _apply_stream(jsm, config) for config in streams]
+    missing = {r.name for r in results if r.action == "failed" and r.error and not r.drift}
     for stream, config in consumers:
+        if stream in missing:
+            name = f"{stream}/{config.durable_name}"
+            results.append(Applied("consumer", name, "failed", (), f"no stream {stream}"))
+            continue
         results.append(await _apply_consumer(jsm, stream, config))
     return results
 
@@ -67,7 +72,10 @@ async def _apply_stream(jsm: JetStreamManager, config: StreamConfig) -> Applied:
     try:
         info = await jsm.stream_info(config.name)
     except NotFoundError:
-        await jsm.add_stream(config)
+        try:
+            await jsm.add_stream(config)
+        except APIError as exc:  # e.g. more replicas than the cluster has servers
+            return Applied("stream", config.name, "failed", (), str(exc.description or exc))
         return Applied("stream", config.name, "created")
     drift = _drift(config, info.config)
     if not drift:

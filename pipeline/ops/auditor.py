@@ -60,7 +60,7 @@ async def _copy_checkpoints(settings: Settings, service: AuditService, stop: asy
             try:
                 if nc is None:
                     nc = await nats.connect(
-                        settings.nats_url,
+                        settings.nats_servers(),
                         connect_timeout=2,
                         max_reconnect_attempts=-1,
                         reconnect_time_wait=1,

@@ -299,7 +299,7 @@ async def _simulate(
     say: Callable[[str], None],
     budget: _Budget,
 ) -> None:
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_servers())
     published: Counter[str] = Counter()
 
     def count(out: Outgoing) -> None:

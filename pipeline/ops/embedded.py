@@ -20,7 +20,14 @@ from urllib.parse import parse_qs, urlparse
 from ..errors import ConfigError
 from .watch import Child, Watch
 
-__all__ = ["MAX_PAYLOAD", "EmbeddedNats", "EmbeddedPostgres", "PostgresAddress", "free_port"]
+__all__ = [
+    "MAX_PAYLOAD",
+    "EmbeddedNats",
+    "EmbeddedPostgres",
+    "NatsClusterMember",
+    "PostgresAddress",
+    "free_port",
+]
 
 MAX_PAYLOAD = "9MB"
 """The embedded server's max_payload, as in deploy/nats/nats.conf: 8 MiB frames and headers."""
@@ -70,11 +77,34 @@ def nats_server_binary() -> Path:
     return Path(found)
 
 
+@dataclass(frozen=True)
+class NatsClusterMember:
+    """How one server joins a NATS cluster: the cluster's name, the port its routes listen
+    on, the routes it solicits, and the route address it gives the others (`advertise`,
+    `host:port`; empty: its own)."""
+
+    name: str
+    port: int
+    routes: tuple[str, ...]
+    advertise: str = ""
+
+    def config(self, host: str) -> str:
+        """The `cluster { }` block of the server's configuration."""
+        lines = [f"  name: {json.dumps(self.name)}", f"  listen: {host}:{self.port}"]
+        if self.advertise:
+            lines.append(f"  advertise: {json.dumps(self.advertise)}")
+        lines.append(f"  routes: {json.dumps(list(self.routes))}")
+        return "cluster {\n" + "\n".join(lines) + "\n}\n"
+
+
 class EmbeddedNats:
     """A `nats-server` with JetStream on 127.0.0.1, storing in `data_dir`.
 
     Configured like `deploy/nats/nats.conf` where it matters to the pipeline: `max_payload`
-    leaves room for 8 MiB frames. Its log goes to `data_dir/nats-server.log`.
+    leaves room for 8 MiB frames. Its log goes to `data_dir/nats-server.log`. With
+    `cluster`, it is one member of a JetStream cluster (JetStream then needs a
+    `server_name` unique in the cluster); with `monitor_port`, it serves the monitoring
+    endpoints (`/healthz`, `/jsz`, `/routez`) there.
     """
 
     def __init__(
@@ -84,11 +114,19 @@ class EmbeddedNats:
         port: int | None = None,
         host: str = "127.0.0.1",
         max_payload: str = MAX_PAYLOAD,
+        server_name: str = "",
+        cluster: NatsClusterMember | None = None,
+        monitor_port: int | None = None,
     ) -> None:
+        if cluster is not None and not server_name:
+            raise ValueError("a cluster member needs a server_name of its own")
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port(host)
         self.max_payload = max_payload
+        self.server_name = server_name
+        self.cluster = cluster
+        self.monitor_port = monitor_port
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -100,11 +138,18 @@ class EmbeddedNats:
         """Start the server and wait until it accepts connections; returns its URL."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "nats-server.conf"
-        config.write_text(
+        text = (
             f"listen: {self.host}:{self.port}\n"
             f"max_payload: {self.max_payload}\n"
             f"jetstream {{ store_dir: {json.dumps(str(self.data_dir / 'jetstream'))} }}\n"
         )
+        if self.server_name:
+            text += f"server_name: {json.dumps(self.server_name)}\n"
+        if self.monitor_port is not None:
+            text += f"http: {self.host}:{self.monitor_port}\n"
+        if self.cluster is not None:
+            text += self.cluster.config(self.host)
+        config.write_text(text)
         log = self.log.open("ab")
         self._process = subprocess.Popen(
             [str(nats_server_binary()), "-c", str(config)],

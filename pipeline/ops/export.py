@@ -64,7 +64,7 @@ def export_schemas(directory: Path, settings: Settings) -> list[Path]:
         path.write_text(json.dumps(payload.model_json_schema(), indent=2) + "\n")
         written.append(path)
     subjects = Subjects(settings.namespace)
-    broker = NatsBroker(settings.nats_url, logger=None)
+    broker = NatsBroker(settings.nats_servers(), logger=None)
     for domain in ALL_DOMAINS:
         handlers.register(broker, _Described(domain), settings, subjects)
     spec = AsyncAPI(

@@ -197,7 +197,7 @@ class NatsLink:
                     await self._nc.close()
                 self._nc = self._bucket = None
                 self._nc = await nats.connect(
-                    self.settings.nats_url,
+                    self.settings.nats_servers(),
                     connect_timeout=2,
                     allow_reconnect=False,
                     max_reconnect_attempts=1,  # else it tries a server that is down 60 times
