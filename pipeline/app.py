@@ -36,7 +36,7 @@ from streams import (
 from . import tracing
 from .detection.detector import DetectorConfig
 from .detection.extra import require_for_frames
-from .detection.frames import FrameIntake
+from .detection.frames import frame_intake
 from .detection.pool import DetectorPool, PoolConfig
 from .detection.raycluster import connect_ray
 from .errors import ConfigError, StoreUnavailable
@@ -331,7 +331,7 @@ class Worker:
             intake: Intake
             if domain is Domain.FRAMES:
                 assert self.pool is not None
-                intake = FrameIntake(
+                intake = frame_intake(
                     pool=self.pool,
                     max_age_s=s.frames_max_age_s,
                     max_pixels=s.frames_max_pixels,

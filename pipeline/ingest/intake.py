@@ -6,6 +6,12 @@ Order of effects for a batch:
 3. valid messages are written in one transaction (ids already stored are skipped; a
    message the store refuses is dead-lettered alone as `unstorable`);
 4. after the commit, their sources are acked and the ids cached.
+An intake may have an analysis step (`Analysis`; frames: the detector pool) between
+validation and the store. Then the step checks each message (an `Accepted` to store as
+is, or a `Work` item to analyse), messages already stored are acked without analysis,
+the rest are submitted to the step (which waits while it is full: backpressure), and in
+the background, once the step has answered, each message's verdict is stored, dead-
+lettered, retried or given back. Several batches can be with the step at once.
 When a server the batch needs is down (the event store, the DLQ stream), the intake
 holds the batch, pauses (it pulls nothing more) and retries the same step until the
 server is back: an outage uses up no delivery and turns nothing into a dead letter.
@@ -21,6 +27,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol, TypedDict
 
@@ -31,15 +38,26 @@ from schemas import Domain
 from streams import Subjects
 
 from .. import tracing
-from ..errors import Reason, Rejected, RetryLater
+from ..errors import Reason, Rejected, RetryLater, Unavailable
 from ..metrics import Metrics
+from ..store.domain import event_id
 from ..store.eventstore import Accepted, WriteResult
 from .codec import decode
 from .deadletter import DeadLetter, DeadLetters
 from .dedup import CommittedIds
 from .pause import Pauses, Stopping
 
-__all__ = ["Delivery", "Intake", "IntakeServices", "Writer", "delivery_info", "message_fields"]
+__all__ = [
+    "Analysis",
+    "Delivery",
+    "Intake",
+    "IntakeServices",
+    "Verdict",
+    "Work",
+    "Writer",
+    "delivery_info",
+    "message_fields",
+]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +138,55 @@ class Writer(Protocol):
     async def write(self, batch: Sequence[Accepted], known: set[uuid.UUID]) -> WriteResult: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Work:
+    """A checked message that needs analysis before it can be stored."""
+
+    message_id: str
+    """The producer's id: the stored event's identity, as for an `Accepted` message."""
+    item: Any
+    """What the analysis step takes (frames: the frame and its metadata)."""
+
+
+Verdict = Accepted | Rejected | RetryLater | Unavailable
+"""What becomes of an analysed message: stored, dead-lettered, retried with backoff, or
+given back (nak'd without delay, never dead-lettered: the step stopped)."""
+
+
+class Analysis(Protocol):
+    """An analysis step between validation and the store (frames: the detector pool)."""
+
+    look_up_all: bool
+    """Look every message up in the store before analysing it (a replay), not only those
+    the cache knows and redelivered ones."""
+
+    def check(self, msg: Delivery, received_at: datetime) -> Accepted | Work:
+        """An `Accepted` to store without analysis, or the work to analyse; raises
+        `Rejected` with the reason to dead-letter the message."""
+        ...
+
+    async def stored(self, ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of these event ids the store holds (raises `Unavailable`)."""
+        ...
+
+    async def submit(self, work: Work) -> Awaitable[Any]:
+        """Queue one item, waiting while the step is full; its outcome is awaited later.
+        Raises `Unavailable` when the step stops (the rest of the batch is given back)."""
+        ...
+
+    def verdict(self, msg: Delivery, work: Work, outcome: Any, received_at: datetime) -> Verdict:
+        """What becomes of a message from its outcome (an exception if the step raised)."""
+        ...
+
+    def count(self, outcome: str, n: int) -> None:
+        """Count messages by outcome: rejected, skipped, analysed, failed."""
+        ...
+
+    def trace(self, root: Span, outcome: Any) -> None:
+        """Record the analysis of a traced message under its root span."""
+        ...
+
+
 class IntakeServices(TypedDict):
     """What every domain's intake is built with, besides its own limits."""
 
@@ -135,7 +202,7 @@ class IntakeServices(TypedDict):
 
 
 class Intake:
-    """Handles batches of one domain."""
+    """Handles batches of one domain, with an optional analysis step (`Analysis`)."""
 
     def __init__(
         self,
@@ -151,8 +218,10 @@ class Intake:
         max_message_bytes: int,
         retry_delay: Callable[[int], float],
         cache: CommittedIds | None = None,
+        analysis: Analysis | None = None,
     ) -> None:
         self.domain = domain
+        self.analysis = analysis
         self._subjects = subjects
         self._writer = writer
         self._dead_letters = dead_letters
@@ -164,6 +233,8 @@ class Intake:
         self._cache = cache
         self._label = domain.value
         self._committing: asyncio.Task[None] | None = None
+        # With an analysis step: the batches with the step or being stored.
+        self._tasks: set[asyncio.Task[None]] = set()
         # Messages in hand for long (a slow detector, a server down) are marked in
         # progress every third of the ack wait, so JetStream does not redeliver them:
         # by hold, when it was last marked (or taken) and its messages.
@@ -180,7 +251,12 @@ class Intake:
         return time.perf_counter(), datetime.now(UTC)
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
-        """Process one batch; every message ends acked, nak'd or dead-lettered."""
+        """Process one batch; every message ends acked, nak'd or dead-lettered.
+
+        With an analysis step, returns once the batch is with the step."""
+        if self.analysis is not None:
+            await self._handle_analysed(self.analysis, batch)
+            return
         started, received_at = self._received(batch)
         hold = self._hold(batch)
         try:
@@ -221,7 +297,10 @@ class Intake:
         self._committing = task
 
     async def flush(self) -> None:
-        """Wait until the batch being committed is committed and acked (or nak'd)."""
+        """Wait until the batches in hand are committed and acked (or nak'd)."""
+        while self._tasks:
+            # Shielded: a cancelled caller must not cut a commit off from its acks.
+            await asyncio.shield(asyncio.gather(*self._tasks, return_exceptions=True))
         task = self._committing
         if task is None:
             return
@@ -239,6 +318,182 @@ class Intake:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
             self._keeper = None
+
+    # -- with an analysis step --------------------------------------------------------
+
+    async def _handle_analysed(self, analysis: Analysis, batch: Sequence[Delivery]) -> None:
+        started, received_at = self._received(batch)
+        # Messages waiting for a slow (or absent) step are kept from redelivery.
+        hold = self._hold(batch)
+        try:
+            task = await self._queue(analysis, batch, received_at, started)
+        except BaseException:
+            # Stopping while the step is full: unacked, these are redelivered later.
+            self._release(hold)
+            for msg in batch:
+                self._end_trace(msg, "given back")
+            raise
+        if task is None:
+            self._release(hold)
+            self._observe(started)
+            return
+        task.add_done_callback(lambda _: self._release(hold))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _queue(
+        self,
+        analysis: Analysis,
+        batch: Sequence[Delivery],
+        received_at: datetime,
+        started: float,
+    ) -> asyncio.Task[None] | None:
+        """Settle what needs no analysis; submit the rest. The task that finishes the batch."""
+        rejected: list[tuple[Delivery, DeadLetter]] = []
+        as_is: list[tuple[Delivery, Accepted]] = []
+        work: list[tuple[Delivery, Work]] = []
+        for msg in batch:
+            root = self._trace(msg)
+            check = tracing.child(root, "validate") if root is not None else None
+            try:
+                self._check_deliveries(msg)
+                checked = analysis.check(msg, received_at)
+            except Rejected as exc:
+                rejected.append((msg, self._dead_letter(msg, exc.reason, exc.detail)))
+                continue
+            finally:
+                if check is not None:
+                    check.end()
+            if isinstance(checked, Work):
+                work.append((msg, checked))
+            else:
+                as_is.append((msg, checked))
+
+        if rejected:
+            analysis.count("rejected", len(rejected))
+            await self._dead_letter_all(rejected)
+        if as_is:
+            analysis.count("skipped", len(as_is))
+        if work:
+            work = await self._drop_stored(analysis, work)
+        outcomes: list[Awaitable[Any]] = []
+        for i, (_, item) in enumerate(work):
+            try:
+                outcomes.append(await analysis.submit(item))
+            except Unavailable:  # the step is stopping: the rest are redelivered
+                await self._give_back([m for m, _ in work[i:]])
+                work = work[:i]
+                break
+        if not work and not as_is:
+            return None
+        return asyncio.create_task(
+            self._finish(analysis, work, outcomes, as_is, received_at, started)
+        )
+
+    async def _drop_stored(
+        self, analysis: Analysis, work: list[tuple[Delivery, Work]]
+    ) -> list[tuple[Delivery, Work]]:
+        """Ack messages already stored, without analysing them again.
+
+        Messages the Redis cache knows (when there is one), redelivered messages (a worker
+        died after the commit, before the ack) and, with `look_up_all` (a replay), every
+        message are looked up in the store, which has the last word: a cache entry alone
+        never acks a message. Anything not found here is still caught by the store when
+        it is written.
+        """
+        ids = {item.message_id: event_id(self.domain, item.message_id) for _, item in work}
+        known: set[uuid.UUID] = set()
+        if self._cache:
+            known = await self._cache.known(list(ids.values()))
+        look_up = [
+            ids[item.message_id]
+            for msg, item in work
+            if analysis.look_up_all
+            or ids[item.message_id] in known
+            or delivery_info(msg).delivered > 1
+        ]
+        found: set[uuid.UUID] = set()
+        if look_up:
+            try:
+                found = await analysis.stored(look_up)
+            except Unavailable as exc:  # the store's insert-if-absent still has the last word
+                log.warning("%s: cannot look up messages already stored (%s)", self._label, exc)
+            else:
+                if known - found:
+                    self._metrics.cache_stale.labels(self._label).inc(len(known - found))
+        if not found:
+            return work
+        rest = []
+        for msg, item in work:
+            i = ids[item.message_id]
+            if i in found:
+                await self._ack(msg, "stored already")
+                self._metrics.duplicates.labels(
+                    self._label, "cache" if i in known else "store"
+                ).inc()
+            else:
+                rest.append((msg, item))
+        return rest
+
+    async def _finish(
+        self,
+        analysis: Analysis,
+        work: list[tuple[Delivery, Work]],
+        outcomes: list[Awaitable[Any]],
+        as_is: list[tuple[Delivery, Accepted]],
+        received_at: datetime,
+        started: float,
+    ) -> None:
+        """Once the step has answered: store, dead-letter, retry or give back each message."""
+        answers = await asyncio.gather(*outcomes, return_exceptions=True)
+        accepted: dict[str, Accepted] = {}
+        deliveries: dict[str, list[Delivery]] = {}
+        refused: list[tuple[Delivery, DeadLetter]] = []
+        failed: list[Delivery] = []
+        given_back: list[Delivery] = []
+        error: RetryLater | None = None
+        for (msg, item), answer in zip(work, answers, strict=True):
+            verdict = analysis.verdict(msg, item, answer, received_at)
+            if isinstance(verdict, Unavailable):  # the step stopped: not the message's fault
+                given_back.append(msg)
+            elif isinstance(verdict, Rejected):
+                refused.append((msg, self._dead_letter(msg, verdict.reason, verdict.detail)))
+            elif isinstance(verdict, RetryLater):
+                failed.append(msg)
+                error = verdict
+            else:
+                root = self._traces.get(id(msg))
+                if root is not None:
+                    analysis.trace(root, answer)
+                accepted.setdefault(verdict.message_id, verdict)
+                deliveries.setdefault(verdict.message_id, []).append(msg)
+        analysed = sum(len(d) for d in deliveries.values())
+        for msg, ready in as_is:
+            accepted.setdefault(ready.message_id, ready)
+            deliveries.setdefault(ready.message_id, []).append(msg)
+
+        if refused:
+            analysis.count("rejected", len(refused))
+            await self._dead_letter_all(refused)
+        if given_back:
+            await self._give_back(given_back)
+        if failed:
+            assert error is not None
+            analysis.count("failed", len(failed))
+            log.warning("%s: %s; %d messages will be retried", self._label, error, len(failed))
+            await self._retry(failed, error)
+        if analysed:
+            analysis.count("analysed", analysed)
+        if accepted:
+            await self._store_all(accepted, deliveries, started)
+        else:
+            self._observe(started)
+
+    async def _give_back(self, msgs: list[Delivery]) -> None:
+        """Nak messages the step could not take (it stops): redelivered, never dead-lettered."""
+        for msg in msgs:
+            await self._settle(msg.nak())
+            self._end_trace(msg, "given back")
 
     # -- messages in hand --------------------------------------------------------------
 
@@ -271,7 +526,8 @@ class Intake:
     def _observe(self, started: float) -> None:
         self._metrics.handler_seconds.labels(self._label).observe(time.perf_counter() - started)
 
-    def _accept(self, msg: Delivery, received_at: datetime) -> Accepted:
+    def _check_deliveries(self, msg: Delivery) -> int:
+        """The message's stream sequence; `Rejected` past `max_deliver` deliveries."""
         _, stream_seq, delivered, _ = delivery_info(msg)
         if delivered > self._max_deliver:
             raise Rejected(
@@ -279,6 +535,10 @@ class Intake:
                 f"delivered {delivered} times without being acked "
                 f"(limit {self._max_deliver}); the worker may have crashed on it",
             )
+        return stream_seq
+
+    def _accept(self, msg: Delivery, received_at: datetime) -> Accepted:
+        stream_seq = self._check_deliveries(msg)
         decoded = decode(
             self._subjects, self.domain, msg.subject, msg.data, max_bytes=self._max_bytes
         )
