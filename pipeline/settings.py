@@ -202,9 +202,19 @@ class Settings(BaseSettings):
     # local Ray without one gets a random token of its own
     ray_auth_token: str = ""
 
-    # PostgreSQL event store
-    postgres_host: str = "127.0.0.1"
-    postgres_port: Annotated[int, Field(ge=1, le=65535)] = 5432
+    # PostgreSQL event store: one server, or a primary and its standbys (hosts separated
+    # by commas, with one port for all or one per host). libpq tries them in turn and keeps
+    # the first whose session is what `postgres_target_session_attrs` asks for: with
+    # read-write, the primary, wherever a fail-over has put it.
+    postgres_host: str = Field(
+        "127.0.0.1", description="a host or socket folder, or several separated by commas"
+    )
+    postgres_port: str = Field(
+        "5432", description="one port for every host, or one per host separated by commas"
+    )
+    postgres_target_session_attrs: Literal[
+        "read-write", "primary", "any", "read-only", "standby", "prefer-standby"
+    ] = "read-write"
     postgres_dbname: str = "postgres"
     postgres_user: str = "postgres"
     postgres_password: str = ""
@@ -385,6 +395,16 @@ class Settings(BaseSettings):
                 )
         return value
 
+    @field_validator("postgres_port", mode="before")
+    @classmethod
+    def _port_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _postgres_servers_well_formed(self) -> Settings:
+        self.postgres_servers()
+        return self
+
     @field_validator("redis_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
@@ -547,6 +567,41 @@ class Settings(BaseSettings):
             return 0.0
         return self.retry_backoff_s[min(delivered, len(self.retry_backoff_s)) - 1]
 
+    def postgres_servers(self) -> list[tuple[str, int]]:
+        """(host, port) of each PostgreSQL server, in the order libpq tries them.
+
+        Raises `ConfigError` naming the setting when a host or port is empty or not a
+        port number, or when there are neither one port nor one per host.
+        """
+        hosts = [h.strip() for h in self.postgres_host.split(",")]
+        texts = [p.strip() for p in self.postgres_port.split(",")]
+        if len(hosts) > 1 and not all(hosts):
+            raise ConfigError(
+                "PIPELINE_POSTGRES_HOST",
+                f"an empty host in {self.postgres_host!r}; name every server of the list",
+            )
+        ports = []
+        for text in texts:
+            if not text.isdigit() or not 1 <= int(text) <= 65535:
+                raise ConfigError(
+                    "PIPELINE_POSTGRES_PORT",
+                    f"{text!r} in {self.postgres_port!r} is not a port (1 to 65535)",
+                )
+            ports.append(int(text))
+        if len(ports) == 1:
+            ports *= len(hosts)
+        elif len(ports) != len(hosts):
+            raise ConfigError(
+                "PIPELINE_POSTGRES_PORT",
+                f"{len(ports)} ports for the {len(hosts)} hosts of PIPELINE_POSTGRES_HOST; "
+                "give one port for all of them or one per host, in the same order",
+            )
+        return list(zip(hosts, ports, strict=True))
+
+    def postgres_address(self) -> str:
+        """The servers for messages: `host:port`, several separated by commas."""
+        return ", ".join(f"{host}:{port}" for host, port in self.postgres_servers())
+
     def postgres_connection(self) -> dict[str, Any]:
         """Keyword arguments of `psycopg.connect` for the event store's database."""
         return {
@@ -556,6 +611,7 @@ class Settings(BaseSettings):
             "user": self.postgres_user,
             "password": self.postgres_password,
             "connect_timeout": self.postgres_connect_timeout(),
+            "target_session_attrs": self.postgres_target_session_attrs,
         }
 
     def postgres_connect_timeout(self) -> int:
@@ -576,11 +632,14 @@ class Settings(BaseSettings):
         """The environment the `eventsourcing` library reads its Postgres settings from.
 
         Tables are made by `pipeline db migrate` (`create_table=True`), never by a worker.
+        The store's factory (eventsourcing's, plus the session attributes and a connect
+        timeout for each host) is named by its topic: settings import no store code.
         """
         return {
-            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "PERSISTENCE_MODULE": "pipeline.store.factory:PostgresFactory",
             "POSTGRES_HOST": self.postgres_host,
-            "POSTGRES_PORT": str(self.postgres_port),
+            "POSTGRES_PORT": self.postgres_port,
+            "POSTGRES_TARGET_SESSION_ATTRS": self.postgres_target_session_attrs,
             "POSTGRES_DBNAME": self.postgres_dbname,
             "POSTGRES_USER": self.postgres_user,
             "POSTGRES_PASSWORD": self.postgres_password,

@@ -42,6 +42,7 @@ from schemas import Domain
 
 from ..errors import StoreUnavailable
 from .domain import aggregate_class, event_id
+from .factory import connection_kwargs
 from .recorder import ColumnarRecorder
 from .transcoder import OrjsonTranscoder
 
@@ -172,14 +173,8 @@ class EventStore:
     def _renew_now(self) -> None:
         env = self._env
         try:
-            psycopg.connect(
-                host=env["POSTGRES_HOST"],
-                port=env["POSTGRES_PORT"],
-                dbname=env["POSTGRES_DBNAME"],
-                user=env["POSTGRES_USER"],
-                password=env["POSTGRES_PASSWORD"],
-                connect_timeout=int(env["POSTGRES_CONNECT_TIMEOUT"]),
-            ).close()
+            # The pool's options: after a fail-over, the promoted standby answers.
+            psycopg.connect(**connection_kwargs(env)).close()
         except psycopg.Error as exc:
             raise StoreUnavailable(f"the database does not answer: {exc}") from exc
         journal = self._open()

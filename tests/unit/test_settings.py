@@ -41,9 +41,93 @@ def test_unknown_settings_are_refused() -> None:
 
 def test_eventsourcing_environment_is_complete() -> None:
     env = Settings(_env_file=None, postgres_schema="s1").eventsourcing_env()
-    assert env["PERSISTENCE_MODULE"] == "eventsourcing.postgres"
+    assert env["PERSISTENCE_MODULE"] == "pipeline.store.factory:PostgresFactory"
     assert env["POSTGRES_SCHEMA"] == "s1"
     assert env["POSTGRES_PASSWORD"] == ""
+    assert env["POSTGRES_TARGET_SESSION_ATTRS"] == "read-write"
+
+
+def test_a_primary_and_its_standby_are_one_list_of_hosts_and_ports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """libpq's lists: one port for every host, or one per host; read-write by default."""
+    monkeypatch.setenv("PIPELINE_POSTGRES_HOST", "pg-a, pg-b")
+    monkeypatch.setenv("PIPELINE_POSTGRES_PORT", "5432,5433")
+    settings = Settings(_env_file=None)
+    assert settings.postgres_servers() == [("pg-a", 5432), ("pg-b", 5433)]
+    assert settings.postgres_address() == "pg-a:5432, pg-b:5433"
+    connection = settings.postgres_connection()
+    assert (connection["host"], connection["port"]) == ("pg-a, pg-b", "5432,5433")
+    assert connection["target_session_attrs"] == "read-write"
+    env = settings.eventsourcing_env()
+    assert (env["POSTGRES_HOST"], env["POSTGRES_PORT"]) == ("pg-a, pg-b", "5432,5433")
+
+    one_port = Settings(_env_file=None, postgres_host="a,b,/run/pg", postgres_port=6432)
+    assert one_port.postgres_servers() == [("a", 6432), ("b", 6432), ("/run/pg", 6432)]
+    assert one_port.postgres_port == "6432"
+    anywhere = Settings(_env_file=None, postgres_target_session_attrs="prefer-standby")
+    assert anywhere.postgres_connection()["target_session_attrs"] == "prefer-standby"
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "setting", "words"),
+    [
+        ("pg-a,pg-b", "5432,5433,5434", "PIPELINE_POSTGRES_PORT", "3 ports for the 2 hosts"),
+        ("pg-a,pg-b,pg-c", "5432,5433", "PIPELINE_POSTGRES_PORT", "2 ports for the 3 hosts"),
+        ("pg-a,,pg-b", "5432", "PIPELINE_POSTGRES_HOST", "an empty host"),
+        ("pg-a,pg-b", "5432,", "PIPELINE_POSTGRES_PORT", "'' in '5432,' is not a port"),
+        ("pg-a", "http", "PIPELINE_POSTGRES_PORT", "'http' in 'http' is not a port"),
+        ("pg-a,pg-b", "5432,70000", "PIPELINE_POSTGRES_PORT", "'70000' in"),
+        ("pg-a", "0", "PIPELINE_POSTGRES_PORT", "'0' in '0' is not a port"),
+    ],
+)
+def test_servers_that_do_not_pair_up_are_refused_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, host: str, port: str, setting: str, words: str
+) -> None:
+    monkeypatch.setenv("PIPELINE_POSTGRES_HOST", host)
+    monkeypatch.setenv("PIPELINE_POSTGRES_PORT", port)
+    with pytest.raises(ConfigError) as refused:
+        Settings(_env_file=None)
+    assert refused.value.setting == setting
+    assert words in str(refused.value)
+    assert str(refused.value).startswith(f"{setting}: ")
+
+
+def test_an_unknown_session_attribute_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIPELINE_POSTGRES_TARGET_SESSION_ATTRS", "writable")
+    with pytest.raises(ValidationError, match="postgres_target_session_attrs"):
+        Settings(_env_file=None)
+
+
+def test_the_store_pool_passes_the_session_attributes_and_a_timeout_per_host() -> None:
+    """eventsourcing hands host and port lists to libpq as they are; the factory adds
+    what it leaves out. Nothing connects here: the pool opens on first use."""
+    from eventsourcing.persistence import InfrastructureFactory
+
+    from pipeline.store.factory import PostgresFactory, connection_kwargs
+
+    settings = Settings(
+        _env_file=None,
+        postgres_host="pg-a,pg-b",
+        postgres_port="5432,5433",
+        postgres_connect_timeout_s=3,
+    )
+    env = settings.eventsourcing_env()
+    factory = InfrastructureFactory.construct(env)  # as an eventsourcing application does
+    assert isinstance(factory, PostgresFactory)
+    kwargs = factory.datastore.pool.kwargs
+    assert isinstance(kwargs, dict)
+    assert kwargs["host"] == "pg-a,pg-b" and kwargs["port"] == "5432,5433"
+    assert kwargs["target_session_attrs"] == "read-write"
+    assert kwargs["connect_timeout"] == 3
+    factory.close()
+    plain = connection_kwargs(env)
+    assert {k: plain[k] for k in ("host", "port", "target_session_attrs", "connect_timeout")} == {
+        "host": "pg-a,pg-b",
+        "port": "5432,5433",
+        "target_session_attrs": "read-write",
+        "connect_timeout": 3,
+    }
 
 
 @pytest.mark.parametrize(("seconds", "whole"), [(0.001, 2), (0.5, 2), (2.0, 2), (2.5, 3), (5, 5)])
