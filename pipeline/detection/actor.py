@@ -33,6 +33,12 @@ class DetectorActor:
         """The actor's process id."""
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The id of the Ray node the actor runs on (hex)."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
     def probe(self) -> float:
         """Run the model on a blank image (a frame that cannot be at fault); its seconds."""
         import numpy as np  # the actors' (detection extra), not a Ray client's

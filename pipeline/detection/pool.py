@@ -60,6 +60,9 @@ class PoolConfig:
     max_restarts: int = 3
     batch_timeout_s: float = 60.0
     max_pixels: int = 7680 * 4320
+    scheduling_strategy: str = "SPREAD"
+    """Ray's placement of the actors: "SPREAD" over the cluster's nodes, so that a node's
+    loss takes only its share of them; "DEFAULT" packs them onto few nodes."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PoolConfig:
@@ -178,6 +181,7 @@ class DetectorPool:
             num_gpus=c.num_gpus,
             max_restarts=c.max_restarts,
             max_task_retries=0,  # a failed call is handled here: its frames go elsewhere
+            scheduling_strategy=c.scheduling_strategy,
             runtime_env={"env_vars": yolo_env(offline=self.detector.offline)},
         )
         return remote.remote(self.detector, c.num_gpus > 0, c.max_pixels)
@@ -185,6 +189,10 @@ class DetectorPool:
     async def actor_pids(self) -> list[int]:
         """Process ids of the actors (for tests and operators)."""
         return list(await asyncio.gather(*(a.handle.pid.remote() for a in self._actors)))
+
+    async def actor_nodes(self) -> list[str]:
+        """Ids of the Ray nodes the actors run on, in the actors' order."""
+        return list(await asyncio.gather(*(a.handle.node_id.remote() for a in self._actors)))
 
     # -- submitting ------------------------------------------------------------------
 
