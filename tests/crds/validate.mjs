@@ -2,9 +2,10 @@
 // Reads a JSON array of manifests on stdin; prints a JSON array of errors ("" when valid).
 import { PrometheusRule } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule";
 import { ServiceMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor";
+import { PodMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PodMonitor";
 import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject";
 
-const MODELS = [PrometheusRule, ServiceMonitor, ScaledObject];
+const MODELS = [PrometheusRule, ServiceMonitor, PodMonitor, ScaledObject];
 
 let input = "";
 for await (const chunk of process.stdin) input += chunk;

@@ -142,7 +142,7 @@ async def _publish(nc: Client, messages: list[Outgoing]) -> None:
 
 async def _repaired_at(pool: DetectorPool) -> float:
     """When the pool counts its first actor back in service."""
-    while pool.metrics.detector_restarts._value.get() < 1:  # type: ignore[attr-defined]
+    while pool.metrics.detector_restarts._value.get() < 1:
         await asyncio.sleep(0.05)
     return time.monotonic()
 

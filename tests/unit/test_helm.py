@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,10 +24,20 @@ from pipeline.settings import Settings
 CHART = Path(__file__).parents[2] / "deploy" / "helm" / "event-pipeline"
 ALERTS = Path(__file__).parents[2] / "deploy" / "prometheus" / "alerts.yml"
 KUBERNETES = "1.31.0"
-CUSTOM = {"ServiceMonitor", "PrometheusRule", "RayCluster", "ScaledObject"}
+CUSTOM = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "RayCluster", "ScaledObject", "Cluster"}
 CRDS = Path(__file__).parents[1] / "crds"
 """The custom resources' schemas: the operators' CRDs as kubernetes-models publishes them
-(npm; `npm ci --prefix tests/crds`), and RayCluster's written from KubeRay's reference."""
+(npm; `npm ci --prefix tests/crds`), RayCluster's written from KubeRay's reference, and
+CloudNativePG's Cluster's taken from its CRD."""
+VALUES_FILES = [
+    None,
+    "values-dev.yaml",
+    "values-prod.yaml",
+    "values-small.yaml",
+    "values-large.yaml",
+]
+SITES = ["values-small.yaml", "values-large.yaml"]
+"""The values of a small and a large site: NATS and PostgreSQL in the release."""
 
 
 def _render(values_file: str | None) -> list[dict[str, Any]]:
@@ -35,7 +46,7 @@ def _render(values_file: str | None) -> list[dict[str, Any]]:
     return [doc for text in rendered.values() for doc in yaml.safe_load_all(text) if doc]
 
 
-@pytest.mark.parametrize("values_file", [None, "values-dev.yaml", "values-prod.yaml"])
+@pytest.mark.parametrize("values_file", VALUES_FILES)
 def test_the_chart_lints_and_every_manifest_validates(values_file: str | None) -> None:
     values = yaml.safe_load((CHART / values_file).read_text()) if values_file else None
     report = lint(CHART, values, strict=True)
@@ -51,9 +62,11 @@ def test_the_chart_lints_and_every_manifest_validates(values_file: str | None) -
 
 def _validate_custom(manifests: list[dict[str, Any]]) -> None:
     """Custom resources against their CRD schemas; RayCluster's pod templates as core ones."""
-    operators = [m for m in manifests if m["kind"] != "RayCluster"]
+    operators = [m for m in manifests if m["kind"] not in ("RayCluster", "Cluster")]
     if operators:
         assert _operator_errors(operators) == [""] * len(operators)
+    for cluster in (m for m in manifests if m["kind"] == "Cluster"):
+        jsonschema.validate(cluster, _cnpg_schema())
     schema = json.loads((CRDS / "raycluster.schema.json").read_text())
     for cluster in (m for m in manifests if m["kind"] == "RayCluster"):
         jsonschema.validate(cluster, schema)
@@ -63,6 +76,30 @@ def _validate_custom(manifests: list[dict[str, Any]]) -> None:
             kubernetes_validate.validate(
                 {**template, "template": group["template"]}, KUBERNETES, strict=True
             )
+
+
+def _strict(schema: Any) -> Any:
+    """A CRD's schema refusing unknown fields, as the API server's strict field validation
+    does (`kubectl apply` refuses them), where the CRD keeps none."""
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {key: _strict(value) for key, value in schema.items()}
+    keeps_unknown = schema.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in schema and "additionalProperties" not in schema and not keeps_unknown:
+        strict["additionalProperties"] = False
+    return strict
+
+
+def _cnpg_schema() -> dict[str, Any]:
+    """CloudNativePG's Cluster (postgresql.cnpg.io/v1), from its CRD, strict."""
+    schema: dict[str, Any] = json.loads((CRDS / "cloudnativepg-cluster.schema.json").read_text())
+    strict: dict[str, Any] = _strict(schema)
+    strict["properties"]["apiVersion"] = {"const": "postgresql.cnpg.io/v1"}
+    strict["properties"]["kind"] = {"const": "Cluster"}
+    strict["required"] = ["apiVersion", "kind", "metadata", "spec"]
+    return strict
 
 
 def _operator_errors(manifests: list[dict[str, Any]]) -> list[str]:
@@ -105,8 +142,9 @@ def test_the_crd_schemas_refuse_what_an_operator_would() -> None:
 
 
 def test_production_values_bring_the_operators_resources() -> None:
-    kinds = {m["kind"] for m in _render("values-prod.yaml")}
-    assert kinds >= CUSTOM
+    in_release = {"Cluster", "PodMonitor"}  # the servers of a site in the release
+    assert {m["kind"] for m in _render("values-prod.yaml")} >= CUSTOM - in_release
+    assert {m["kind"] for m in _render("values-large.yaml")} >= CUSTOM
     assert not CUSTOM & {m["kind"] for m in _render(None)}
 
 
@@ -264,19 +302,22 @@ def _secret_of(pod: dict[str, Any], container: dict[str, Any], path: str) -> str
     return str(volume["secret"]["secretName"])
 
 
-@pytest.mark.parametrize("values_file", [None, "values-dev.yaml", "values-prod.yaml"])
+@pytest.mark.parametrize("values_file", VALUES_FILES)
 def test_the_migration_then_the_streams_run_as_hooks_before_the_processes(
     values_file: str | None,
 ) -> None:
     """`pipeline db migrate` as the owner, then `pipeline streams apply` as the NATS
-    operator, as pre-install and pre-upgrade hooks, with their NetworkPolicies first."""
+    operator, as pre-install and pre-upgrade hooks, with their NetworkPolicies first; after
+    the install's resources where NATS or PostgreSQL are among them."""
     manifests, values = _render(values_file), _values(values_file)
+    in_release = values["nats"].get("enabled") or values["postgresql"]["cloudnativepg"]["enabled"]
+    hook = "post-install,pre-upgrade" if in_release else HOOK
     jobs = _jobs(manifests)
     assert sorted(jobs) == ["db-migrate", "streams-apply"]
     weights = {}
     for name, job in jobs.items():
         annotations = job["metadata"]["annotations"]
-        assert annotations["helm.sh/hook"] == HOOK
+        assert annotations["helm.sh/hook"] == hook
         assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"]
         weights[name] = int(annotations["helm.sh/hook-weight"])
         assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
@@ -306,12 +347,12 @@ def test_the_migration_then_the_streams_run_as_hooks_before_the_processes(
     if not values["networkPolicy"]["enabled"]:
         assert not set(jobs) & set(policies)
         return
-    nats_port = urlsplit(values["nats"]["url"]).port or 4222
+    nats_port = urlsplit(_env(apply)["PIPELINE_NATS_URL"].split(",")[0]).port or 4222
     ports = {"db-migrate": values["postgres"]["port"], "streams-apply": nats_port}
     for name, port in ports.items():
         policy = policies[name]
         annotations = policy["metadata"]["annotations"]
-        assert annotations["helm.sh/hook"] == HOOK  # pre-install: before the release's own
+        assert annotations["helm.sh/hook"] == hook  # with its Job (pre-install: before all)
         assert int(annotations["helm.sh/hook-weight"]) < weights[name]
         assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
         assert not policy["spec"].get("ingress")
@@ -319,7 +360,7 @@ def test_the_migration_then_the_streams_run_as_hooks_before_the_processes(
         assert opened == {(53, "UDP"), (53, "TCP"), (port, "TCP")}
 
 
-@pytest.mark.parametrize("values_file", [None, "values-prod.yaml"])
+@pytest.mark.parametrize("values_file", [None, "values-prod.yaml", *SITES])
 def test_each_deployment_connects_as_its_role_with_its_own_secret(
     values_file: str | None,
 ) -> None:
@@ -347,12 +388,15 @@ def test_each_deployment_connects_as_its_role_with_its_own_secret(
     assert len(set(secrets.values())) == 3
 
 
-def test_the_streams_job_applies_what_the_worker_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("values_file", ["values-prod.yaml", *SITES])
+def test_the_streams_job_applies_what_the_worker_checks(
+    values_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pipeline.app import stream_definitions
 
     from .test_deploy import settings_of
 
-    manifests = _render("values-prod.yaml")
+    manifests = _render(values_file)
     [apply] = _jobs(manifests)["streams-apply"]["spec"]["template"]["spec"]["containers"]
     applied = stream_definitions(settings_of(_env(apply), monkeypatch))
     worker = _pipeline_deployments(manifests)["worker"]
@@ -361,7 +405,7 @@ def test_the_streams_job_applies_what_the_worker_checks(monkeypatch: pytest.Monk
         assert _env(container)["PIPELINE_NATS_URL"] == _env(apply)["PIPELINE_NATS_URL"]
 
 
-@pytest.mark.parametrize("values_file", [None, "values-dev.yaml", "values-prod.yaml"])
+@pytest.mark.parametrize("values_file", VALUES_FILES)
 def test_no_secret_is_inlined_and_every_secret_file_is_a_mounted_secret(
     values_file: str | None,
 ) -> None:
@@ -555,3 +599,229 @@ def test_the_incident_process_and_the_api_use_nats_as_their_own_users() -> None:
         password = env["PIPELINE_NATS_PASSWORD_FILE"]
         assert _secret_of(pod, container, password) == user["passwordSecret"]
         assert _secret_of(pod, container, env["PIPELINE_NATS_TLS_CA_FILE"]) == nats["caSecret"]
+
+
+# -- NATS and PostgreSQL in the release -------------------------------------------------
+
+NATS_ACCOUNTS = Path(__file__).parents[2] / "deploy" / "nats" / "accounts.conf"
+
+
+def _pipeline_containers(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every container of the pipeline's Deployments and hook Jobs."""
+    return [
+        container
+        for m in manifests
+        if m["kind"] in ("Deployment", "Job")
+        and m["metadata"]["labels"].get("app.kubernetes.io/name") == "event-pipeline"
+        and m["metadata"]["name"] != "pl-nats-exporter"
+        for container in m["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def test_the_nats_dependency_is_the_vendored_chart_and_off_by_default() -> None:
+    import tarfile
+
+    [dependency] = yaml.safe_load((CHART / "Chart.yaml").read_text())["dependencies"]
+    assert dependency["condition"] == "nats.enabled"
+    with tarfile.open(CHART / "charts" / f"nats-{dependency['version']}.tgz") as archive:
+        vendored = yaml.safe_load(archive.extractfile("nats/Chart.yaml").read())  # type: ignore[union-attr]
+        assert "Apache License" in archive.extractfile("nats/LICENSE").read().decode()  # type: ignore[union-attr]
+    assert (vendored["name"], vendored["version"]) == (dependency["name"], dependency["version"])
+    for values_file in (None, "values-dev.yaml", "values-prod.yaml"):
+        kinds = {m["kind"] for m in _render(values_file)}
+        assert not kinds & {"StatefulSet", "Cluster"}, values_file
+    assert (CHART / "files" / "nats-accounts.conf").read_text() == NATS_ACCOUNTS.read_text()
+
+
+@pytest.mark.parametrize(
+    ("values_file", "servers"), [("values-small.yaml", 1), ("values-large.yaml", 3)]
+)
+def test_nats_in_the_release_keeps_jetstream_on_volumes_and_every_process_lists_its_servers(
+    values_file: str, servers: int
+) -> None:
+    manifests = _render(values_file)
+    [statefulset] = [m for m in manifests if m["kind"] == "StatefulSet"]
+    assert statefulset["spec"]["replicas"] == servers
+    [claim] = statefulset["spec"]["volumeClaimTemplates"]
+    [nats] = [
+        c for c in statefulset["spec"]["template"]["spec"]["containers"] if c["name"] == "nats"
+    ]
+    assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in nats["volumeMounts"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    config = _nats_conf(manifests)
+    assert '"store_dir": "/data"' in config and '"sync_interval": always' in config
+    assert ("routes" in config) == (servers > 1)
+    # Each pod of the StatefulSet, through its headless Service, in every process.
+    name, service = statefulset["metadata"]["name"], statefulset["spec"]["serviceName"]
+    assert service in {m["metadata"]["name"] for m in manifests if m["kind"] == "Service"}
+    urls = [f"tls://{name}-{i}.{service}.pipeline.svc:4222" for i in range(servers)]
+    containers = _pipeline_containers(manifests)
+    assert len(containers) >= 5
+    for container in containers:
+        env = _env(container)
+        if "PIPELINE_NATS_URL" in env:
+            assert env["PIPELINE_NATS_URL"] == ",".join(urls)
+            assert (
+                Settings(_env_file=None, nats_url=env["PIPELINE_NATS_URL"]).nats_servers() == urls
+            )
+        if "PIPELINE_DOMAINS" in env:  # the streams Job and the worker: replicated on all
+            assert env["PIPELINE_STREAM_REPLICAS"] == str(servers)
+
+
+def _nats_conf(manifests: list[dict[str, Any]]) -> str:
+    [config] = [
+        m
+        for m in manifests
+        if m["kind"] == "ConfigMap" and m["metadata"]["name"] == "pl-nats-config"
+    ]
+    return str(config["data"]["nats.conf"])
+
+
+@pytest.mark.parametrize("values_file", SITES)
+def test_the_rendered_nats_conf_is_one_nats_server_accepts(
+    values_file: str, tmp_path: Path
+) -> None:
+    """The NATS chart's nats.conf with the pipeline's accounts (mounted from this chart's
+    ConfigMap where the include expects them), checked by nats-server itself (`-t`)."""
+    from pipeline.ops.embedded import nats_server_binary
+
+    manifests = _render(values_file)
+    [statefulset] = [m for m in manifests if m["kind"] == "StatefulSet"]
+    pod = statefulset["spec"]["template"]["spec"]
+    [nats] = [c for c in pod["containers"] if c["name"] == "nats"]
+    [mount] = [m for m in nats["volumeMounts"] if m["mountPath"].startswith("/etc/nats-config/")]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    [accounts] = [
+        m
+        for m in manifests
+        if m["kind"] == "ConfigMap" and m["metadata"]["name"] == volume["configMap"]["name"]
+    ]
+    assert accounts["data"]["accounts.conf"] == NATS_ACCOUNTS.read_text()
+    folder = tmp_path / mount["mountPath"].removeprefix("/etc/nats-config/")
+    folder.mkdir(parents=True)
+    (folder / "accounts.conf").write_text(accounts["data"]["accounts.conf"])
+    _self_signed(tmp_path)
+    config = (
+        _nats_conf(manifests)
+        .replace("/etc/nats-certs/nats", str(tmp_path))
+        .replace('"/data"', f'"{tmp_path / "data"}"')
+        .replace("/var/run/nats", str(tmp_path))
+    )
+    (tmp_path / "nats.conf").write_text(config)
+    # The password hashes come from the Secret in envFrom: one variable per user.
+    [source] = nats["envFrom"]
+    assert source["secretRef"]["name"] == "pipeline-nats-password-hashes"
+    names = set(re.findall(r"\$(NATS_[A-Z_]+_PASSWORD)\b", NATS_ACCOUNTS.read_text()))
+    hashed = '"$2a$04$EiE2mSVeiVtlV7yYGy0Ffe7mCmVUnhFeZpD0wNUvC6ZdRzZnbKzpG"'
+    env = {**os.environ, "SERVER_NAME": "pl-nats-0", **dict.fromkeys(names, hashed)}
+    done = subprocess.run(
+        [nats_server_binary(), "-t", "-c", str(tmp_path / "nats.conf")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "is valid" in done.stdout + done.stderr
+    without = {k: v for k, v in env.items() if k != "NATS_WORKER_PASSWORD"}
+    refused = subprocess.run(
+        [nats_server_binary(), "-t", "-c", str(tmp_path / "nats.conf")],
+        env=without,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode != 0, "a user's missing password hash must stop the server"
+
+
+def _self_signed(folder: Path) -> None:
+    """tls.crt and tls.key, as the servers' TLS Secret holds them."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pl-nats")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (folder / "tls.crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (folder / "tls.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("values_file", "instances", "synchronous"),
+    [
+        ("values-small.yaml", 1, None),
+        ("values-large.yaml", 3, {"method": "any", "number": 1, "dataDurability": "required"}),
+    ],
+)
+def test_postgresql_in_the_release_is_a_cloudnativepg_cluster_the_processes_reach_by_rw(
+    values_file: str, instances: int, synchronous: dict[str, Any] | None
+) -> None:
+    manifests, values = _render(values_file), _values(values_file)
+    [cluster] = [m for m in manifests if m["kind"] == "Cluster"]
+    jsonschema.validate(cluster, _cnpg_schema())
+    spec = cluster["spec"]
+    assert spec["instances"] == instances
+    assert spec["postgresql"].get("synchronous") == synchronous
+    assert spec["bootstrap"]["initdb"]["database"] == values["postgres"]["dbname"]
+    # The migration logs in as the superuser whose password CloudNativePG sets from the
+    # owner's Secret.
+    assert spec["enableSuperuserAccess"] is True
+    assert spec["superuserSecret"]["name"] == values["postgres"]["owner"]["passwordSecret"]
+    assert values["postgres"]["owner"]["user"] == "postgres"
+    for container in _pipeline_containers(manifests):
+        host = _env(container)["PIPELINE_POSTGRES_HOST"]
+        assert host == f"{cluster['metadata']['name']}-rw", container["name"]
+
+
+def test_the_chart_default_cluster_is_a_primary_and_a_synchronous_standby() -> None:
+    manifests = _render_values({"postgresql": {"cloudnativepg": {"enabled": True}}})
+    [cluster] = [m for m in manifests if m["kind"] == "Cluster"]
+    jsonschema.validate(cluster, _cnpg_schema())
+    assert cluster["spec"]["instances"] == 2
+    assert cluster["spec"]["postgresql"]["synchronous"]["number"] == 1
+    with pytest.raises(HelmRenderError, match=r"instances \(1\) must be more than"):
+        _render_values({"postgresql": {"cloudnativepg": {"enabled": True, "instances": 1}}})
+
+
+def test_the_cloudnativepg_schema_refuses_what_the_operator_would() -> None:
+    [cluster] = [m for m in _render("values-large.yaml") if m["kind"] == "Cluster"]
+    schema = _cnpg_schema()
+    jsonschema.validate(cluster, schema)
+    changes: list[tuple[str, Any]] = [
+        ("instances", 0),
+        ("instances", "3"),
+        ("primaryUpdateStrategy", "sometimes"),
+        ("minSyncReplica", 1),  # a misspelt field
+    ]
+    for field, value in changes:
+        bad = json.loads(json.dumps(cluster))
+        bad["spec"][field] = value
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    bad = json.loads(json.dumps(cluster))
+    bad["spec"]["postgresql"]["synchronous"]["method"] = "all"
+    with pytest.raises(jsonschema.ValidationError, match="'all' is not one of"):
+        jsonschema.validate(bad, schema)
+    del bad["spec"]["postgresql"]["synchronous"]["number"]
+    with pytest.raises(jsonschema.ValidationError, match="'number' is a required property"):
+        jsonschema.validate(bad, schema)

@@ -21,7 +21,7 @@ app.kubernetes.io/component: {{ .component }}
 - name: PIPELINE_LOG_FORMAT
   value: json
 - name: PIPELINE_POSTGRES_HOST
-  value: {{ .Values.postgres.host | quote }}
+  value: {{ include "pipeline.postgresHost" . | quote }}
 - name: PIPELINE_POSTGRES_PORT
   value: {{ .Values.postgres.port | quote }}
 - name: PIPELINE_POSTGRES_DBNAME
@@ -45,7 +45,12 @@ checks them at start and refuses to run on a missing or drifted one. Both read t
 - name: PIPELINE_DOMAINS
   value: {{ .Values.worker.domains | quote }}
 - name: PIPELINE_NATS_URL
-  value: {{ .Values.nats.url | quote }}
+  value: {{ include "pipeline.natsUrl" . | quote }}
+{{- if .Values.nats.enabled }}
+# The streams on every server of the NATS in the release (at most 5, JetStream's limit).
+- name: PIPELINE_STREAM_REPLICAS
+  value: {{ min 5 (int (include "pipeline.natsServers" .)) | quote }}
+{{- end }}
 {{- if .Values.nats.caSecret }}
 - name: PIPELINE_NATS_TLS_CA_FILE
   value: /run/secrets/nats-ca/ca.pem
@@ -57,7 +62,7 @@ passwordSecret), its password from the Secret mounted at /run/secrets/nats and t
 /run/secrets/nats-ca (volumes "nats" and "nats-ca": pipeline.natsVolumes). */}}
 {{- define "pipeline.natsUser" -}}
 - name: PIPELINE_NATS_URL
-  value: {{ .root.Values.nats.url | quote }}
+  value: {{ include "pipeline.natsUrl" .root | quote }}
 {{- if .root.Values.nats.caSecret }}
 - name: PIPELINE_NATS_TLS_CA_FILE
   value: /run/secrets/nats-ca/ca.pem
@@ -86,10 +91,68 @@ passwordSecret), its password from the Secret mounted at /run/secrets/nats and t
 {{- end }}
 {{- end -}}
 
-{{/* The port of nats.url (4222 when it names none). */}}
+{{/* The port of nats.url (4222 when it names none), or of the NATS in the release. */}}
 {{- define "pipeline.natsPort" -}}
+{{- if .Values.nats.enabled -}}
+{{ int .Values.nats.config.nats.port }}
+{{- else -}}
 {{- $host := (urlParse .Values.nats.url).host -}}
 {{- if contains ":" $host }}{{ last (splitList ":" $host) }}{{ else }}4222{{ end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The name the NATS chart gives its resources (its "nats.fullname"). */}}
+{{- define "pipeline.natsFullname" -}}
+{{- $nats := .Values.nats -}}
+{{- if $nats.fullnameOverride -}}
+{{ $nats.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else -}}
+{{- $name := default "nats" $nats.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{ .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else -}}
+{{ printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* How many servers the NATS in the release has: its cluster's replicas, or one. */}}
+{{- define "pipeline.natsServers" -}}
+{{- if .Values.nats.config.cluster.enabled }}{{ int .Values.nats.config.cluster.replicas }}{{ else }}1{{ end -}}
+{{- end -}}
+
+{{/* PIPELINE_NATS_URL: nats.url, or with the NATS in the release each of its servers
+(pod i of the StatefulSet through the headless Service), comma-separated, so a client
+reaches the cluster while any one of them answers. */}}
+{{- define "pipeline.natsUrl" -}}
+{{- if .Values.nats.enabled -}}
+{{- $config := .Values.nats.config -}}
+{{- $full := include "pipeline.natsFullname" . -}}
+{{- $tls := false -}}
+{{- with $config.nats.tls }}{{ $tls = .enabled }}{{ end -}}
+{{- $scheme := ternary "tls" "nats" (eq $tls true) -}}
+{{- $servers := int (include "pipeline.natsServers" .) -}}
+{{- $urls := list -}}
+{{- range $i := until $servers -}}
+{{- $urls = append $urls (printf "%s://%s-%d.%s-headless.%s.svc:%d" $scheme $full $i $full $.Release.Namespace (int $config.nats.port)) -}}
+{{- end -}}
+{{ join "," $urls }}
+{{- else -}}
+{{ .Values.nats.url }}
+{{- end -}}
+{{- end -}}
+
+{{/* The CloudNativePG Cluster's name. */}}
+{{- define "pipeline.cnpgName" -}}{{ .Release.Name }}-postgres{{- end -}}
+
+{{/* PIPELINE_POSTGRES_HOST: postgres.host, or the CloudNativePG Cluster's read-write
+Service (the primary, wherever it runs). */}}
+{{- define "pipeline.postgresHost" -}}
+{{- if .Values.postgresql.cloudnativepg.enabled -}}
+{{ include "pipeline.cnpgName" . }}-rw
+{{- else -}}
+{{ .Values.postgres.host }}
+{{- end -}}
 {{- end -}}
 
 {{- define "pipeline.probes" -}}
@@ -124,4 +187,14 @@ process's, then `metrics-1`, `metrics-2`... (its number is 9108 + i). */}}
   value: token
 - name: RAY_AUTH_TOKEN_PATH
   value: /run/secrets/ray/token
+{{- end -}}
+
+{{/* When the migration and streams Jobs run: before the install's resources, or after
+them where the servers they talk to are among them (templates/hooks.yaml). */}}
+{{- define "pipeline.hookEvents" -}}
+{{- if or .Values.nats.enabled .Values.postgresql.cloudnativepg.enabled -}}
+post-install,pre-upgrade
+{{- else -}}
+pre-install,pre-upgrade
+{{- end -}}
 {{- end -}}
