@@ -97,8 +97,17 @@ async def connect_nats(settings: Settings) -> Client:
             "PIPELINE_NATS_URL", f"cannot connect to NATS at {settings.nats_url}: {exc!r}{hint}"
         ) from exc
     await probe.close()
+
+    async def warn(exc: Exception) -> None:
+        # One line, not nats-py's traceback for each server of a cluster that is down.
+        log.warning("NATS: %r", exc)
+
     return await nats.connect(
-        settings.nats_servers(), connect_timeout=5, max_reconnect_attempts=-1, **options
+        settings.nats_servers(),
+        connect_timeout=5,
+        max_reconnect_attempts=-1,
+        error_cb=warn,
+        **options,
     )
 
 

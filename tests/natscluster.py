@@ -207,6 +207,15 @@ class NatsCluster:
         routes = (self.monitor(name, "routez") or {}).get("routes") or []
         return len({r.get("remote_name") or r.get("remote_id") for r in routes})
 
+    def serving(self, client_prefix: str) -> list[str]:
+        """The servers holding a client connection whose name starts with `client_prefix`."""
+        found = []
+        for n in self.names:
+            connections = (self.monitor(n, "connz") or {}).get("connections") or []
+            if any(str(c.get("name", "")).startswith(client_prefix) for c in connections):
+                found.append(n)
+        return found
+
     def monitor(self, name: str, endpoint: str) -> dict[str, Any] | None:
         """A monitoring endpoint's JSON, or None when the server does not answer it."""
         port = self.servers[name].monitor_port

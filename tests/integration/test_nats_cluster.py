@@ -210,6 +210,15 @@ class Tally:
         """How many attempts had each outcome in [since, until)."""
         return Counter(kind for at, kind in self.attempts if since <= at < until)
 
+    def spans(self, since: float, until: float) -> dict[str, tuple[float, float]]:
+        """Each outcome's first and last attempt in [since, until), in seconds from since."""
+        out: dict[str, tuple[float, float]] = {}
+        for at, kind in self.attempts:
+            if since <= at < until:
+                first, _ = out.get(kind, (at - since, 0.0))
+                out[kind] = (round(first, 2), round(at - since, 2))
+        return out
+
     def first_ack_after(self, moment: float) -> float:
         """Seconds from `moment` to the first acknowledgement at or after it."""
         later = [at for at, kind in self.attempts if at >= moment and kind.startswith("acked")]
@@ -280,28 +289,33 @@ async def test_killing_the_stream_leader_then_another_node_loses_and_doubles_not
     producing = asyncio.create_task(produce(cluster.url, messages, rate, tally))
     kills: list[dict[str, object]] = []
 
-    async def kill_at(acked: int, victim: str) -> float:
+    async def kill_at(acked: int, victim: str, was: str) -> None:
         await wait_until(lambda: len(tally.acked) >= acked, timeout_s=120)
         await wait_until(lambda: _count(pg_schema) > 0, timeout_s=60)
         assert _count(pg_schema) < messages, "the kill came after consumption ended"
-        moment = time.monotonic()
+        if cluster.serving("faststream") == [victim]:
+            was += ", the worker's server"
+        kills.append({"node": victim, "was": was, "at": time.monotonic()})
         cluster.kill(victim)
-        return moment
 
     try:
         _, leader, followers = await replicas_of(nc, STREAM)
         assert len(followers) == 2
-        killed_at = await kill_at(messages // 4, leader)
+        await kill_at(messages // 4, leader, "the stream leader")
         await wait_until(lambda: len(tally.acked) >= messages // 2, timeout_s=120)
         cluster.restart(leader)
-        kills.append({"node": leader, "was": "stream leader", "at": killed_at})
 
+        # The second: the server of the worker's consumer connection, unless that was the
+        # first (then the stream's new leader): the worker loses its server either way.
         _, new_leader, _ = await replicas_of(nc, STREAM)
-        other = (
-            new_leader if new_leader != leader else next(n for n in cluster.names if n != leader)
+        worker_on = cluster.serving("faststream")
+        assert len(worker_on) == 1, worker_on
+        other = worker_on[0] if worker_on[0] != leader else new_leader
+        if other == leader:
+            other = next(n for n in cluster.names if n != leader)
+        await kill_at(
+            messages * 3 // 4, other, "the stream leader" if other == new_leader else "a follower"
         )
-        second_at = await kill_at(messages * 3 // 4, other)
-        kills.append({"node": other, "was": f"leader now: {new_leader}", "at": second_at})
         await asyncio.wait_for(producing, timeout=300)
         cluster.restart(other)
         cluster.wait_ready()
@@ -321,6 +335,7 @@ async def test_killing_the_stream_leader_then_another_node_loses_and_doubles_not
     assert set(counts.values()) == {1}, "an event was stored twice"
     assert letters == 0, "a valid message was dead-lettered"
     assert worker.returncode == 0, log.read_text()[-3000:]
+    assert any("worker's" in str(kill["was"]) for kill in kills), kills
     for kill in kills:
         moment = float(kill.pop("at"))  # type: ignore[arg-type]
         kill["publish stalled s"] = round(tally.first_ack_after(moment), 2)
@@ -381,7 +396,10 @@ async def test_a_node_cut_off_refuses_what_it_cannot_replicate_and_nothing_is_lo
     figures = {
         "leaders before the cut": leader_on,
         "minority producer (n3) during the cut": dict(in_cut),
+        "minority outcomes from the cut, first and last s": minority.spans(cut_at, healed_at),
+        "minority producer after the heal": dict(minority.outcomes(healed_at, healed_at + 5)),
         "majority producer (n1) during the cut": dict(majority.outcomes(cut_at, healed_at)),
+        "majority outcomes from the cut, first and last s": majority.spans(cut_at, healed_at),
         "events stored during the cut (worker on n3)": stored_in_cut,
         "first minority ack after heal s": round(minority.first_ack_after(healed_at), 2),
         "stream leader at the end": leaders[1],
