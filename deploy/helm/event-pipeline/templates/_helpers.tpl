@@ -198,3 +198,21 @@ post-install,pre-upgrade
 pre-install,pre-upgrade
 {{- end -}}
 {{- end -}}
+
+{{/* Whether this chart runs the NATS exporter: enabled, and NATS not in the release (whose
+chart runs one beside each server, nats.promExporter). "true" or "false". */}}
+{{- define "pipeline.natsExporter" -}}
+{{- and .Values.natsExporter.enabled (not .Values.nats.enabled) -}}
+{{- end -}}
+
+{{/* Where KEDA reads the consumers' pending messages: keda.monitoringEndpoint, or the NATS
+in the release's headless Service (a clustered server's scaler asks the consumer's
+leader as <server name>.<endpoint>: the servers are named after their pods). */}}
+{{- define "pipeline.kedaMonitoringEndpoint" -}}
+{{- if .Values.nats.enabled -}}
+{{- $full := include "pipeline.natsFullname" . -}}
+{{ printf "%s-headless.%s.svc.cluster.local:%d" $full .Release.Namespace (int .Values.nats.config.monitor.port) }}
+{{- else -}}
+{{ .Values.keda.monitoringEndpoint }}
+{{- end -}}
+{{- end -}}
