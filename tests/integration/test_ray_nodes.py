@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -89,15 +90,18 @@ def two_nodes() -> Iterator[TwoNodes]:
     os.makedirs(os.path.join(temp, "ray"))
     before = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = temp
-    cluster = Cluster(initialize_head=True, head_node_args=_node())
+    cluster = None
     try:
+        cluster = Cluster(initialize_head=True, head_node_args=_node())
         worker = cluster.add_node(**_node())
         cluster.wait_for_nodes()
         yield TwoNodes(cluster, worker)
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        cluster.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
         if before is None:
             os.environ.pop("RAY_TMPDIR", None)
         else:
