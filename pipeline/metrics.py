@@ -140,6 +140,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.detector_cpu_seconds = Counter(
+            "pipeline_detector_cpu_seconds_total",
+            "CPU time of the detector actors' calls, by part: decode (decoding the frames), "
+            "model (the model's call, every thread), call (the whole call, both included).",
+            ["part"],
+            registry=r,
+        )
         self.detector_failures = Counter(
             "pipeline_detector_failures_total",
             "Detector calls that failed (their frames are redelivered).",

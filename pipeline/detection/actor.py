@@ -5,17 +5,41 @@ from __future__ import annotations
 
 import os
 import time
+from typing import NamedTuple
 
 from schemas import Detection, ModelProvenance
 
-from .decode import decode, scaled
+from .decode import decode_batch, gpu_decoding, scaled
 from .detector import DetectorConfig, UltralyticsDetector
 from .frame import Frame, Unreadable
 
-__all__ = ["DetectorActor", "Verdict"]
+__all__ = ["ActorCpu", "DetectorActor", "Reply", "Verdict"]
 
 Verdict = list[Detection] | tuple[str, str]
 """A frame's detections, or (reason, detail) when it could not be analysed."""
+
+
+class ActorCpu(NamedTuple):
+    """CPU seconds an actor spent on one batch, by part."""
+
+    decode: float
+    """Decoding the frames (the process's CPU; on the GPU, what driving nvJPEG costs)."""
+    model: float
+    """The model's call, with its pre- and post-processing (the process's CPU: every
+    thread of the runtime)."""
+    call: float
+    """The whole `detect` call (the process's CPU), decoding and the model included."""
+
+
+class Reply(NamedTuple):
+    """An actor's answer for a batch."""
+
+    verdicts: list[Verdict]
+    inference_s: float
+    """The model's time for the batch (wall clock)."""
+    in_actor_ns: tuple[int, int]
+    """When the actor began and ended the batch (Unix ns, its own clock)."""
+    cpu: ActorCpu
 
 
 class DetectorActor:
@@ -24,6 +48,9 @@ class DetectorActor:
     def __init__(self, config: DetectorConfig, gpu: bool, max_pixels: int) -> None:
         self.detector = UltralyticsDetector(config, gpu=gpu)
         self.max_pixels = max_pixels
+        # nvJPEG where the model runs on CUDA; otherwise (or if it fails) the CPU.
+        on_gpu = config.decode_on_gpu and gpu_decoding(self.detector.device)
+        self.decode_device = self.detector.device if on_gpu else ""
 
     def ready(self) -> ModelProvenance:
         """The loaded model's provenance (also a liveness check)."""
@@ -46,29 +73,30 @@ class DetectorActor:
         size = self.detector.config.imgsz
         return self.detector.detect([np.zeros((size, size, 3), np.uint8)]).inference_s
 
-    def detect(self, frames: list[Frame]) -> tuple[list[Verdict], float, tuple[int, int]]:
-        """Decode and detect; per frame the detections or (reason, detail); the model's
-        seconds; when the actor began and ended the batch (Unix ns, its own clock)."""
-        began_ns = time.time_ns()
+    def detect(self, frames: list[Frame]) -> Reply:
+        """Decode and detect; per frame the detections or (reason, detail)."""
+        began_ns, began_cpu = time.time_ns(), time.process_time()
+        decoded = decode_batch(
+            frames, self.detector.config.imgsz, self.max_pixels, self.decode_device
+        )
+        decode_cpu = time.process_time() - began_cpu
         images = []
         scales = []
-        verdicts: list[Verdict | None] = []
-        for frame in frames:
-            decoded = decode(frame, self.detector.config.imgsz, self.max_pixels)
-            if isinstance(decoded, Unreadable):
-                verdicts.append((decoded.reason.value, decoded.detail))
-                continue
-            image, scale = decoded
-            images.append(image)
-            scales.append((scale, frame.width, frame.height))
-            verdicts.append(None)
+        for frame, one in zip(frames, decoded, strict=True):
+            if not isinstance(one, Unreadable):
+                images.append(one[0])
+                scales.append((one[1], frame.width, frame.height))
+        model_began = time.process_time()
         found = self.detector.detect(images) if images else None
+        model_cpu = time.process_time() - model_began
         results: list[Verdict] = []
         found_iter = iter(zip(found.detections, scales, strict=True) if found else [])
-        for verdict in verdicts:
-            if verdict is None:
+        for one in decoded:
+            if isinstance(one, Unreadable):
+                results.append((one.reason.value, one.detail))
+            else:
                 detections, (scale, width, height) = next(found_iter)
                 results.append(scaled(detections, scale, width, height))
-            else:
-                results.append(verdict)
-        return results, found.inference_s if found else 0.0, (began_ns, time.time_ns())
+        cpu = ActorCpu(decode_cpu, model_cpu, time.process_time() - began_cpu)
+        inference_s = found.inference_s if found else 0.0
+        return Reply(results, inference_s, (began_ns, time.time_ns()), cpu)

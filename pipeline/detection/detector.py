@@ -39,7 +39,9 @@ __all__ = [
     "DetectorConfig",
     "UltralyticsDetector",
     "export_model",
+    "letterbox",
     "model_format",
+    "unletterboxed",
     "verified_sha256",
 ]
 
@@ -66,6 +68,9 @@ class DetectorConfig(BaseModel):
     iou: Annotated[float, Field(gt=0, le=1)] = 0.45
     classes: tuple[int, ...] | None = None
     half: bool = False
+    decode_on_gpu: bool = Field(
+        True, description="decode JPEGs with nvJPEG when the model runs on CUDA (else the CPU)"
+    )
     threads: Annotated[int, Field(ge=0)] = 0
     max_det: Annotated[int, Field(ge=1)] = 300
 
@@ -216,13 +221,19 @@ class UltralyticsDetector:
         """Model name, format, weights hash and thresholds, recorded with every frame."""
         return self._provenance
 
-    def detect(self, images: list[np.ndarray[Any, Any]]) -> BatchDetections:
-        """Detect objects in a batch of images, in one call to the model."""
+    def detect(self, images: list[Any]) -> BatchDetections:
+        """Detect objects in a batch of images, in one call to the model: BGR arrays
+        (height x width x 3, uint8), or RGB tensors (3 x height x width, uint8, as nvJPEG
+        decodes them), letterboxed on their device and their boxes placed back."""
         c = self.config
         started = time.perf_counter()
         self._torch.set_num_threads(self._threads)
+        placed: list[tuple[float, float, float, int, int]] = []
+        source: Any = images
+        if images and isinstance(images[0], self._torch.Tensor):
+            source, placed = letterbox(images, c.imgsz)
         results = self._model.predict(
-            images,
+            source,
             imgsz=c.imgsz,
             conf=c.conf,
             iou=c.iou,
@@ -235,11 +246,13 @@ class UltralyticsDetector:
         )
         elapsed = time.perf_counter() - started
         found = []
-        for result in results:
+        for i, result in enumerate(results):
             boxes = result.boxes
             data: Any = boxes.data if boxes is not None else []
             if hasattr(data, "cpu"):
                 data = data.cpu().numpy()
+            if placed:
+                data = unletterboxed(data, *placed[i])
             found.append(
                 [
                     Detection(
@@ -259,6 +272,46 @@ class UltralyticsDetector:
         return BatchDetections(found, elapsed)
 
 
+def letterbox(
+    images: list[Any], imgsz: int
+) -> tuple[Any, list[tuple[float, float, float, int, int]]]:
+    """RGB uint8 tensors (3 x h x w) as one batch the model takes (n x 3 x side x side,
+    0-1, on their device; the side is imgsz rounded up to the model's stride of 32): each
+    resized to fit imgsz, keeping its aspect, and centred on grey, as Ultralytics
+    letterboxes arrays. Per image (ratio, left, top, width, height) for
+    `unletterboxed`."""
+    import torch
+    import torch.nn.functional as F
+
+    side = -(-imgsz // 32) * 32  # the model's stride divides the sides
+    batch = torch.full(
+        (len(images), 3, side, side), 114 / 255, dtype=torch.float32, device=images[0].device
+    )
+    placed = []
+    for i, image in enumerate(images):
+        _, h, w = image.shape
+        ratio = min(imgsz / h, imgsz / w)
+        nh, nw = round(h * ratio), round(w * ratio)
+        pixels = image.unsqueeze(0).float().div_(255)
+        if (nh, nw) != (h, w):
+            pixels = F.interpolate(pixels, size=(nh, nw), mode="bilinear", align_corners=False)
+        top, left = (side - nh) // 2, (side - nw) // 2
+        batch[i, :, top : top + nh, left : left + nw] = pixels[0]
+        placed.append((ratio, float(left), float(top), w, h))
+    return batch, placed
+
+
+def unletterboxed(rows: Any, ratio: float, left: float, top: float, width: int, height: int) -> Any:
+    """Detections (x1, y1, x2, y2, conf, class rows) of a letterboxed image, in its pixels."""
+    import numpy as np
+
+    rows = np.array(rows, dtype=np.float64, copy=True)
+    if len(rows):
+        rows[:, [0, 2]] = ((rows[:, [0, 2]] - left) / ratio).clip(0, width)
+        rows[:, [1, 3]] = ((rows[:, [1, 3]] - top) / ratio).clip(0, height)
+    return rows
+
+
 def export_model(
     model: str,
     fmt: str = "onnx",
@@ -267,12 +320,13 @@ def export_model(
     half: bool = False,
     device: str = "cpu",
     out_dir: Path | None = None,
+    batch: int = 1,
 ) -> Path:
     """Export a `.pt` (or a model YAML) to ONNX or TensorRT; returns the new file.
 
     The export lands next to the `.pt`; a YAML model is first saved as `<name>.pt` in
     `out_dir` (default: the current folder). ONNX gets a dynamic batch axis so the pool
-    can send batches of any size.
+    can send batches of any size; a TensorRT engine takes batches up to `batch`.
     """
     require("pipeline model export", "exporting a model")
     from ultralytics import YOLO
@@ -291,5 +345,5 @@ def export_model(
         YOLO(model, task="detect").save(str(weights))
         model = str(weights)
     yolo = YOLO(model, task="detect")
-    out = yolo.export(format=fmt, imgsz=imgsz, dynamic=True, half=half, device=device)
+    out = yolo.export(format=fmt, imgsz=imgsz, dynamic=True, half=half, device=device, batch=batch)
     return Path(out)

@@ -36,7 +36,7 @@ from ..errors import ConfigError, DetectorUnavailable, Reason
 from ..ingest.pause import Pauses
 from ..metrics import Metrics
 from ..settings import Settings
-from .actor import DetectorActor
+from .actor import DetectorActor, Reply
 from .detector import DetectorConfig
 from .frame import Analysis, Frame, Outcome, Unreadable
 from .raycluster import yolo_env
@@ -294,7 +294,7 @@ class DetectorPool:
         m.detector_batch_size.observe(len(batch))
         handle = actor.handle
         try:
-            results, inference_s, in_actor = await asyncio.wait_for(
+            reply: Reply = await asyncio.wait_for(
                 handle.detect.remote([p.frame for p in batch]), self.config.batch_timeout_s
             )
         except Exception as exc:
@@ -325,8 +325,12 @@ class DetectorPool:
             actor.load -= 1
             self._slots.release()
         answered_ns = time.time_ns()
+        results, inference_s, in_actor, cpu = reply
         which = self._actors.index(actor) if actor in self._actors else -1  # -1: replaced
         m.detector_inference_seconds.observe(inference_s)
+        m.detector_cpu_seconds.labels("decode").inc(cpu.decode)
+        m.detector_cpu_seconds.labels("model").inc(cpu.model)
+        m.detector_cpu_seconds.labels("call").inc(cpu.call)
         analysed = sum(1 for r in results if isinstance(r, list))
         if analysed:
             m.detector_frame_seconds.observe(inference_s / analysed)
