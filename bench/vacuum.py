@@ -4,6 +4,7 @@
                            [--writers 4] [--batch 100] [--interval-ms 100]
                            [--before-s 10] [--after-s 3]
                            [--vacuum "FREEZE, DISABLE_PAGE_SKIPPING"] [--cost-delay-ms 2]
+                           [--fresh]
 
 Uses the PostgreSQL named by the usual PIPELINE_POSTGRES_* settings, in a schema of its
 own made by `pipeline db migrate`'s code (dropped afterwards unless --reuse is given,
@@ -29,11 +30,21 @@ which also reuses a schema that already holds enough events). It:
       manual VACUUM's full speed); the other variant with the lock of the other run
       is the function with that one statement swapped, and the function is put back by
       migrate at the end.
+With --fresh, each lock's run has a table of its own (schemas <--schema>_table and
+<--schema>_advisory, dropped afterwards), filled to --events rows with its autovacuum
+off, as in a store whose every autovacuum was cancelled by writers waiting for the table
+lock: nothing is frozen, and `--vacuum FREEZE` then freezes every row beside the
+writers, as an anti-wraparound vacuum of such a store does.
+
 A batch's latency runs from when it was due to its commit, retries included: the pause
 a worker's messages would see. For each lock it prints the vacuum's duration
 (`<lock>_vacuum_s`), the batches' latency before the vacuum (p50 and max) and during it
-(p50, p99 and max, `<lock>_pause_ms` being that max: the longest writer pause), and the
-lock timeouts the writers hit. The last line is one JSON object.
+(p50, p99 and max, `<lock>_pause_ms` being that max: the longest writer pause), the
+lock timeouts the writers hit, and what the writers' sessions were waiting for during
+the vacuum, sampled every 50 ms from pg_stat_activity (`<lock>_writer_waits`, the most
+frequent `wait_event_type:wait_event`, "running" when not waiting;
+`<lock>_lock_wait_share`, the share of those samples waiting for a lock). The last
+line is one JSON object.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +225,39 @@ class Writers:
             store.close()
 
 
+class WaitSampler:
+    """What the writers' sessions wait for, sampled every 50 ms while in use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.seen: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> WaitSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def share(self, kind: str) -> float:
+        """The share of the samples of a writer in a statement that waited for `kind`."""
+        total = sum(self.seen.values())
+        return sum(n for k, n in self.seen.items() if k.startswith(f"{kind}:")) / max(total, 1)
+
+    def _run(self) -> None:
+        query = (
+            "SELECT coalesce(wait_event_type || ':' || wait_event, 'running') FROM "
+            "pg_stat_activity WHERE usename = %s AND state = 'active'"
+        )
+        with connect(self.settings) as conn:
+            while not self._stop.wait(0.05):
+                rows = conn.execute(query, (self.settings.postgres_role("writer"),))
+                self.seen.update(row[0] for row in rows)
+
+
 def _ms(seconds: float) -> float:
     return round(1000 * seconds, 1)
 
@@ -225,9 +270,10 @@ def run(settings: Settings, lock: str, args: argparse.Namespace, seed: int) -> d
     writers.start()
     try:
         time.sleep(args.before_s)
-        began = time.perf_counter()
-        took = vacuum(settings, args.vacuum, args.cost_delay_ms)
-        ended = time.perf_counter()
+        with WaitSampler(settings) as waits:
+            began = time.perf_counter()
+            took = vacuum(settings, args.vacuum, args.cost_delay_ms)
+            ended = time.perf_counter()
         time.sleep(args.after_s)
     finally:
         writers.stop()
@@ -243,12 +289,16 @@ def run(settings: Settings, lock: str, args: argparse.Namespace, seed: int) -> d
         "during_p99_ms": _ms(during[max(0, int(len(during) * 0.99) - 1)]),
         "pause_ms": _ms(max(during)),
         "lock_timeouts": sum(b.failures for b in writers.batches),
+        "lock_wait_share": round(waits.share("Lock"), 3),
+        "writer_waits": dict(waits.seen.most_common(6)),
     }
     print(
         f"    {lock} lock: VACUUM ({args.vacuum}) {out['vacuum_s']} s; batches before it "
         f"p50 {out['before_p50_ms']} ms, max {out['before_max_ms']} ms; during it "
         f"p50 {out['during_p50_ms']} ms, p99 {out['during_p99_ms']} ms, "
-        f"max {out['pause_ms']} ms; lock timeouts {out['lock_timeouts']}",
+        f"max {out['pause_ms']} ms; lock timeouts {out['lock_timeouts']}; writers "
+        f"waiting for a lock in {100 * out['lock_wait_share']:.0f}% of the samples "
+        f"during it ({out['writer_waits']})",
         flush=True,
     )
     return {f"{lock}_{key}": value for key, value in out.items()}
@@ -257,8 +307,45 @@ def run(settings: Settings, lock: str, args: argparse.Namespace, seed: int) -> d
 # -- all of it --------------------------------------------------------------------------
 
 
+def autovacuum(settings: Settings, on: bool) -> None:
+    """Turn the event table's autovacuum on or off."""
+    with connect(settings) as conn:
+        conn.execute(
+            SQL("ALTER TABLE {} SET (autovacuum_enabled = {})").format(
+                _events(settings.postgres_schema), SQL("true" if on else "false")
+            )
+        )
+
+
+def fresh(base: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """--fresh: each lock's run on a table of its own, filled with autovacuum off."""
+    out: dict[str, Any] = {"fresh": True, "events": args.events}
+    seed = time.time_ns() % 10**9
+    for n, lock in enumerate(("table", "advisory")):
+        settings = base.model_copy(update={"postgres_schema": f"{args.schema}_{lock}"})
+        drop = SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(Identifier(f"{args.schema}_{lock}"))
+        with connect(settings) as conn:
+            conn.execute(drop)
+        migrate(settings)
+        try:
+            autovacuum(settings, on=False)
+            rate = fill(settings, 0, args.events)
+            autovacuum(settings, on=True)
+            print(f"(a) {args.events:,} events, none frozen: filled at {rate:,.0f} rows/s")
+            out.update(run(settings, lock, args, seed + n))
+        finally:
+            with connect(settings) as conn:
+                conn.execute(drop)
+    out["vacuum_options"] = args.vacuum
+    out["vacuum_cost_delay_ms"] = args.cost_delay_ms
+    return out
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     base = Settings()
+    if args.fresh:
+        print(f"PostgreSQL {base.postgres_host}/{base.postgres_dbname}, fresh tables")
+        return fresh(base, args)
     settings = base.model_copy(update={"postgres_schema": args.schema})
     migrate(settings)
     print(f"PostgreSQL {base.postgres_host}/{base.postgres_dbname}, schema {args.schema}")
@@ -314,6 +401,11 @@ if __name__ == "__main__":
     parser.add_argument("--before-s", type=float, default=10.0)
     parser.add_argument("--after-s", type=float, default=3.0)
     parser.add_argument("--vacuum", default="FREEZE, DISABLE_PAGE_SKIPPING")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="each lock on a table of its own, filled with autovacuum off (use --vacuum FREEZE)",
+    )
     parser.add_argument(
         "--cost-delay-ms",
         type=float,
