@@ -51,8 +51,8 @@ def _uuid(value: uuid.UUID | str) -> uuid.UUID:
 
 
 def order_lock(schema: str, table: str) -> Composed:
-    """The statement every writer of `schema.table` runs before it inserts, in the inserting
-    transaction: positions then commit in the order they are drawn."""
+    """The PL/pgSQL statement every writer of `schema.table` runs before it inserts, in the
+    inserting transaction: positions then commit in the order they are drawn."""
     # Two int4 keys: a keyspace apart from the one-bigint keys of `pg_advisory_lock`
     # (taken elsewhere on hashtext of the same name, e.g. by `create_table`).
     return SQL("PERFORM pg_catalog.pg_advisory_xact_lock({}, {}::regclass::oid::int)").format(
