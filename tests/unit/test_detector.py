@@ -163,3 +163,23 @@ def test_production_runs_ultralytics_offline_and_never_downloads(tmp_path: Path)
     with pytest.raises(ConfigError, match=r"model file 'yolo11n\.pt' not found"):
         UltralyticsDetector(config)
     assert not Path("yolo11n.pt").exists()
+
+
+def test_onnx_on_the_cpu_runs_without_spinning_threads(model_dir: Path, image: np.ndarray) -> None:
+    """ONNX Runtime's threads sleep between runs instead of spinning (CPU left to the
+    decoding and the worker); detections stay the same."""
+    detector = UltralyticsDetector(
+        DetectorConfig(model=str(model_dir / "yolov8n.onnx"), imgsz=320, conf=LOW_CONF)
+    )
+    session = detector._model.predictor.model.backend.session
+    config = session.get_session_options().get_session_config_entry
+    assert config("session.intra_op.allow_spinning") == "0"
+    assert config("session.inter_op.allow_spinning") == "0"
+    found = detector.detect([image]).detections
+    model = detector._model.predictor.model.backend
+    import onnxruntime  # type: ignore[import-untyped]
+
+    model.session = onnxruntime.InferenceSession(
+        str(model_dir / "yolov8n.onnx"), providers=["CPUExecutionProvider"]
+    )
+    assert detector.detect([image]).detections == found
