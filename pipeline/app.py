@@ -303,7 +303,7 @@ class Worker:
         except StoreUnavailable as exc:
             raise ConfigError(
                 "PIPELINE_POSTGRES_HOST",
-                f"cannot open the event store at {s.postgres_host}:{s.postgres_port}"
+                f"cannot open the event store at {s.postgres_address()}"
                 f"/{s.postgres_dbname}: {exc}",
             ) from exc
         if s.redis_url:

@@ -4,7 +4,7 @@ The follower reads the events after the last logged position and appends one lea
 event, in one transaction per batch: the leaves carry the event's position, so the log
 is its own position and a batch is logged once or not at all (a crash, `kill -9`
 included, leaves the log as it was before the batch or after it). Writers take the event
-table's lock before drawing positions, so events become visible in position order and
+table's writers' lock before drawing positions, so events become visible in position order and
 none is passed over.
 
 A leaf is `SHA-256(0x00 ‖ leaf_data(event))`, where `leaf_data` is the stored event's

@@ -415,7 +415,7 @@ async def _db(args: argparse.Namespace) -> None:
     except psycopg.Error as exc:
         raise PipelineError(
             f"cannot migrate schema {settings.postgres_schema} as {settings.postgres_user} "
-            f"at {settings.postgres_host}:{settings.postgres_port}: {exc} (run it as the "
+            f"at {settings.postgres_address()}: {exc} (run it as the "
             "database owner: PIPELINE_POSTGRES_USER, PIPELINE_POSTGRES_PASSWORD(_FILE))"
         ) from exc
 

@@ -81,7 +81,7 @@ def _no_table(exc: BaseException, settings: Settings | None) -> str:
     where = ""
     if settings is not None:
         where = (
-            f" at {settings.postgres_host}:{settings.postgres_port}, database "
+            f" at {settings.postgres_address()}, database "
             f"{settings.postgres_dbname},"
         )
     return (

@@ -174,7 +174,7 @@ def _grant(conn: psycopg.Connection[Any], schema: str, roles: dict[str, str]) ->
     positions = Positions(schema)
     insert = _signature(conn, schema)
     statements = [
-        # The insert function runs with its owner's rights (it takes the table lock so
+        # The insert function runs with its owner's rights (it takes the writers' lock so
         # positions commit in order); writers call it and may not insert directly.
         SQL("ALTER FUNCTION {} SECURITY DEFINER SET search_path = pg_catalog, pg_temp").format(
             insert

@@ -2,7 +2,7 @@
 
 Every accepted message is stored as the single `Recorded` event of its own aggregate,
 identified by uuid5(domain, message id). A batch is one transaction and one statement
-that inserts only the ids not stored yet, under the table lock every writer takes, so
+that inserts only the ids not stored yet, under the writers' lock every writer takes, so
 two workers racing on the same id cannot both store it (see `recorder.py`).
 
 Failures are sorted by what they say about the messages. A server that is down,

@@ -1,7 +1,7 @@
 """Reading the Journal's events in the order they were stored, upcast to their current version.
 
 Each stored event has a position: its notification id, which only grows. Every writer
-takes the table lock before it draws ids and keeps it until it commits (see
+takes the writers' advisory lock before it draws ids and keeps it until it commits (see
 `recorder.py`), so events become visible in position order: a reader that has seen
 position N will never later find a new event at a position below N.
 """
