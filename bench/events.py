@@ -244,7 +244,7 @@ def breakdown(
         if eid not in started or eid not in committed:
             continue
         marks = [sent, started[eid], committed[eid]]
-        one = {n: (b - a) * 1000 for n, a, b in zip(STAGES, marks, marks[1:], strict=True)}
+        one = {n: (b - a) * 1000 for n, a, b in zip(STAGES, marks[:-1], marks[1:], strict=True)}
         for name, value in one.items():
             parts[name].append(value)
         totals.append(((marks[-1] - marks[0]) * 1000, one))
