@@ -303,8 +303,7 @@ class Worker:
         except StoreUnavailable as exc:
             raise ConfigError(
                 "PIPELINE_POSTGRES_HOST",
-                f"cannot open the event store at {s.postgres_address()}"
-                f"/{s.postgres_dbname}: {exc}",
+                f"cannot open the event store at {s.postgres_address()}/{s.postgres_dbname}: {exc}",
             ) from exc
         if s.redis_url:
             self._cache = CommittedIds(

@@ -193,6 +193,9 @@ class Settings(BaseSettings):
     detector_max_wait_ms: Annotated[float, Field(ge=0)] = 50.0
     detector_max_inflight: Annotated[int, Field(ge=1, le=64)] = 1
     detector_max_restarts: Annotated[int, Field(ge=-1)] = 3
+    detector_scheduling: Literal["SPREAD", "DEFAULT"] = Field(
+        "SPREAD", description="Ray's placement of the actors: over the nodes, or packed"
+    )
     detector_batch_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     ray_address: str = Field(
         "", description="ray://host:10001 or host:6379; empty: RAY_ADDRESS or a local Ray"
@@ -395,6 +398,12 @@ class Settings(BaseSettings):
                 )
         return value
 
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_urls_well_formed(cls, value: str) -> str:
+        nats_server_urls(value)
+        return value
+
     @field_validator("postgres_port", mode="before")
     @classmethod
     def _port_as_text(cls, value: object) -> object:
@@ -414,12 +423,6 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
-
-    @field_validator("nats_url")
-    @classmethod
-    def _nats_urls_well_formed(cls, value: str) -> str:
-        nats_server_urls(value)
-        return value
 
     @model_validator(mode="after")
     def _one_nats_authentication(self) -> Settings:
@@ -525,6 +528,10 @@ class Settings(BaseSettings):
             missing.append("the Ray cluster's token: PIPELINE_RAY_AUTH_TOKEN(_FILE)")
         return missing
 
+    def nats_servers(self) -> list[str]:
+        """The NATS servers to connect to: each URL of `PIPELINE_NATS_URL`, in its order."""
+        return nats_server_urls(self.nats_url)
+
     def nats_options(self) -> dict[str, Any]:
         """Authentication and TLS keyword arguments of `nats.connect`."""
         options: dict[str, Any] = {"inbox_prefix": self.inbox_prefix()}
@@ -545,10 +552,6 @@ class Settings(BaseSettings):
         if self.nats_inbox_prefix:
             return self.nats_inbox_prefix
         return f"_INBOX_{self.nats_user}" if self.nats_user else "_INBOX"
-    def nats_servers(self) -> list[str]:
-        """The NATS servers to connect to: each URL of `PIPELINE_NATS_URL`, in its order."""
-        return nats_server_urls(self.nats_url)
-
 
     def nats_tls(self) -> ssl.SSLContext | None:
         """The TLS context for NATS: when a CA or client certificate is set, or the URLs

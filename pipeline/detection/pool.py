@@ -75,6 +75,7 @@ class PoolConfig:
             max_wait_s=settings.detector_max_wait_ms / 1000,
             max_inflight=settings.detector_max_inflight,
             max_restarts=settings.detector_max_restarts,
+            scheduling_strategy=settings.detector_scheduling,
             batch_timeout_s=settings.detector_batch_timeout_s,
             max_pixels=settings.frames_max_pixels,
         )

@@ -80,10 +80,7 @@ def _no_table(exc: BaseException, settings: Settings | None) -> str:
     table = found.group(1) if found else "of the pipeline"
     where = ""
     if settings is not None:
-        where = (
-            f" at {settings.postgres_address()}, database "
-            f"{settings.postgres_dbname},"
-        )
+        where = f" at {settings.postgres_address()}, database {settings.postgres_dbname},"
     return (
         f"configuration error: PIPELINE_POSTGRES_SCHEMA: the store{where} has no table "
         f"{table}: point PIPELINE_POSTGRES_HOST, _PORT, _DBNAME and _SCHEMA at the "
