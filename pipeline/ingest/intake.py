@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, Protocol, TypedDict
+from typing import Any, NamedTuple, Protocol, TypedDict, TypeVar
 
 import nats.errors
 from opentelemetry.trace import Span
@@ -60,6 +60,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_Checked = TypeVar("_Checked")
 
 
 class Delivery(Protocol):
@@ -260,21 +262,11 @@ class Intake:
         started, received_at = self._received(batch)
         hold = self._hold(batch)
         try:
-            rejected: list[tuple[Delivery, DeadLetter]] = []
+            checked, rejected = self._validate(batch, lambda m: self._accept(m, received_at))
             # Keyed by message id: copies of one message in a batch are stored once.
             accepted: dict[str, Accepted] = {}
             deliveries: dict[str, list[Delivery]] = {}
-            for msg in batch:
-                root = self._trace(msg)
-                check = tracing.child(root, "validate") if root is not None else None
-                try:
-                    item = self._accept(msg, received_at)
-                except Rejected as exc:
-                    rejected.append((msg, self._dead_letter(msg, exc.reason, exc.detail)))
-                    continue
-                finally:
-                    if check is not None:
-                        check.end()
+            for msg, item in checked:
                 accepted.setdefault(item.message_id, item)
                 deliveries.setdefault(item.message_id, []).append(msg)
 
@@ -349,25 +341,19 @@ class Intake:
         started: float,
     ) -> asyncio.Task[None] | None:
         """Settle what needs no analysis; submit the rest. The task that finishes the batch."""
-        rejected: list[tuple[Delivery, DeadLetter]] = []
+
+        def check(msg: Delivery) -> Accepted | Work:
+            self._check_deliveries(msg)
+            return analysis.check(msg, received_at)
+
+        checked, rejected = self._validate(batch, check)
         as_is: list[tuple[Delivery, Accepted]] = []
         work: list[tuple[Delivery, Work]] = []
-        for msg in batch:
-            root = self._trace(msg)
-            check = tracing.child(root, "validate") if root is not None else None
-            try:
-                self._check_deliveries(msg)
-                checked = analysis.check(msg, received_at)
-            except Rejected as exc:
-                rejected.append((msg, self._dead_letter(msg, exc.reason, exc.detail)))
-                continue
-            finally:
-                if check is not None:
-                    check.end()
-            if isinstance(checked, Work):
-                work.append((msg, checked))
+        for msg, item in checked:
+            if isinstance(item, Work):
+                work.append((msg, item))
             else:
-                as_is.append((msg, checked))
+                as_is.append((msg, item))
 
         if rejected:
             analysis.count("rejected", len(rejected))
@@ -525,6 +511,25 @@ class Intake:
 
     def _observe(self, started: float) -> None:
         self._metrics.handler_seconds.labels(self._label).observe(time.perf_counter() - started)
+
+    def _validate(
+        self, batch: Sequence[Delivery], check: Callable[[Delivery], _Checked]
+    ) -> tuple[list[tuple[Delivery, _Checked]], list[tuple[Delivery, DeadLetter]]]:
+        """Each message `check` passes, with what it returned; the dead letters of those
+        it refuses (`Rejected`). A traced message's check is its `validate` span."""
+        passed: list[tuple[Delivery, _Checked]] = []
+        rejected: list[tuple[Delivery, DeadLetter]] = []
+        for msg in batch:
+            root = self._trace(msg)
+            span = tracing.child(root, "validate") if root is not None else None
+            try:
+                passed.append((msg, check(msg)))
+            except Rejected as exc:
+                rejected.append((msg, self._dead_letter(msg, exc.reason, exc.detail)))
+            finally:
+                if span is not None:
+                    span.end()
+        return passed, rejected
 
     def _check_deliveries(self, msg: Delivery) -> int:
         """The message's stream sequence; `Rejected` past `max_deliver` deliveries."""
