@@ -499,7 +499,7 @@ def fault_run(
             update={
                 "namespace": f"bench{uuid.uuid4().hex[:8]}",
                 "postgres_host": address.host,
-                "postgres_port": address.port,
+                "postgres_port": str(address.port),
                 "postgres_user": address.user,
                 "postgres_dbname": address.dbname,
                 "postgres_password": "",
