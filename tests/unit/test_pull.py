@@ -29,6 +29,13 @@ BIG = b"x" * 200_000
 """A message big enough that a batch of them takes longer than a 10 ms window to arrive."""
 
 
+@pytest.fixture(autouse=True)
+def no_long_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each fetch as asked, whether or not a worker in this process installed `pull`; the
+    long polls of an idle consumer have tests of their own."""
+    monkeypatch.setattr(pull, "_idle_wait_s", 0.0)
+
+
 @pytest.fixture
 async def sub(nc: Client) -> AsyncIterator[JetStreamContext.PullSubscription]:
     js = nc.jetstream()
@@ -239,3 +246,48 @@ async def test_messages_already_arrived_are_taken_without_a_wait_each(
     msgs = await pull.fetch(sub, 200, 2)
     assert len(msgs) == 200
     assert waits < 20, f"{waits} waits for 200 messages"
+
+
+async def test_an_idle_consumer_waits_for_one_message_in_a_long_poll(
+    nc: Client, sub: JetStreamContext.PullSubscription, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a fetch that found nothing, the next asks for one message and waits up to
+    `IDLE_WAIT_S` for it; once it has come, fetches take whole batches again."""
+    monkeypatch.setattr(pull, "_idle_wait_s", 1.0)
+    seen = await nc.subscribe(PULL_REQUESTS)
+    with pytest.raises(nats.errors.TimeoutError):
+        await pull.fetch(sub, 10, 0.01)
+
+    async def later() -> None:
+        await asyncio.sleep(0.3)
+        await _publish(nc, 3, b"late")
+
+    task = asyncio.create_task(later())
+    started = time.monotonic()
+    msgs = await pull.fetch(sub, 10, 0.01)
+    waited = time.monotonic() - started
+    await task
+    assert [m.data for m in msgs] == [b"late"]
+    assert 0.25 < waited < 0.9  # the message, not the window nor the poll's end
+    assert [m.data for m in await pull.fetch(sub, 10, 0.2)] == [b"late"] * 2
+    first, poll, again = await _requests(nc, seen)
+    assert first["batch"] == 10 and first["expires"] < 10_000_000
+    assert poll["batch"] == 1 and 900_000_000 < poll["expires"] <= 1_000_000_000
+    assert again["batch"] == 10
+    assert _left_behind(sub) == 0
+
+
+async def test_an_idle_consumer_asks_once_a_second_not_every_window(
+    nc: Client, sub: JetStreamContext.PullSubscription, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FastStream's batch loop fetches again and again with its 10 ms window: while
+    nothing comes, that is one request per `IDLE_WAIT_S`, not a hundred a second."""
+    monkeypatch.setattr(pull, "_idle_wait_s", 0.5)
+    seen = await nc.subscribe(PULL_REQUESTS)
+    ended = time.monotonic() + 1.6
+    while time.monotonic() < ended:
+        with pytest.raises(nats.errors.TimeoutError):
+            await pull.fetch(sub, 10, 0.01)
+    requests = await _requests(nc, seen)
+    assert 3 <= len(requests) <= 5, requests
+    assert (await nc.jetstream().consumer_info(STREAM, CONSUMER)).num_waiting <= 1
