@@ -39,8 +39,10 @@ does) and an ML-DSA-65 key file. It prints:
       25 ms), `audit_catch_up_s` how long it then took to log them all. What following
       costs: `audit_cpu_ms_per_1k_events`, the CPU time of the follower's process and
       of its database sessions per 1,000 events stored (median of the runs; read from
-      /proc, so PostgreSQL on this machine), and `audit_cpu_share` that time over all
-      the machine's CPU time while the workers ran.
+      /proc, so PostgreSQL on this machine), `audit_process_cpu_ms_per_1k_events` the
+      follower's process alone (the rest is its database sessions: reading and hashing
+      the events, inserting the leaves), and `audit_cpu_share` that time over all the
+      machine's CPU time while the workers ran.
 The last line is one JSON object.
 """
 
@@ -291,6 +293,7 @@ class Beside:
         self.catch_up_s = 0.0
         self.stored = 0
         self.cpu_s: float | None = None
+        self.process_cpu_s: float | None = None
         self.cpu_share: float | None = None
         self.busy: float | None = None
 
@@ -321,6 +324,7 @@ class Beside:
         sampler.start()
         pids = self._pids(settings, process, name)
         cpu, machine = _cpu_seconds(pids), _machine_seconds()
+        own = _cpu_seconds(pids[:1])
         try:
             yield
             stop.set()
@@ -332,6 +336,9 @@ class Beside:
                 self.busy = 1 - (now[1] - machine[1]) / (now[0] - machine[0])
                 if cpu is not None and used is not None:
                     self.cpu_s = used - cpu
+                    ended = _cpu_seconds(pids[:1])
+                    if own is not None and ended is not None:
+                        self.process_cpu_s = ended - own
                     self.cpu_share = self.cpu_s / (now[0] - machine[0])
         finally:
             stop.set()
@@ -456,7 +463,7 @@ def events_ratio(
     base, server = events.bench_settings(nats, watch)
     log = Path(tempfile.mkdtemp(prefix="bench-audit-")) / "processes.log"
     rates: dict[bool, list[float]] = {False: [], True: []}
-    behind, catch_up, cpu, share = [], [], [], []
+    behind, catch_up, cpu, share, own = [], [], [], [], []
     try:
         for n in range(rounds):
             for audit in (False, True) if n % 2 == 0 else (True, False):
@@ -478,7 +485,10 @@ def events_ratio(
                     if beside.cpu_s is not None and beside.cpu_share is not None:
                         cpu.append(1e6 * beside.cpu_s / beside.stored)
                         share.append(beside.cpu_share)
-                        line += f", used {cpu[-1]:.0f} ms CPU per 1k events ({share[-1]:.1%})"
+                        line += f", used {cpu[-1]:.1f} ms CPU per 1k events ({share[-1]:.1%})"
+                        if beside.process_cpu_s is not None:
+                            own.append(1e6 * beside.process_cpu_s / beside.stored)
+                            line += f" of which its process {own[-1]:.1f}"
                 print(line, flush=True)
     finally:
         if server is not None:
@@ -496,6 +506,7 @@ def events_ratio(
         "audit_catch_up_s": round(max(catch_up), 2),
         "audit_cpu_ms_per_1k_events": round(statistics.median(cpu), 1) if cpu else None,
         "audit_cpu_share": round(statistics.median(share), 3) if share else None,
+        "audit_process_cpu_ms_per_1k_events": round(statistics.median(own), 1) if own else None,
     }
 
 
