@@ -26,7 +26,8 @@ found nothing, the next one with a window shorter than `IDLE_WAIT_S` asks for a 
 message and waits up to `IDLE_WAIT_S` for it (a long poll), so a worker with nothing to
 do sends one request a second per subscription rather than a hundred (a frames worker
 idled at 60 ms of CPU a second). The first message after a quiet spell comes back as
-soon as it is published, on its own; the fetches after it take batches again.
+soon as it is published, on its own; the fetches after it take batches again. (A worker
+stopped while idle waits for its poll to end: up to `IDLE_WAIT_S` more.)
 
 FastStream calls `fetch` on subscriptions it makes itself, so `install` puts it on nats-py's
 class. It uses the subscription's private members (`_sub`, `_nms`, `_deliver`, `_nc`),
