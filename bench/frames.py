@@ -184,9 +184,8 @@ def idle_floor(before: CpuSnapshot, after: CpuSnapshot, cpu: dict[str, Any]) -> 
 
     The actor's is a floor (Ray's and the runtime's threads), carried by every frame in
     proportion to the frame rate: on a GPU, at thousands of frames per second, it is
-    nothing per frame. The worker's is mostly its pull loop asking every
-    `PIPELINE_BATCH_TIMEOUT_S` for frames that do not come, which does not run while
-    frames flow: not a floor."""
+    nothing per frame. The worker's is its pull loop's long polls (one request a second
+    per subscription while nothing comes) and Ray's threads in it."""
     seconds = after.at - before.at
     worker = 1000 * (after.worker - before.worker) / seconds
     actor = 1000 * (sum(after.actors.values()) - sum(before.actors.values())) / seconds
@@ -212,8 +211,7 @@ def print_breakdown(fmt: str, cpu: dict[str, Any]) -> None:
     print(
         f"[{fmt}] idle, the actor takes {cpu['idle_actor_ms_per_s']:.1f} ms of CPU per "
         f"second (at {cpu['frames_per_s']:.1f} frames/s, {cpu['actor_idle_floor_per_frame']:.2f}"
-        f" ms per frame of the above), the worker {cpu['idle_worker_ms_per_s']:.1f} (its pull "
-        "loop asking for frames that do not come)",
+        f" ms per frame of the above), the worker {cpu['idle_worker_ms_per_s']:.1f}",
         flush=True,
     )
 
