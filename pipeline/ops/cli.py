@@ -41,11 +41,16 @@ def _settings(args: argparse.Namespace) -> Settings:
     try:
         return Settings(_env_file=env_file) if env_file else Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"PIPELINE_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-            for e in exc.errors()
-        )
-        raise ConfigError("settings", problems) from None
+        raise ConfigError("settings", "; ".join(map(_problem, exc.errors()))) from None
+
+
+def _problem(error: Any) -> str:
+    """One setting's problem, named once: `PIPELINE_X: what is wrong` (pydantic's
+    "Value error, " left out; a message of ours names its setting itself)."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if message.startswith("PIPELINE_") or not error["loc"]:
+        return message
+    return f"PIPELINE_{'_'.join(str(p) for p in error['loc']).upper()}: {message}"
 
 
 def _stop_event() -> asyncio.Event:

@@ -12,6 +12,7 @@ import nats.errors
 import psycopg
 import pytest
 
+from pipeline.errors import ConfigError
 from pipeline.metrics import Metrics
 from pipeline.ops import cli
 from pipeline.ops.cli import main
@@ -180,3 +181,17 @@ def test_disk_usage_counts_the_files_under_a_folder(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "f").write_bytes(b"x" * 100_000)
     assert 100_000 <= disk_usage(tmp_path) < 200_000
+
+
+def test_a_bad_setting_is_named_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic's "Value error, " prefix is left out, and a message that names its
+    setting itself is not prefixed with the name again."""
+    monkeypatch.setenv("PIPELINE_NATS_URL", "nats://a:4222,b:4222")
+    monkeypatch.setenv("PIPELINE_BATCH_SIZE", "many")
+    with pytest.raises(ConfigError) as raised:
+        cli._settings(cli._parser().parse_args(["streams", "apply"]))
+    message = str(raised.value)
+    assert "Value error" not in message
+    assert message.count("PIPELINE_NATS_URL") == 1
+    assert "PIPELINE_NATS_URL: entry 2 ('b:4222')" in message
+    assert "PIPELINE_BATCH_SIZE: Input should be a valid integer" in message
