@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -125,3 +129,48 @@ def frames_settings(nats_url: str, schema: str, model_dir: Path, **overrides: ob
         **overrides,
     }
     return make_settings(nats_url, schema, **values)
+
+
+def start_worker(
+    nats_url: str, schema: str, log: Path, extra: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`pipeline run worker` of the three event domains on `schema`, as the writer role,
+    with small batches and a 2 s ack wait; its output appended to `log`."""
+    env = {
+        **os.environ,
+        "PIPELINE_NATS_URL": nats_url,
+        "PIPELINE_POSTGRES_HOST": PG_HOST,
+        "PIPELINE_POSTGRES_DBNAME": PG_DB,
+        "PIPELINE_POSTGRES_USER": "pipeline_writer",
+        "PIPELINE_POSTGRES_SCHEMA": schema,
+        "PIPELINE_BATCH_SIZE": "64",
+        "PIPELINE_BATCH_TIMEOUT_S": "0.02",
+        "PIPELINE_ACK_WAIT_S": "2",
+        "PIPELINE_METRICS_PORT": "0",
+        "PIPELINE_DOMAINS": '["security", "monitoring", "metrics"]',
+        **(extra or {}),
+    }
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", "worker"], env=env, stdout=out, stderr=out
+        )
+
+
+def count_events(schema: str) -> int:
+    """The events stored in `schema` (0 before the store's tables exist)."""
+    try:
+        with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres") as conn:
+            row = conn.execute(f'SELECT count(*) FROM "{schema}".journal_events').fetchone()
+    except psycopg.errors.UndefinedTable:
+        return 0
+    assert row is not None
+    return int(row[0])
+
+
+def stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL if it has not exited 30 s later."""
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(30)
+    except subprocess.TimeoutExpired:
+        worker.kill()

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import psycopg
 from nats.aio.client import Client
 
 from pipeline.app import apply_streams
@@ -21,44 +18,11 @@ from pipeline.ops.simulate import Cameras, Expect, Outgoing, Traffic, publish
 from schemas import Domain
 from streams import Subjects
 
-from ..conftest import PG_DB, PG_HOST, make_settings, wait_until
-from .helpers import body_digest, ids_of, stored_ids
+from ..conftest import make_settings, wait_until
+from .helpers import body_digest, count_events, ids_of, start_worker, stop_worker, stored_ids
 
 MESSAGES = 20_000
 KILLS = 3
-
-
-def _start_worker(
-    nats_url: str, schema: str, log: Path, extra: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "PIPELINE_NATS_URL": nats_url,
-        "PIPELINE_POSTGRES_HOST": PG_HOST,
-        "PIPELINE_POSTGRES_DBNAME": PG_DB,
-        "PIPELINE_POSTGRES_USER": "pipeline_writer",
-        "PIPELINE_POSTGRES_SCHEMA": schema,
-        "PIPELINE_BATCH_SIZE": "64",
-        "PIPELINE_BATCH_TIMEOUT_S": "0.02",
-        "PIPELINE_ACK_WAIT_S": "2",
-        "PIPELINE_METRICS_PORT": "0",
-        "PIPELINE_DOMAINS": '["security", "monitoring", "metrics"]',
-        **(extra or {}),
-    }
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "run", "worker"], env=env, stdout=out, stderr=out
-        )
-
-
-def _count(schema: str) -> int:
-    try:
-        with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres") as conn:
-            row = conn.execute(f'SELECT count(*) FROM "{schema}".journal_events').fetchone()
-    except psycopg.errors.UndefinedTable:
-        return 0
-    assert row is not None
-    return int(row[0])
 
 
 async def _kill_while_consuming(
@@ -73,24 +37,16 @@ async def _kill_while_consuming(
     worker = start()
     try:
         for threshold in thresholds:
-            await wait_until(lambda t=threshold: _count(schema) >= t, timeout_s=120)
+            await wait_until(lambda t=threshold: count_events(schema) >= t, timeout_s=120)
             assert worker.poll() is None, log.read_text()[-3000:]
             worker.send_signal(signal.SIGKILL)
             worker.wait()
-            assert _count(schema) < total, "the kill came after consumption ended"
+            assert count_events(schema) < total, "the kill came after consumption ended"
             worker = start()
     except BaseException:
-        _stop(worker)
+        stop_worker(worker)
         raise
     return worker
-
-
-def _stop(worker: subprocess.Popen[bytes]) -> None:
-    worker.send_signal(signal.SIGTERM)
-    try:
-        worker.wait(30)
-    except subprocess.TimeoutExpired:
-        worker.kill()
 
 
 async def test_kill_9_during_consumption_loses_and_duplicates_nothing(
@@ -116,14 +72,14 @@ async def test_kill_9_during_consumption_loses_and_duplicates_nothing(
     log = tmp_path / "worker.log"
     thresholds = [len(expected) * (k + 1) // (KILLS + 2) for k in range(KILLS)]
     worker = await _kill_while_consuming(
-        lambda: _start_worker(nats_server.url, pg_schema, log),
+        lambda: start_worker(nats_server.url, pg_schema, log),
         pg_schema,
         thresholds,
         len(expected),
         log,
     )
     try:
-        await wait_until(lambda: _count(pg_schema) >= len(expected), timeout_s=180)
+        await wait_until(lambda: count_events(pg_schema) >= len(expected), timeout_s=180)
         letters = DeadLetters(nc.jetstream(), subjects)
 
         async def dead_letters_done() -> bool:
@@ -134,7 +90,7 @@ async def test_kill_9_during_consumption_loses_and_duplicates_nothing(
         await asyncio.sleep(5)
         found = await letters.list(limit=len(bad) + 100)
     finally:
-        _stop(worker)
+        stop_worker(worker)
 
     counts = stored_ids(pg_schema)
     assert set(counts) == expected, "lost or unexpected events"
@@ -165,17 +121,17 @@ async def test_kill_9_of_a_frames_worker_loses_and_duplicates_no_frame(
     }
     log = tmp_path / "worker.log"
     worker = await _kill_while_consuming(
-        lambda: _start_worker(nats_server.url, pg_schema, log, env),
+        lambda: start_worker(nats_server.url, pg_schema, log, env),
         pg_schema,
         [30, 60],
         len(expected),
         log,
     )
     try:
-        await wait_until(lambda: _count(pg_schema) >= len(expected), timeout_s=180)
+        await wait_until(lambda: count_events(pg_schema) >= len(expected), timeout_s=180)
         await asyncio.sleep(3)  # redeliveries of anything still unacked (ack_wait 2 s)
     finally:
-        _stop(worker)
+        stop_worker(worker)
     counts = stored_ids(pg_schema)
     assert set(counts) == expected, "lost or unexpected frames"
     assert set(counts.values()) == {1}, "a frame was stored twice"

@@ -34,8 +34,7 @@ from streams import Subjects
 
 from ..conftest import wait_until
 from ..natscluster import NatsCluster
-from .helpers import ids_of, security_body, stored_ids
-from .test_crash import _count, _start_worker, _stop
+from .helpers import count_events, ids_of, security_body, start_worker, stop_worker, stored_ids
 
 SUBJECTS = Subjects()
 STREAM = SUBJECTS.stream(Domain.SECURITY)
@@ -52,7 +51,7 @@ WORKER_ENV = {
 
 def _operator_env(url: str, replicas: int, namespace: str = "") -> dict[str, str]:
     """The operator's `pipeline streams apply` environment: the workers' consumer settings
-    (ack_wait 2 s, as `_start_worker` sets), small byte caps."""
+    (ack_wait 2 s, as `start_worker` sets), small byte caps."""
     return {
         **os.environ,
         "PIPELINE_NATS_URL": url,
@@ -185,14 +184,14 @@ async def test_the_worker_connects_when_the_first_listed_server_is_down(
     await streams_apply(cluster.url, 3, tmp_path)
     cluster.kill("n1")  # streams led by n1 answer nothing until they elect a new leader
     log = tmp_path / "worker.log"
-    worker = _start_worker(cluster.url, pg_schema, log, WORKER_ENV)
+    worker = start_worker(cluster.url, pg_schema, log, WORKER_ENV)
     try:
         tally = Tally()  # published while the streams on n1 elect new leaders
         await produce(cluster.url_of("n2", "n3"), 20, 50.0, tally)
-        await wait_until(lambda: _count(pg_schema) >= len(tally.acked), timeout_s=60)
+        await wait_until(lambda: count_events(pg_schema) >= len(tally.acked), timeout_s=60)
         assert worker.poll() is None, log.read_text()[-3000:]
     finally:
-        _stop(worker)
+        stop_worker(worker)
     assert set(stored_ids(pg_schema)) == ids_of(Domain.SECURITY, tally.acked)
 
 
@@ -283,7 +282,7 @@ async def test_killing_the_stream_leader_then_another_node_loses_and_doubles_not
     messages, rate = 4000, 200.0
     await streams_apply(cluster.url, 3, tmp_path)
     log = tmp_path / "worker.log"
-    worker = _start_worker(cluster.url, pg_schema, log, WORKER_ENV)
+    worker = start_worker(cluster.url, pg_schema, log, WORKER_ENV)
     nc = await connect(cluster.url)
     tally = Tally()
     producing = asyncio.create_task(produce(cluster.url, messages, rate, tally))
@@ -291,8 +290,8 @@ async def test_killing_the_stream_leader_then_another_node_loses_and_doubles_not
 
     async def kill_at(acked: int, victim: str, was: str) -> None:
         await wait_until(lambda: len(tally.acked) >= acked, timeout_s=120)
-        await wait_until(lambda: _count(pg_schema) > 0, timeout_s=60)
-        assert _count(pg_schema) < messages, "the kill came after consumption ended"
+        await wait_until(lambda: count_events(pg_schema) > 0, timeout_s=60)
+        assert count_events(pg_schema) < messages, "the kill came after consumption ended"
         if cluster.serving("faststream") == [victim]:
             was += ", the worker's server"
         kills.append({"node": victim, "was": was, "at": time.monotonic()})
@@ -320,13 +319,13 @@ async def test_killing_the_stream_leader_then_another_node_loses_and_doubles_not
         cluster.restart(other)
         cluster.wait_ready()
 
-        await wait_until(lambda: _count(pg_schema) >= messages, timeout_s=180)
+        await wait_until(lambda: count_events(pg_schema) >= messages, timeout_s=180)
         await asyncio.sleep(5)  # redeliveries of anything still unacked (ack_wait 2 s)
         letters = await _dead_letter_count(nc)
         assert worker.poll() is None, log.read_text()[-3000:]
     finally:
         producing.cancel()
-        _stop(worker)
+        stop_worker(worker)
         await nc.close()
 
     counts = stored_ids(pg_schema)
@@ -363,34 +362,34 @@ async def test_a_node_cut_off_refuses_what_it_cannot_replicate_and_nothing_is_lo
     nc = await connect(cluster.url_of("n1", "n2"))
     await _move_leaders(nc, leader_on)
     log = tmp_path / "worker.log"
-    worker = _start_worker(cluster.url_of("n3"), pg_schema, log, WORKER_ENV)
+    worker = start_worker(cluster.url_of("n3"), pg_schema, log, WORKER_ENV)
     minority, majority = Tally(), Tally()
     producing = asyncio.gather(
         produce(cluster.url_of("n3"), per_producer, rate, minority),
         produce(cluster.url_of("n1"), per_producer, rate, majority),
     )
     try:
-        await wait_until(lambda: _count(pg_schema) >= 200, timeout_s=60)
+        await wait_until(lambda: count_events(pg_schema) >= 200, timeout_s=60)
         cut_at = time.monotonic()
         cluster.cut()
-        stored_at_cut = _count(pg_schema)
+        stored_at_cut = count_events(pg_schema)
         await asyncio.sleep(cut_s)
         # Cut off indeed: n3 has no route, n1 and n2 only the one to each other.
         assert [cluster.routed(n) for n in cluster.names] == [1, 1, 0]
-        stored_in_cut = _count(pg_schema) - stored_at_cut
+        stored_in_cut = count_events(pg_schema) - stored_at_cut
         healed_at = time.monotonic()
         cluster.heal()
         await asyncio.wait_for(producing, timeout=300)
         cluster.wait_ready()
         expected = ids_of(Domain.SECURITY, minority.acked + majority.acked)
-        await wait_until(lambda: _count(pg_schema) >= len(expected), timeout_s=180)
+        await wait_until(lambda: count_events(pg_schema) >= len(expected), timeout_s=180)
         await asyncio.sleep(5)  # redeliveries of anything still unacked (ack_wait 2 s)
         letters = await _dead_letter_count(nc)
         assert worker.poll() is None, log.read_text()[-3000:]
         leaders = await replicas_of(nc, STREAM)
     finally:
         producing.cancel()
-        _stop(worker)
+        stop_worker(worker)
         await nc.close()
 
     counts = stored_ids(pg_schema)

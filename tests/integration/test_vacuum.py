@@ -31,8 +31,7 @@ from schemas import Domain
 from streams import Subjects
 
 from ..conftest import PG_DB, PG_HOST, PG_PORT, make_settings, wait_until
-from .helpers import ids_of, stored_ids
-from .test_crash import _count, _start_worker, _stop
+from .helpers import count_events, ids_of, start_worker, stop_worker, stored_ids
 
 FILLED = 20_000
 
@@ -293,7 +292,7 @@ async def test_workers_storing_steadily_beside_a_vacuum_freeze_lose_nothing(
     traffic = Traffic(subjects, seed=61, duplicate_ratio=0.05, bad_ratio=0.0)
     ledger: list[Outgoing] = []
     log = tmp_path / "worker.log"
-    workers = [_start_worker(nats_server.url, pg_schema, log) for _ in range(2)]
+    workers = [start_worker(nats_server.url, pg_schema, log) for _ in range(2)]
     try:
         with running_vacuum(pg_schema) as vacuum_running:
             await publish(
@@ -307,13 +306,15 @@ async def test_workers_storing_steadily_beside_a_vacuum_freeze_lose_nothing(
                 )
             }
             assert len(expected) > 3000
-            await wait_until(lambda: _count(pg_schema) >= FILLED + len(expected), timeout_s=60)
+            await wait_until(
+                lambda: count_events(pg_schema) >= FILLED + len(expected), timeout_s=60
+            )
             assert vacuum_running(), "the vacuum ended before the flow was stored"
         letters = await DeadLetters(nc.jetstream(), subjects).list(limit=100)
         await asyncio.sleep(3)  # redeliveries of anything unacked (ack_wait 2 s) play out
     finally:
         for worker in workers:
-            _stop(worker)
+            stop_worker(worker)
     counts = stored_ids(pg_schema)
     filled = {_filled_id(n) for n in range(1, FILLED + 1)}
     assert set(counts) - filled == expected, "lost or unexpected events"
