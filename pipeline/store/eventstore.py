@@ -141,6 +141,18 @@ class EventStore:
         self._broken = False
         self._renewing = threading.Lock()
         self._topics: dict[Domain, str] = {d: get_topic(aggregate_class(d)) for d in Domain}
+        self._kinds: dict[tuple[Domain, str], tuple[str, int]] = {}
+        """(event topic, class version) of each event class, by domain and event name."""
+        transcoder = self._mapper.transcoder
+        self._plain = (
+            transcoder
+            if isinstance(transcoder, OrjsonTranscoder)
+            and self._mapper.compressor is None
+            and self._mapper.cipher is None
+            else None
+        )
+        """The transcoder, where a stored state is its JSON alone (no compression, no
+        cipher): `_to_stored` writes it without building the event object first."""
         table = SQL("{}.{}").format(
             Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name)
         )
@@ -280,6 +292,39 @@ class EventStore:
         return present
 
     def _to_stored(self, accepted: Accepted) -> StoredEvent:
+        """The stored event of `accepted`: what eventsourcing's mapper makes of its
+        `Recorded` (or frame) event, byte for byte, written directly (a third of the
+        time); the mapper itself where the direct way does not apply."""
+        kind = self._kinds.get((accepted.domain, accepted.event))
+        if kind is None:
+            event_class = getattr(aggregate_class(accepted.domain), accepted.event)
+            kind = (get_topic(event_class), getattr(event_class, "class_version", 1))
+            self._kinds[(accepted.domain, accepted.event)] = kind
+        topic, class_version = kind
+        if self._plain is not None:
+            # The event's attributes in its dataclass's order, as `vars(event)` has them;
+            # the timestamp as DatetimeAsISO writes it.
+            state: dict[str, Any] = {
+                "timestamp": {"_type_": "datetime_iso", "_data_": accepted.received_at.isoformat()},
+                "originator_topic": self._topics[accepted.domain],
+                "message_id": accepted.message_id,
+                "subject": accepted.subject,
+                "stream_seq": accepted.stream_seq,
+                "schema_version": accepted.schema_version,
+                "payload": accepted.payload,
+                "trace_id": accepted.trace_id,
+            }
+            if class_version > 1:
+                state["class_version"] = class_version
+            data = self._plain.encode_plain(state)
+            if data is not None:
+                return StoredEvent(
+                    originator_id=accepted.event_id, originator_version=1, topic=topic, state=data
+                )
+        return self._mapped(accepted)
+
+    def _mapped(self, accepted: Accepted) -> StoredEvent:
+        """The stored event of `accepted`, by eventsourcing's mapper."""
         # Fields are set by eventsourcing's event dataclasses.
         event_class: Any = getattr(aggregate_class(accepted.domain), accepted.event)
         event = event_class(

@@ -90,6 +90,17 @@ class OrjsonTranscoder(JSONTranscoder):
             return super().encode(obj)
         return data
 
+    def encode_plain(self, obj: Any) -> bytes | None:
+        """`encode(obj)` for an object of JSON types alone (registered types already in
+        their `{"_type_": ..., "_data_": ...}` form), without a call back per value; None
+        where `encode` itself must decide (another type, a float whose notation may
+        differ, what orjson refuses)."""
+        try:
+            data = orjson.dumps(obj, option=_OPTIONS)
+        except orjson.JSONEncodeError:
+            return None
+        return None if _float_notation_may_differ(data) else data
+
     def decode(self, data: bytes) -> Any:
         """Decode `data`: type marks become their registered types, except under `verbatim`
         keys of the top-level object, whose values come back exactly as written."""
