@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -10,16 +11,19 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from pipeline.ops.migrate import migrate
 from pipeline.settings import Settings
 from pipeline.store.domain import event_id
+from pipeline.store.eventstore import EventStore
 from schemas import Domain
 
-from ..conftest import PG_DB, PG_HOST, make_settings
+from ..conftest import PG_DB, PG_HOST, as_role, make_settings
 
 
 def stored_rows(schema: str) -> list[tuple[uuid.UUID, int, str, dict[str, Any]]]:
@@ -174,3 +178,19 @@ def stop_worker(worker: subprocess.Popen[bytes]) -> None:
         worker.wait(30)
     except subprocess.TimeoutExpired:
         worker.kill()
+
+
+@contextlib.contextmanager
+def writer_store(schema: str) -> Iterator[EventStore]:
+    """An `EventStore` as the writer role on `schema`, migrated afresh; dropped after."""
+    with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    configured = make_settings("nats://unused", schema)
+    migrate(configured)
+    store = EventStore(as_role(configured, "writer").eventsourcing_env())
+    try:
+        yield store
+    finally:
+        store.close()
+        with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')

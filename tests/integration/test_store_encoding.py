@@ -8,17 +8,15 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.ops.migrate import migrate
 from pipeline.store.domain import aggregate_class
 from pipeline.store.eventstore import Accepted, EventStore
 from schemas import Domain
 
-from ..conftest import PG_DB, PG_HOST, as_role, make_settings
+from .helpers import writer_store
 
 KINDS = [
     (domain, name)
@@ -43,16 +41,23 @@ _json = st.recursive(
 
 @pytest.fixture(scope="module")
 def store() -> Iterator[EventStore]:
-    schema = "t_store_encoding"
-    with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    configured = make_settings("nats://unused", schema)
-    migrate(configured)
-    event_store = EventStore(as_role(configured, "writer").eventsourcing_env())
-    yield event_store
-    event_store.close()
-    with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    with writer_store("t_store_encoding") as event_store:
+        yield event_store
+
+
+def _accepted(
+    domain: Domain, received_at: datetime, payload: dict[str, Any], **more: Any
+) -> Accepted:
+    return Accepted(
+        domain=domain,
+        message_id="m-\u00e9-1",
+        subject=f"{domain}.v1.x",
+        stream_seq=42,
+        schema_version="1.0",
+        received_at=received_at,
+        payload=payload,
+        **more,
+    )
 
 
 def test_every_kind_of_event_has_a_direct_encoding() -> None:
@@ -78,30 +83,13 @@ def test_the_direct_encoding_is_the_mappers_byte_for_byte(
     stamp: datetime,
 ) -> None:
     domain, event = kind
-    accepted = Accepted(
-        domain=domain,
-        message_id="m-\u00e9-1",
-        subject=f"{domain}.v1.x",
-        stream_seq=42,
-        schema_version="1.0",
-        received_at=stamp,
-        payload=payload,
-        event=event,
-        trace_id=trace_id,
-    )
+    accepted = _accepted(domain, stamp, payload, event=event, trace_id=trace_id)
     assert store._to_stored(accepted) == store._mapped(accepted)
 
 
 def test_a_time_zone_other_than_utc_is_written_as_the_mapper_writes_it(store: EventStore) -> None:
-    accepted = Accepted(
-        domain=Domain.SECURITY,
-        message_id="m-2",
-        subject="security.v1.x",
-        stream_seq=1,
-        schema_version="1.0",
-        received_at=datetime(2026, 11, 30, 9, 0, 0, 1, tzinfo=timezone(timedelta(hours=-5))),
-        payload={"a": 1},
-    )
+    stamp = datetime(2026, 11, 30, 9, 0, 0, 1, tzinfo=timezone(timedelta(hours=-5)))
+    accepted = _accepted(Domain.SECURITY, stamp, {"a": 1})
     assert store._to_stored(accepted) == store._mapped(accepted)
 
 
@@ -111,15 +99,8 @@ def test_a_plain_payload_takes_the_direct_way(
     def refuse(accepted: Accepted) -> None:
         raise AssertionError("the mapper was used")
 
-    accepted = Accepted(
-        domain=Domain.METRICS,
-        message_id="m-3",
-        subject="metrics.v1.x",
-        stream_seq=3,
-        schema_version="1.0",
-        received_at=datetime(2026, 11, 30, tzinfo=UTC),
-        payload={"name": "cpu", "value": 0.25, "labels": {"host": "a"}},
-    )
+    payload = {"name": "cpu", "value": 0.25, "labels": {"host": "a"}}
+    accepted = _accepted(Domain.METRICS, datetime(2026, 11, 30, tzinfo=UTC), payload)
     expected = store._mapped(accepted)
     monkeypatch.setattr(store, "_mapped", refuse)
     assert store._to_stored(accepted) == expected

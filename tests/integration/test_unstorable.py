@@ -19,7 +19,6 @@ from nats.aio.client import Client
 from pipeline.errors import Reason
 from pipeline.ingest.deadletter import DeadLetter, DeadLetters
 from pipeline.ingest.writer import GroupWriter
-from pipeline.ops.migrate import migrate
 from pipeline.settings import Settings
 from pipeline.store.eventstore import EventStore
 from schemas import Domain
@@ -27,13 +26,11 @@ from schemas import Domain
 from ..conftest import (
     PG_DB,
     PG_HOST,
-    as_role,
     make_intake,
-    make_settings,
     running_worker,
     wait_until,
 )
-from .helpers import ids_of, security_body, stored_ids
+from .helpers import ids_of, security_body, stored_ids, writer_store
 
 POISON = "poison-pill"
 """A zone the test's trigger makes PostgreSQL refuse (a data error, as a check would)."""
@@ -157,16 +154,9 @@ class Letters:
 def store() -> Iterator[tuple[EventStore, str]]:
     """One store (with the poison trigger) for every example: ids differ between them."""
     schema = "t_unstorable_property"
-    with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    configured = make_settings("nats://unused", schema)
-    migrate(configured)
-    event_store = EventStore(as_role(configured, "writer").eventsourcing_env())
-    _refuse_poison(schema)
-    yield event_store, schema
-    event_store.close()
-    with psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    with writer_store(schema) as event_store:
+        _refuse_poison(schema)
+        yield event_store, schema
 
 
 KINDS = st.sampled_from(["valid", "valid", "valid", "duplicate", "invalid", "unstorable"])
