@@ -7,7 +7,9 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -21,7 +23,16 @@ import pytest
 
 from pipeline.app import apply_streams_once
 from pipeline.audit import merkle
-from pipeline.audit.note import Checkpoint, Verifier, open_note, parse_note
+from pipeline.audit.keys import MldsaSigner
+from pipeline.audit.note import (
+    Checkpoint,
+    Ed25519Signer,
+    Signer,
+    Verifier,
+    open_note,
+    parse_note,
+    sign_note,
+)
 from pipeline.audit.publish import SIZE_HEADER
 from pipeline.ops.embedded import EmbeddedNats
 from pipeline.store.eventstore import EventStore
@@ -74,6 +85,9 @@ def test_an_operator_signs_in_the_hsm_and_an_auditor_verifies_live_and_offline(
     settings = make_settings(nats_server.url, pg_schema)
     asyncio.run(apply_streams_once(settings))  # the AUDIT stream keeps a copy of each checkpoint
     metrics_port = _free_port()
+    pin_file = tmp_path / "hsm.pin"  # as a secret is mounted: the PIN never in a setting
+    pin_file.write_text(token.pin + "\n")
+    pin_file.chmod(0o600)
     env = {
         **os.environ,
         "SOFTHSM2_CONF": str(hsm.conf),
@@ -84,7 +98,7 @@ def test_an_operator_signs_in_the_hsm_and_an_auditor_verifies_live_and_offline(
         "PIPELINE_NATS_URL": nats_server.url,
         "PIPELINE_AUDIT_ORIGIN": ORIGIN,
         "PIPELINE_AUDIT_HSM_TOKEN": token.label,
-        "PIPELINE_AUDIT_HSM_PIN": token.pin,
+        "PIPELINE_AUDIT_HSM_PIN_FILE": str(pin_file),
         "PIPELINE_AUDIT_MLDSA_KEY_FILE": str(tmp_path / "mldsa.key"),
         "PIPELINE_AUDIT_CHECKPOINT_EVERY": "100",
         "PIPELINE_AUDIT_CHECKPOINT_INTERVAL_S": "0.5",
@@ -186,11 +200,19 @@ def test_an_operator_signs_in_the_hsm_and_an_auditor_verifies_live_and_offline(
     )
 
     assert "verified: 350 events" in pipeline("audit", "verify", "--keys", str(keys_file)).stdout
+    env["PIPELINE_AUDIT_KEYS_FILE"] = str(keys_file)
     pipeline("audit", "export", str(tmp_path / "export"))
-    offline = pipeline(
-        "audit", "verify", "--from", str(tmp_path / "export"), "--keys", str(keys_file)
-    )
-    assert "verified: 350 events" in offline.stdout
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["keys"] == vkeys and manifest["events"] == 350
+    # Offline: nothing but the export and the keys; no database can be reached.
+    auditor = {k: v for k, v in env.items() if not k.startswith("PIPELINE_")}
+    auditor["PIPELINE_POSTGRES_PORT"] = str(_free_port())
+    offline = _offline_verify(tmp_path / "export", keys_file, auditor)
+    assert offline.returncode == 0 and "verified: 350 events" in offline.stdout, offline.stderr
+    for kind, words in _tamper_export(tmp_path / "export", tmp_path / "tampered", tmp_path):
+        found = _offline_verify(tmp_path / "tampered", keys_file, auditor)
+        assert found.returncode == 1, (kind, found.stdout, found.stderr)
+        assert words in found.stdout, (kind, found.stdout, found.stderr)
 
     # Someone with the owner's rights changes a stored event: verify says which, and fails.
     owner = psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres", autocommit=True)
@@ -204,10 +226,83 @@ def test_an_operator_signs_in_the_hsm_and_an_auditor_verifies_live_and_offline(
     assert tampered.returncode == 1
     assert "at position 42" in tampered.stdout and "changed after it was logged" in tampered.stdout
     # The export made before still verifies on its own: it holds the events as logged.
-    offline = pipeline(
-        "audit", "verify", "--from", str(tmp_path / "export"), "--keys", str(keys_file)
+    offline = _offline_verify(tmp_path / "export", keys_file, auditor)
+    assert offline.returncode == 0, offline.stdout
+
+
+def _offline_verify(
+    export: Path, keys_file: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "audit",
+            "verify",
+            "--from",
+            str(export),
+            "--keys",
+            str(keys_file),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert offline.returncode == 0
+
+
+_EVENT = struct.Struct(">QI")
+_ROW = struct.Struct(">QQH")
+
+
+def _tamper_export(source: Path, target: Path, scratch: Path) -> Iterator[tuple[str, str]]:
+    """Tamper with a copy of an export in `target`, one way after another: (the kind, the
+    words verify's report must hold). The 1,000 tamperings of `test_audit.py` run the same
+    checks in process; these go through the command an auditor runs."""
+    data = (source / "events.bin").read_bytes()
+    records, at = [], 0
+    while at < len(data):
+        _, length = _EVENT.unpack_from(data, at)
+        records.append(data[at : at + _EVENT.size + length])
+        at += _EVENT.size + length
+
+    def fresh() -> None:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+
+    fresh()
+    changed = bytearray(records[41])
+    changed[-1] ^= 0x01  # the last byte of the 42nd event's state
+    (target / "events.bin").write_bytes(b"".join([*records[:41], bytes(changed), *records[42:]]))
+    yield "a byte of an event's state", "at position 42"
+    fresh()
+    (target / "events.bin").write_bytes(b"".join(records[:99] + records[100:]))
+    yield "an event deleted", "position 100"
+    fresh()
+    swapped = [*records[:9], records[10], records[9], *records[11:]]
+    (target / "events.bin").write_bytes(b"".join(swapped))
+    yield "two events swapped", "position 10"
+    fresh()
+    log, at, last = (target / "log.bin").read_bytes(), 0, 0
+    while at < len(log):  # index (8) ‖ position (8) ‖ length (2) ‖ hashes
+        last, at = at, at + _ROW.size + _ROW.unpack_from(log, at)[2]
+    (target / "log.bin").write_bytes(log[:last])  # the last row of leaves gone
+    yield "the log truncated", "truncated"
+    fresh()
+    lines = (target / "checkpoints.jsonl").read_text().splitlines()
+    other = scratch / "other-mldsa.key"  # another pair of keys with the log's key names
+    MldsaSigner.generate(str(other))
+    attacker: list[Signer] = [
+        Ed25519Signer.generate(ORIGIN),
+        MldsaSigner(name=f"{ORIGIN}/ml-dsa-65", path=str(other)),
+    ]
+    newest = json.loads(lines[-1])
+    body, _ = parse_note(newest["note"].encode())
+    forged = sign_note(body, attacker)
+    lines[-1] = json.dumps({"size": newest["size"], "note": forged.decode()})
+    (target / "checkpoints.jsonl").write_text("\n".join(lines) + "\n")
+    yield "a checkpoint re-signed with other keys", "checkpoint of"
 
 
 def test_verify_needs_the_public_keys(pg_schema: str) -> None:
