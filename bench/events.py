@@ -431,8 +431,10 @@ def pipeline_rate(
     latency_s: float = 0.0,
     beside: Callable[[Settings], contextlib.AbstractContextManager[object]] | None = None,
     stages: dict[str, Any] | None = None,
+    latency_rate: float = 0.0,
 ) -> tuple[float, list[float], float]:
-    """Events/s of `processes` workers on a backlog of `count`; then latency at half rate.
+    """Events/s of `processes` workers on a backlog of `count`; then latency at half rate
+    (at `latency_rate` when given: the same load for runs to compare).
 
     `beside(settings)`, when given, is entered before the workers start and left after
     they stop, on the run's schema (bench/audit.py runs the audit log's follower there).
@@ -455,7 +457,7 @@ def pipeline_rate(
             # From the first commit: worker start-up is not part of the rate.
             rate = (count - 1) / (times[-1] - times[0])
             latencies: list[float] = []
-            live_rate = rate / 2
+            live_rate = latency_rate or rate / 2
             if latency_s:
                 live = messages(settings, int(live_rate * latency_s), seed=2)
                 sent_at: dict[uuid.UUID, float] = {}
@@ -678,6 +680,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             watch,
             latency_s=args.latency_seconds,
             stages=stages,
+            latency_rate=args.latency_rate,
         )
         print(
             f"(b) pipeline, {args.processes} worker processes:              {rate:>8,.0f} events/s "
@@ -748,6 +751,9 @@ if __name__ == "__main__":
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--latency-rate", type=float, default=0.0, help="messages/s in (c) (default: half of (b))"
+    )
     parser.add_argument("--nats", choices=["settings", "embedded"], default="settings")
     parser.add_argument("--fault-seconds", type=float, default=60.0)
     parser.add_argument("--no-fault", dest="fault", action="store_false")

@@ -39,6 +39,14 @@ def test_unknown_settings_are_refused() -> None:
         Settings(_env_file=None, batch_sise=5)  # type: ignore[call-arg]
 
 
+def test_a_batch_window_too_short_to_fetch_in_is_refused() -> None:
+    """FastStream fetches with what is left of the window, and `pull.fetch` sends no request
+    under 1 ms: a 1 ms window would consume nothing, silently."""
+    with pytest.raises(ValidationError, match="batch_timeout_s"):
+        Settings(_env_file=None, batch_timeout_s=0.001)
+    assert Settings(_env_file=None, batch_timeout_s=0.002).batch_timeout_s == 0.002
+
+
 def test_eventsourcing_environment_is_complete() -> None:
     env = Settings(_env_file=None, postgres_schema="s1").eventsourcing_env()
     assert env["PERSISTENCE_MODULE"] == "pipeline.store.factory:PostgresFactory"
