@@ -287,7 +287,8 @@ class EvidenceKeeper:
                             exc,
                         )
                     problem = repr(exc)
-                    self.after = 0  # look again at every frame not settled
+                    # `after` stays: a step that fails does not move it, and every frame
+                    # before it is settled, so the next step starts where this one did.
                     await anyio.to_thread.run_sync(self._close)
                     wait, delay = delay, min(delay * 2, 30.0)
                 with contextlib.suppress(TimeoutError):

@@ -279,6 +279,44 @@ async def test_nats_down_delays_the_copies_not_the_incidents(
         await client.close()
 
 
+async def test_after_an_outage_the_keeper_goes_on_from_where_it_was(
+    settings: Settings, nc: Client, store: EventStore, nats_server: EmbeddedNats
+) -> None:
+    """Frames settled before NATS went away are not looked at again: once it is back, the
+    keeper reads the incident events after them, not the incident log from its start."""
+    first = await _incident_with_frames(nc, store, 2, size=5000)
+    await asyncio.to_thread(_follow, settings)
+    metrics = IncidentMetrics()
+    keeper = EvidenceKeeper(settings, lambda: _connect(settings), metrics)
+    while await keeper.step():
+        pass
+    reached = keeper.after
+    assert reached > 0 and len(_settled(settings)) == 2
+    later = await _incident_with_frames(nc, store, 1, size=5000, tag="door-again")
+    await nc.close()
+    nats_server.stop()
+    await asyncio.to_thread(_follow, settings)  # the later frame's incident event, recorded
+    asked: list[int] = []
+    pending = keeper.table.pending
+
+    def counted(conn: psycopg.Connection[Any], after: int, limit: int) -> Any:
+        asked.append(after)
+        return pending(conn, after, limit)
+
+    keeper.table.pending = counted  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(keeper.run(stop))
+    try:
+        await wait_until(lambda: metrics.evidence_errors._value.get() >= 3, 30)
+        nats_server.start()
+        await wait_until(lambda: len(_settled(settings)) == 3, 30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert _settled(settings) == {ident: ("kept", "") for ident in {**first, **later}}
+    assert len(asked) >= 4 and min(asked) == reached, asked
+
+
 async def test_the_api_serves_a_kept_frame_and_404s_the_rest(
     settings: Settings, nc: Client, store: EventStore
 ) -> None:
