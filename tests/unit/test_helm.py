@@ -680,6 +680,57 @@ def test_nats_in_the_release_keeps_jetstream_on_volumes_and_every_process_lists_
             assert endpoint == f"{service}.pipeline.svc.cluster.local:{monitor}"
 
 
+@pytest.mark.parametrize("values_file", SITES)
+def test_the_nats_servers_take_routes_from_each_other_only(values_file: str) -> None:
+    """A route is a server joining the cluster, and sees every message: only the NATS pods
+    may open one. Every port of theirs is named by a rule; the unauthenticated monitoring
+    port is open to KEDA's namespace only, the client port to anyone (producers)."""
+    manifests = _render(values_file)
+    [statefulset] = [m for m in manifests if m["kind"] == "StatefulSet"]
+    pods = statefulset["spec"]["selector"]["matchLabels"]
+    [policy] = [
+        m
+        for m in manifests
+        if m["kind"] == "NetworkPolicy" and m["spec"]["podSelector"]["matchLabels"] == pods
+    ]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = {r["ports"][0]["port"]: r.get("from") for r in policy["spec"]["ingress"]}
+    ports = {
+        p["containerPort"]
+        for c in statefulset["spec"]["template"]["spec"]["containers"]
+        for p in c.get("ports", [])
+    }
+    clustered = statefulset["spec"]["replicas"] > 1
+    assert ports == set(rules) == {4222, 8222, 7777} | ({6222} if clustered else set())
+    if clustered:
+        assert rules[6222] == [{"podSelector": {"matchLabels": pods}}]
+    assert rules[8222] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}}
+    ]
+    assert rules[4222] is None and rules[7777] is None
+    narrowed = Chart.load(CHART).render(
+        {
+            **yaml.safe_load((CHART / values_file).read_text()),
+            "networkPolicy": {
+                "enabled": True,
+                "nats": {"clients": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "monitor": []},
+            },
+        },
+        name="pl",
+        namespace="pipeline",
+    )
+    [again] = [
+        doc
+        for text in narrowed.values()
+        for doc in yaml.safe_load_all(text)
+        if doc and doc["kind"] == "NetworkPolicy" and doc["metadata"]["name"] == "pl-nats"
+    ]
+    kubernetes_validate.validate(again, KUBERNETES, strict=True)
+    rules = {r["ports"][0]["port"]: r.get("from") for r in again["spec"]["ingress"]}
+    assert rules[4222] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    assert 8222 not in rules  # no peers: the port closed (an empty `from` would open it)
+
+
 def _nats_conf(manifests: list[dict[str, Any]]) -> str:
     [config] = [
         m

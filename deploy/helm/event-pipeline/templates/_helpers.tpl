@@ -116,6 +116,13 @@ passwordSecret), its password from the Secret mounted at /run/secrets/nats and t
 {{- end -}}
 {{- end -}}
 
+{{/* The labels the NATS chart selects its servers' pods by (its "nats.selectorLabels"). */}}
+{{- define "pipeline.natsSelector" -}}
+app.kubernetes.io/name: {{ default "nats" .Values.nats.nameOverride | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: nats
+{{- end -}}
+
 {{/* How many servers the NATS in the release has: its cluster's replicas, or one. */}}
 {{- define "pipeline.natsServers" -}}
 {{- if .Values.nats.config.cluster.enabled }}{{ int .Values.nats.config.cluster.replicas }}{{ else }}1{{ end -}}
