@@ -31,6 +31,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from itertools import accumulate
+from typing import Any
 
 import psycopg
 from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
@@ -86,7 +87,13 @@ class ColumnarRecorder(PostgresApplicationRecorder):
                 "RETURNS TABLE (id uuid, inserted boolean) LANGUAGE plpgsql "
                 # In the same statement as the body: a replaced function never runs, even
                 # for a moment, with the rights of a writer (which may not insert).
-                "SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $BODY$ "
+                "SECURITY DEFINER SET search_path = pg_catalog, pg_temp "
+                # The statements' plans are cached for the session. One made while the
+                # table was small hashes the whole table in every call ever after:
+                # index probes only, whatever the table's size was when it was planned.
+                "SET enable_hashjoin = off SET enable_mergejoin = off SET enable_seqscan = off "
+                "SET plan_cache_mode = force_generic_plan "
+                "AS $BODY$ "
                 "BEGIN "
                 "SET LOCAL lock_timeout = '{lock_timeout}s'; "
                 "{order_lock}; "
@@ -117,7 +124,7 @@ class ColumnarRecorder(PostgresApplicationRecorder):
                 channel=Identifier(self.channel_name),
             )
         )
-        self._call_insert_new = SQL("SELECT * FROM {}.{}(%s, %s, %s, %s, %s, %s, %s, %s)").format(
+        self.call_insert_new = SQL("SELECT * FROM {}.{}(%s, %s, %s, %s, %s, %s, %s, %s)").format(
             schema, function
         )
 
@@ -154,14 +161,11 @@ class ColumnarRecorder(PostgresApplicationRecorder):
             if "CREATE TYPE" not in text and not text.startswith(skip):
                 curs.execute(statement, prepare=False)
 
-    @retry((InterfaceError, OperationalError), max_attempts=3, wait=0.2)
-    def insert_new(
-        self, stored_events: Sequence[StoredEvent], confirm: Sequence[uuid.UUID] = ()
-    ) -> tuple[set[uuid.UUID], set[uuid.UUID]]:
-        """Insert the events not stored yet, in one transaction.
-
-        Returns the ids inserted, and those of `confirm` that the table holds.
-        """
+    @staticmethod
+    def arguments(
+        stored_events: Sequence[StoredEvent], confirm: Sequence[uuid.UUID]
+    ) -> tuple[Any, ...]:
+        """The arguments of `call_insert_new` for these events."""
         # Few distinct topics: each row carries the 1-based index of its topic.
         topics: dict[str, int] = {}
         for e in stored_events:
@@ -170,25 +174,31 @@ class ColumnarRecorder(PostgresApplicationRecorder):
         starts = [
             end - length + 1 for end, length in zip(accumulate(lengths), lengths, strict=True)
         ]
+        return (
+            b"".join(_uuid(e.originator_id).bytes for e in stored_events),
+            [e.originator_version for e in stored_events],
+            list(topics),
+            [topics[e.topic] for e in stored_events],
+            b"".join(e.state for e in stored_events),
+            starts,
+            lengths,
+            list(confirm),
+        )
+
+    @retry((InterfaceError, OperationalError), max_attempts=3, wait=0.2)
+    def insert_new(
+        self, stored_events: Sequence[StoredEvent], confirm: Sequence[uuid.UUID] = ()
+    ) -> tuple[set[uuid.UUID], set[uuid.UUID]]:
+        """Insert the events not stored yet, in one transaction.
+
+        Returns the ids inserted, and those of `confirm` that the table holds.
+        """
         # Tuples, not the datastore's dict rows: one row per event comes back.
         with (
             self.datastore.get_connection() as conn,
             conn.cursor(binary=True, row_factory=tuple_row) as curs,
         ):
-            curs.execute(
-                self._call_insert_new,
-                (
-                    b"".join(_uuid(e.originator_id).bytes for e in stored_events),
-                    [e.originator_version for e in stored_events],
-                    list(topics),
-                    [topics[e.topic] for e in stored_events],
-                    b"".join(e.state for e in stored_events),
-                    starts,
-                    lengths,
-                    list(confirm),
-                ),
-                prepare=True,
-            )
+            curs.execute(self.call_insert_new, self.arguments(stored_events, confirm), prepare=True)
             rows = curs.fetchall()
             inserted = {event_id for event_id, new in rows if new}
             present = {event_id for event_id, new in rows if not new} if confirm else set()

@@ -232,8 +232,8 @@ def test_old_and_new_insert_functions_together_commit_positions_in_order(
     ]
     for store in stores[::2]:
         recorder: Any = store._recorder
-        recorder._call_insert_new = SQL(
-            recorder._call_insert_new.as_string(None).replace("_insert_new(", "_insert_old(")
+        recorder.call_insert_new = SQL(
+            recorder.call_insert_new.as_string(None).replace("_insert_new(", "_insert_old(")
         )
     done = threading.Event()
     seen: list[int] = []
