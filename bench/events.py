@@ -52,6 +52,7 @@ import orjson
 import psycopg
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
+from psycopg.sql import SQL, Identifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,6 +63,7 @@ from pipeline.ops.simulate import Outgoing, Traffic, publish
 from pipeline.ops.watch import Child, Watch
 from pipeline.settings import EVENT_DOMAINS, Settings
 from pipeline.store.domain import event_id
+from pipeline.store.reader import EventReader
 from schemas import Domain
 from streams import Subjects
 
@@ -73,6 +75,7 @@ class CommitWatcher:
         self.committed: dict[uuid.UUID, float] = {}
         self._conninfo = _conninfo(settings)
         self._table = f'"{schema}".journal_events'
+        self._channel = EventReader(schema).channel
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._ready = threading.Event()
@@ -89,7 +92,7 @@ class CommitWatcher:
     def _run(self) -> None:
         last = 0
         with psycopg.connect(**self._conninfo, autocommit=True) as conn:
-            conn.execute("LISTEN journal_events")
+            conn.execute(SQL("LISTEN {}").format(Identifier(self._channel)))
             self._ready.set()
             while not self._stop.is_set():
                 for _ in conn.notifies(timeout=0.05, stop_after=1):

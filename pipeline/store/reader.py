@@ -25,6 +25,7 @@ from schemas import Domain
 
 from .domain import domain_of, event_id
 from .eventstore import event_mapper
+from .recorder import commit_channel
 
 __all__ = ["EVENTS_TABLE", "EventReader", "Positioned"]
 
@@ -62,8 +63,8 @@ class EventReader:
 
     def __init__(self, schema: str, table: str = EVENTS_TABLE) -> None:
         self.table: Composed = SQL("{}.{}").format(Identifier(schema), Identifier(table))
-        self.channel = table.replace(".", "_")
-        """The channel writers NOTIFY on each commit."""
+        self.channel = commit_channel(schema, table)
+        """The channel writers NOTIFY on each commit (this schema's)."""
         self._transcoder = event_mapper().transcoder
         self._classes: dict[str, Any] = {}
         columns = SQL("notification_id, originator_id, originator_version, topic, state")

@@ -41,7 +41,7 @@ from psycopg import Cursor
 from psycopg.rows import DictRow, tuple_row
 from psycopg.sql import SQL, Composed, Identifier, Literal
 
-__all__ = ["ORDER_LOCK_SPACE", "ColumnarRecorder", "order_lock"]
+__all__ = ["ORDER_LOCK_SPACE", "ColumnarRecorder", "commit_channel", "order_lock"]
 
 ORDER_LOCK_SPACE = 0x65766E74
 """First key of the writers' advisory lock (b"evnt"); the second is the table's oid."""
@@ -49,6 +49,14 @@ ORDER_LOCK_SPACE = 0x65766E74
 
 def _uuid(value: uuid.UUID | str) -> uuid.UUID:
     return value if isinstance(value, uuid.UUID) else uuid.UUID(value)
+
+
+def commit_channel(schema: str, table: str) -> str:
+    """The channel each commit to `schema.table` notifies: one per schema, as PostgreSQL's
+    channels are the database's, and followers of one schema need not wake for another's
+    commits. At most 63 bytes, as `pg_notify` takes (a longer name is cut short)."""
+    name = f"{schema}.{table}".encode()
+    return name[:63].decode(errors="ignore")
 
 
 def order_lock(schema: str, table: str) -> Composed:
@@ -69,6 +77,7 @@ class ColumnarRecorder(PostgresApplicationRecorder):
         self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"
     ) -> None:
         super().__init__(datastore, events_table_name=events_table_name)
+        self.channel_name = commit_channel(datastore.schema, events_table_name)
         schema = Identifier(datastore.schema)
         table = Identifier(events_table_name)
         function = Identifier(f"{events_table_name}_insert_new")

@@ -10,6 +10,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -20,6 +21,8 @@ from pipeline.ops.simulate import stored_events
 from pipeline.settings import Settings
 from pipeline.store.domain import event_id
 from pipeline.store.eventstore import Accepted, EventStore
+from pipeline.store.follow import Listener
+from pipeline.store.reader import EventReader
 from projections import VIEWS, SecurityView
 from projections.positions import Positions, SkipRefused
 from projections.rebuild import Rebuilt, rebuild, rebuild_views
@@ -28,7 +31,7 @@ from projections.service import ProjectionService
 from schemas import Domain
 
 from ..conftest import PG_DB, PG_HOST, as_role, make_settings, wait_until
-from .helpers import head, positions, view_rows, views_current, write_events
+from .helpers import head, positions, view_rows, views_current, write_events, writer_store
 
 
 @pytest.fixture
@@ -333,6 +336,31 @@ async def test_the_listener_comes_back_after_its_connection_is_killed(
     await wait_until(lambda: views_current(pg_schema), timeout_s=10)
     await wait_until(service.listener.connected.is_set, timeout_s=10)
     assert service.ready() == []
+
+
+def test_a_schemas_followers_wake_for_its_own_commits_only() -> None:
+    """Channels are the database's: each schema's commits notify a channel of their own,
+    so two pipelines in one database do not wake each other's followers."""
+    runner = threading.Event()
+    stop = threading.Event()
+    with writer_store("listen_mine") as mine, writer_store("listen_other") as other:
+        listener = Listener(EventReader("listen_mine").channel, [SimpleNamespace(wake=runner)])
+        thread = threading.Thread(
+            target=listener.run,
+            args=(lambda: psycopg.connect(host=PG_HOST, dbname=PG_DB, user="postgres"), stop),
+        )
+        thread.start()
+        try:
+            assert listener.connected.wait(10)
+            time.sleep(0.2)
+            runner.clear()  # woken once on connecting, for what was stored before
+            write_events(other, 10, seed=31)
+            assert not runner.wait(1.5), "woken by another schema's commit"
+            write_events(mine, 10, seed=32)
+            assert runner.wait(5), "not woken by its own schema's commit"
+        finally:
+            stop.set()
+            thread.join(10)
 
 
 async def test_two_processes_share_the_views_and_apply_each_event_once(
