@@ -385,7 +385,7 @@ class Beside:
         except BaseException:
             self.watch.stop(process, timeout_s=5)
             raise
-        time.sleep(0.5)  # its listener connects too
+        time.sleep(0.5)  # settled in before the workers start
         return process
 
     @staticmethod

@@ -180,7 +180,9 @@ class AuditLog:
         self.poll_s = poll_s
         self.metrics = metrics or AuditMetrics()
         self.wake = threading.Event()
-        """Set when new events may be stored (a notification)."""
+        """Set to end the wait at the head of the store early (a stop)."""
+        self.connected = threading.Event()
+        """Set while the last attempt to reach the database succeeded."""
         self._edge: merkle.CompactRange | None = None
         self._position = 0
         self._checkpoint_size = 0
@@ -365,6 +367,7 @@ class AuditLog:
             try:
                 if conn is None:
                     conn = connect()
+                    self.connected.set()
                     taken = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (lock_key,))
                     row = taken.fetchone()
                     if not (row and row[0]):
@@ -388,6 +391,7 @@ class AuditLog:
                 delay = 0.5
             except Exception as exc:
                 if is_outage(exc, conn):
+                    self.connected.clear()
                     log.warning("audit: database away (%s); again in %.1f s", exc, delay)
                 else:
                     log.exception("audit: unexpected error; again in %.1f s", delay)
