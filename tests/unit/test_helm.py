@@ -40,8 +40,11 @@ SITES = ["values-small.yaml", "values-large.yaml"]
 """The values of a small and a large site: NATS and PostgreSQL in the release."""
 
 
-def _render(values_file: str | None) -> list[dict[str, Any]]:
+def _render(values_file: str | None, **overrides: Any) -> list[dict[str, Any]]:
+    """The chart's manifests with a values file, its top-level keys replaced by `overrides`."""
     values = yaml.safe_load((CHART / values_file).read_text()) if values_file else None
+    if overrides:
+        values = {**(values or {}), **overrides}
     rendered = Chart.load(CHART).render(values, name="pl", namespace="pipeline")
     return [doc for text in rendered.values() for doc in yaml.safe_load_all(text) if doc]
 
@@ -708,22 +711,15 @@ def test_the_nats_servers_take_routes_from_each_other_only(values_file: str) -> 
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}}
     ]
     assert rules[4222] is None and rules[7777] is None
-    narrowed = Chart.load(CHART).render(
-        {
-            **yaml.safe_load((CHART / values_file).read_text()),
-            "networkPolicy": {
-                "enabled": True,
-                "nats": {"clients": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "monitor": []},
-            },
+    narrowed = _render(
+        values_file,
+        networkPolicy={
+            "enabled": True,
+            "nats": {"clients": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "monitor": []},
         },
-        name="pl",
-        namespace="pipeline",
     )
     [again] = [
-        doc
-        for text in narrowed.values()
-        for doc in yaml.safe_load_all(text)
-        if doc and doc["kind"] == "NetworkPolicy" and doc["metadata"]["name"] == "pl-nats"
+        m for m in narrowed if m["kind"] == "NetworkPolicy" and m["metadata"]["name"] == "pl-nats"
     ]
     kubernetes_validate.validate(again, KUBERNETES, strict=True)
     rules = {r["ports"][0]["port"]: r.get("from") for r in again["spec"]["ingress"]}
