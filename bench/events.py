@@ -93,6 +93,11 @@ class CommitWatcher:
         last = 0
         with psycopg.connect(**self._conninfo, autocommit=True) as conn:
             conn.execute(SQL("LISTEN {}").format(Identifier(self._channel)))
+            # A plan for each query: the generic one, made from the statistics of a
+            # nearly empty table, read a third of the table each time (1.8 ms of the
+            # server's CPU a query: 30 % of a core at 1,000 events/s, taken from the
+            # pipeline it measures; 6 % with this).
+            conn.execute("SET plan_cache_mode = force_custom_plan")
             self._ready.set()
             while not self._stop.is_set():
                 for _ in conn.notifies(timeout=0.05, stop_after=1):

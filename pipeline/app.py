@@ -361,6 +361,9 @@ class Worker:
             logger=broker_log,
             graceful_timeout=30.0,
             max_reconnect_attempts=-1,
+            # Handlers take the pulled batch as it is: no dependency injection, which
+            # would cost a thread hop per batch (FastStream resolves its context there).
+            apply_types=False,
             **broker_options(s),
         )
         for intake in self.intakes.values():
