@@ -62,5 +62,7 @@ def subscribe_batches(
             f"payload schemas: {domain.value}.v<major>.json from `pipeline schemas export`"
         ),
     )
+    # The batch comes from the decoder: asking for the message itself (`NatsMessage`)
+    # has FastStream resolve it in a worker thread, a thread hop per batch.
     async def handle(batch: Any) -> None:  # Any: no payload model (see `description`)
         await intake.handle(cast("list[Delivery]", batch))

@@ -58,6 +58,7 @@ __all__ = [
     "check_streams",
     "connect_nats",
     "stream_definitions",
+    "worker_broker",
 ]
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,23 @@ def broker_options(settings: Settings) -> dict[str, Any]:
     else:
         return inbox
     return {"security": security, **inbox}
+
+
+def worker_broker(settings: Settings) -> NatsBroker:
+    """The worker's FastStream broker, before its subscribers are registered."""
+    # FastStream logs each batch at INFO; only its warnings and errors are wanted.
+    broker_log = logging.getLogger("pipeline.broker")
+    broker_log.setLevel(logging.WARNING)
+    return NatsBroker(
+        settings.nats_servers(),
+        logger=broker_log,
+        graceful_timeout=30.0,
+        max_reconnect_attempts=-1,
+        # Handlers take the pulled batch from their decoder (`handlers.subscriber`):
+        # no dependency injection around each call.
+        apply_types=False,
+        **broker_options(settings),
+    )
 
 
 def stream_definitions(
@@ -353,19 +371,7 @@ class Worker:
             self.intakes[domain] = intake
         if not self.consume:
             return
-        # FastStream logs each batch at INFO; only its warnings and errors are wanted.
-        broker_log = logging.getLogger("pipeline.broker")
-        broker_log.setLevel(logging.WARNING)
-        self._broker = broker = NatsBroker(
-            s.nats_servers(),
-            logger=broker_log,
-            graceful_timeout=30.0,
-            max_reconnect_attempts=-1,
-            # Handlers take the pulled batch as it is: no dependency injection, which
-            # would cost a thread hop per batch (FastStream resolves its context there).
-            apply_types=False,
-            **broker_options(s),
-        )
+        self._broker = broker = worker_broker(s)
         for intake in self.intakes.values():
             handlers.register(broker, intake, s, self.subjects)
         await broker.start()

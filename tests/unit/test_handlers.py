@@ -42,3 +42,35 @@ async def test_each_domain_subscriber_takes_its_own_wildcard(domain: Domain) -> 
     assert len(got) == 1 and [m.subject for m in got[0]] == [subject]
     assert got[0][0].data == b'{"id": "x"}'
     assert all(not r.batches for d, r in recorders.items() if d is not domain)
+
+
+async def test_the_workers_handlers_take_a_batch_without_a_thread_hop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker's broker hands each pulled batch to its intake on the event loop:
+    FastStream's dependency injection would resolve the handler's arguments in a worker
+    thread, one round trip per batch."""
+    import anyio.to_thread
+
+    from pipeline.app import worker_broker
+
+    hops: list[object] = []
+    real = anyio.to_thread.run_sync
+
+    async def counted(func: object, *args: object, **kwargs: object) -> object:
+        hops.append(func)
+        return await real(func, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    settings = Settings(_env_file=None)
+    subjects = Subjects("unit")
+    broker = worker_broker(settings)
+    recorder = Recorder(Domain.SECURITY)
+    handlers.register(broker, recorder, settings, subjects)
+
+    async with TestNatsBroker(broker) as test_broker:
+        subject = subjects.subject(Domain.SECURITY, 1, "src-1")
+        await test_broker.publish(b'{"id": "x"}', subject, stream=subjects.stream(Domain.SECURITY))
+
+    assert [[m.data for m in batch] for batch in recorder.batches] == [[b'{"id": "x"}']]
+    assert hops == []
