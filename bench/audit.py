@@ -77,7 +77,7 @@ from pipeline.audit.tables import BREAK_GLASS, AuditTables
 from pipeline.audit.verify import Report, check
 from pipeline.metrics import AuditMetrics
 from pipeline.ops.migrate import migrate
-from pipeline.ops.watch import Child, Watch
+from pipeline.ops.watch import Child, Watch, terminate_as_interrupt
 from pipeline.settings import Settings
 from pipeline.store.eventstore import EventStore
 from pipeline.store.reader import EventReader
@@ -622,6 +622,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    terminate_as_interrupt()  # a `kill` stops the processes this run started
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--schema", default="bench_audit")

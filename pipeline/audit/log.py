@@ -193,12 +193,19 @@ class AuditLog:
         """Whether the last batch read all there was (fewer events than it asked for)."""
         t = self.tables
         # The log's stored size beside the next events, in one statement: a follower
-        # at the head asks once per round, and learns whether the log moved too.
+        # at the head asks once per round, and learns whether the log moved too. The
+        # events come back as one row: their positions (8 bytes each, big-endian, as
+        # `audit_leaves.positions` keeps them) and their leaf hashes, each end to end in
+        # position order (the subquery's, which the aggregates take their rows in; `step`
+        # checks it). One row rather than one per event: 0.3 rather than 0.85 µs an event
+        # in the follower's process, 3.5-4.1 rather than 4.2-4.75 in the database.
         self._read = SQL(
-            "SELECT s.size, e.* FROM (SELECT coalesce((SELECT idx + octet_length(positions) / 8 "
-            "FROM {} ORDER BY idx DESC LIMIT 1), 0) AS size) s "
-            "LEFT JOIN LATERAL (SELECT notification_id, " + _LEAF_HASH + " FROM {} "
-            "WHERE notification_id > %s ORDER BY notification_id LIMIT %s) e ON true"
+            "SELECT s.size, e.positions, e.leaves FROM (SELECT coalesce((SELECT idx + "
+            "octet_length(positions) / 8 FROM {} ORDER BY idx DESC LIMIT 1), 0) AS size) s, "
+            "LATERAL (SELECT string_agg(int8send(notification_id), ''::bytea) AS positions, "
+            "string_agg(leaf, ''::bytea) AS leaves FROM (SELECT notification_id, "
+            + _LEAF_HASH
+            + " AS leaf FROM {} WHERE notification_id > %s ORDER BY notification_id LIMIT %s) n) e"
         ).format(t.leaves, t.events)
         self._copy = SQL(
             "COPY {} (idx, position, positions, hashes) FROM STDIN (FORMAT BINARY)"
@@ -207,7 +214,13 @@ class AuditLog:
     # -- the log's state -----------------------------------------------------------------
 
     def load(self, conn: psycopg.Connection[Any]) -> Logged:
-        """Read where the stored log stands (after a start, or a failed transaction)."""
+        """Read where the stored log stands (after a start, or a failed transaction).
+
+        `conn` is the follower's own from now on: its commits stop waiting for the disk.
+        Leaves are made again from the events if a crash loses them, and a checkpoint's
+        commit, which does wait, makes every leaf before it durable; beside the writers'
+        own commits, a wait per batch cost the event path its share of the disk."""
+        conn.execute("SET synchronous_commit = off")
         size, position = logged_end(conn, self.tables)
         with conn.cursor(row_factory=tuple_row) as curs:
             curs.execute(
@@ -252,32 +265,36 @@ class AuditLog:
         try:
             with conn.cursor(binary=True, row_factory=tuple_row) as curs:
                 curs.execute(self._read, (self._position, limit), prepare=True)
-                events = curs.fetchall()
-            self._at_head = events[0][1] is None or len(events) < limit
-            if events[0][0] != self._edge.size:
+                size, packed, leaves = curs.fetchone() or (0, None, None)
+            count = len(packed) // _POSITION.size if packed else 0
+            self._at_head = count < limit
+            if size != self._edge.size:
                 raise _Moved
-            if events[0][1] is None:
+            if not count:
                 return 0
+            positions = struct.unpack(f">{count}Q", packed)
+            width = merkle.HASH_SIZE
+            hashes = [leaves[at : at + width] for at in range(0, len(leaves), width)]
+            if (
+                list(positions) != sorted(positions)
+                or positions[0] <= self._position
+                or len(hashes) != count
+            ):
+                raise RuntimeError(f"audit: the events after {self._position} came out of order")
             edge = self._edge
             start = edge.size
-            positions = [position for _, position, _ in events]
             blobs = [
-                (at, edge.extend([leaf for _, _, leaf in events[at : at + ROW_LEAVES]]))
-                for at in range(0, len(events), ROW_LEAVES)
+                (at, edge.extend(hashes[at : at + ROW_LEAVES]))
+                for at in range(0, count, ROW_LEAVES)
             ]
-            # One transaction: the batch is logged whole or not at all; the log's keys
-            # refuse rows that another process appended since the read.
-            with conn.transaction(), conn.cursor() as curs:
-                # Leaves are made again from the events if a crash loses them, and a
-                # checkpoint's (synchronous) commit makes every leaf before it durable:
-                # no need to wait for the disk here, beside the writers' own commits.
-                curs.execute("SET LOCAL synchronous_commit = off")
-                with curs.copy(self._copy) as copy:
-                    copy.set_types(["int8", "int8", "bytea", "bytea"])
-                    for at, stored in blobs:
-                        run = positions[at : at + ROW_LEAVES]
-                        packed = struct.pack(f">{len(run)}Q", *run)
-                        copy.write_row((start + at, run[0], packed, stored))
+            # One statement, so one transaction: the batch is logged whole or not at all;
+            # the log's keys refuse rows that another process appended since the read.
+            # (Not waiting for the disk: see `load`.)
+            with conn.cursor() as curs, curs.copy(self._copy) as copy:
+                copy.set_types(["int8", "int8", "bytea", "bytea"])
+                for at, stored in blobs:
+                    run = packed[_POSITION.size * at : _POSITION.size * (at + ROW_LEAVES)]
+                    copy.write_row((start + at, positions[at], run, stored))
         except _Moved:
             log.warning("audit: the log grew in another process; reading it again")
             self.load(conn)
@@ -289,11 +306,11 @@ class AuditLog:
         if self._unsigned_since is None:
             self._unsigned_since = time.monotonic()
         m = self.metrics
-        m.leaves.inc(len(events))
+        m.leaves.inc(count)
         m.size.set(self._edge.size)
         m.position.set(self._position)
         m.batch_seconds.observe(time.perf_counter() - started)
-        return len(events)
+        return count
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -331,6 +348,9 @@ class AuditLog:
             log.info("audit: signing again")
             self._last_problem = ""
         with conn.transaction():
+            # The server's and the role's setting again: this commit waits for the disk
+            # (and the synchronous standbys), and so makes every leaf before it durable.
+            conn.execute("SET LOCAL synchronous_commit TO DEFAULT")
             conn.execute(
                 SQL(
                     "INSERT INTO {} (size, root, note) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"

@@ -166,25 +166,29 @@ class CompactRange:
     def extend(self, leaves: Iterable[bytes]) -> bytes:
         """Add leaf hashes; return their rows end to end (what `append` returns for each,
         joined), in one loop without a call per leaf."""
-        out = bytearray()
+        out: list[bytes] = []
+        keep = out.append
         hashes, size = self._hashes, self._size
-        sha256, prefix = hashlib.sha256, _NODE_PREFIX
+        node = hashlib.sha256(_NODE_PREFIX).copy  # a node's hash, its prefix already in
         try:
             for leaf in leaves:
                 if len(leaf) != HASH_SIZE:
                     raise ValueError(f"leaf {size}: a hash is {HASH_SIZE} bytes, not {len(leaf)}")
-                out += leaf
+                keep(leaf)
                 value = leaf
                 completed = size
                 while completed & 1:
-                    value = sha256(prefix + hashes.pop() + value).digest()
-                    out += value
+                    h = node()
+                    h.update(hashes.pop())
+                    h.update(value)
+                    value = h.digest()
+                    keep(value)
                     completed >>= 1
                 hashes.append(value)
                 size += 1
         finally:
             self._size = size
-        return bytes(out)
+        return b"".join(out)
 
     def root(self) -> bytes:
         """The root of the tree so far (`EMPTY_ROOT` while it has no leaves)."""
