@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import gc
 import itertools
@@ -60,7 +61,7 @@ from pipeline.app import apply_streams
 from pipeline.ops.embedded import EmbeddedNats, EmbeddedPostgres
 from pipeline.ops.migrate import migrate
 from pipeline.ops.simulate import Outgoing, Traffic, publish
-from pipeline.ops.watch import Child, Watch
+from pipeline.ops.watch import Child, Watch, terminate_as_interrupt
 from pipeline.settings import EVENT_DOMAINS, Settings
 from pipeline.store.domain import event_id
 from pipeline.store.reader import EventReader
@@ -651,7 +652,9 @@ def bench_settings(nats_choice: str, watch: Watch) -> tuple[Settings, EmbeddedNa
     base = Settings()
     if nats_choice != "embedded":
         return base, None
-    server = EmbeddedNats(Path(tempfile.mkdtemp(prefix="bench-nats-")))
+    directory = tempfile.mkdtemp(prefix="bench-nats-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)  # after the server stops
+    server = EmbeddedNats(Path(directory))
     url = server.start()
     watch.add(server.watched())
     return base.model_copy(update={"nats_url": url}), server
@@ -754,6 +757,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    terminate_as_interrupt()  # a `kill` stops the processes this run started
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--processes", type=int, default=2)

@@ -55,7 +55,7 @@ from pipeline.app import apply_streams  # noqa: E402
 from pipeline.detection.detector import DetectorConfig, UltralyticsDetector, export_model  # noqa: E402
 from pipeline.ops.embedded import free_port  # noqa: E402
 from pipeline.ops.simulate import Cameras, Outgoing, publish  # noqa: E402
-from pipeline.ops.watch import Child, Watch  # noqa: E402
+from pipeline.ops.watch import Child, Watch, terminate_as_interrupt  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from pipeline.store.domain import event_id  # noqa: E402
 from schemas import Domain  # noqa: E402
@@ -494,6 +494,7 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    terminate_as_interrupt()  # a `kill` stops the processes this run started
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--format", choices=["onnx", "pytorch", "both"], default="both")
     parser.add_argument("--frames", type=int, default=480, help="backlog frames for (b)")

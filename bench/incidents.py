@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import as_role, bench_module, connect, percentiles_ms
 from pipeline.ops.embedded import free_port
 from pipeline.ops.simulate import Expect, Outgoing, publish, uuid7
-from pipeline.ops.watch import Child, Watch
+from pipeline.ops.watch import Child, Watch, terminate_as_interrupt
 from pipeline.settings import Settings
 from pipeline.store.domain import event_id
 from pipeline.store.reader import EventReader
@@ -613,6 +613,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    terminate_as_interrupt()  # a `kill` stops the processes this run started
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rate", type=float, default=0.0, help="the half load (0: measure it)")
     parser.add_argument("--capacity-messages", type=int, default=20_000)

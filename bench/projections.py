@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import as_role, connect, percentiles_ms
 from pipeline.ops.migrate import migrate
 from pipeline.ops.simulate import stored_events
-from pipeline.ops.watch import Watch
+from pipeline.ops.watch import Watch, terminate_as_interrupt
 from pipeline.settings import Settings
 from pipeline.store.eventstore import EventStore
 from pipeline.store.reader import EventReader
@@ -320,6 +320,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    terminate_as_interrupt()  # a `kill` stops the processes this run started
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--schema", default="bench_projections")

@@ -69,6 +69,7 @@ from bench.common import as_role, connect
 from pipeline.errors import StoreUnavailable
 from pipeline.ops.migrate import migrate
 from pipeline.ops.simulate import stored_events
+from pipeline.ops.watch import terminate_as_interrupt
 from pipeline.settings import Settings
 from pipeline.store.eventstore import EventStore
 from pipeline.store.reader import EVENTS_TABLE, EventReader
@@ -391,6 +392,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    terminate_as_interrupt()  # a `kill` still drops what this run made
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--events", type=int, default=5_000_000)
     parser.add_argument("--schema", default="bench_vacuum")

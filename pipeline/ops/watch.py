@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 
 from ..errors import PipelineError
 
-__all__ = ["TAIL_LINES", "Child", "ChildExited", "Watch", "last_lines"]
+__all__ = ["TAIL_LINES", "Child", "ChildExited", "Watch", "last_lines", "terminate_as_interrupt"]
 
 T = TypeVar("T")
 
@@ -38,6 +39,15 @@ def last_lines(path: Path, count: int = TAIL_LINES) -> list[str]:
         return []
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-count:]
+
+
+def terminate_as_interrupt() -> None:
+    """From now on a SIGTERM to this process raises `KeyboardInterrupt` in its main thread,
+    as Ctrl-C does: the run's `finally` blocks stop the processes it started and remove
+    what it made. (By default SIGTERM ends Python at once, and a benchmark stopped with
+    `kill` or `timeout` left its workers running and its schema behind.) Call it from the
+    main thread of a run's entry point. A `kill -9` still leaves them: nothing runs then."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 class ChildExited(PipelineError, RuntimeError):

@@ -4,6 +4,8 @@ log lines, instead of running into its time-out."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -149,3 +151,44 @@ def test_last_lines_of_a_missing_or_blank_log(tmp_path: Path) -> None:
     big = tmp_path / "big.log"
     big.write_text("".join(f"line {n} " + "x" * 100 + "\n" for n in range(5000)))
     assert last_lines(big, 3) == [f"line {n} " + "x" * 100 for n in (4997, 4998, 4999)]
+
+
+# A run as the benchmarks are written: it starts a child, and stops it in `finally`.
+RUN = (
+    "import sys, time\n"
+    "from pathlib import Path\n"
+    "from pipeline.ops.watch import Watch, terminate_as_interrupt\n"
+    "if sys.argv[1] == 'on': terminate_as_interrupt()\n"
+    "watch = Watch()\n"
+    "child = watch.start('sleeper', [sys.executable, '-c', 'import time; time.sleep(60)'],"
+    " log=Path(sys.argv[2]))\n"
+    "try:\n"
+    "    print(child.pid, flush=True)  # in the try: a signal after it reaches the finally\n"
+    "    time.sleep(60)\n"
+    "finally:\n"
+    "    watch.stop(child, timeout_s=5)\n"
+)
+
+
+@pytest.mark.parametrize("handled", [True, False], ids=["terminate_as_interrupt", "default"])
+def test_a_run_stopped_with_sigterm_stops_the_processes_it_started(
+    tmp_path: Path, handled: bool
+) -> None:
+    run = subprocess.Popen(
+        [*_python(RUN), "on" if handled else "off", str(tmp_path / "sleeper.log")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert run.stdout is not None
+    pid = int(run.stdout.readline())
+    try:
+        run.terminate()
+        run.wait(10)
+        deadline = time.monotonic() + 10
+        while handled and Child("sleeper", pid).running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Without the handler, SIGTERM ends the run at once and the child goes on.
+        assert Child("sleeper", pid).running() is not handled
+    finally:
+        if Child("sleeper", pid).running():
+            os.kill(pid, signal.SIGKILL)
