@@ -7,8 +7,9 @@ When the handler of the batch in hand takes longer than the ack wait (frames wai
 room in the detector pool: their batch is marked in progress, the buffered ones are
 not), the server redelivers them and the work is done twice (the store keeps one copy,
 the other is counted as a duplicate). With 200 kB messages, a 10 ms batch window and the
-event loop held for 50 ms during each fetch (as a busy host holds it), 15 of 35 of
-nats-py's fetches left messages behind, and none of these (`tests/unit/test_pull.py`).
+event loop held for 50 ms once each fetch's first message is in (as a busy host holds
+it), 20 of 40 of nats-py's fetches left messages behind, and none of these
+(`tests/unit/test_pull.py`).
 
 `fetch` here sends one pull request, which expires on the server at the fetch's
 deadline, and returns only once it has ended: its batch delivered, or the server's
