@@ -187,6 +187,11 @@ class DetectorPool:
         )
         return remote.remote(self.detector, c.num_gpus > 0, c.max_pixels)
 
+    @property
+    def batches_in_hand(self) -> int:
+        """Batches sent to the actors and not answered yet."""
+        return sum(a.load for a in self._actors)
+
     async def actor_pids(self) -> list[int]:
         """Process ids of the actors (for tests and operators)."""
         return list(await asyncio.gather(*(a.handle.pid.remote() for a in self._actors)))

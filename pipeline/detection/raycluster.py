@@ -114,6 +114,17 @@ def connect_ray(
     if address:
         try:
             context = ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except ConnectionError as exc:
+            # Ray's client gives up the same way on a port it cannot reach and on a cluster
+            # that refuses its token.
+            raise ConfigError(
+                "PIPELINE_RAY_ADDRESS",
+                f"no Ray cluster let this worker in at {address} ({exc}): check that it is "
+                "reachable from here (for ray://, the head's client port) and that "
+                "PIPELINE_RAY_AUTH_TOKEN is the cluster's token (\"Initialization failure "
+                'from server": the head let it in but could not start its client server; '
+                "see the head's ray_client_server logs)",
+            ) from exc
         except RuntimeError as exc:
             if "Version mismatch" not in str(exc):
                 raise
