@@ -26,6 +26,8 @@ from typing import Any
 
 import psycopg
 
+from pipeline.ops.embedded import free_port
+
 __all__ = ["PG_BIN", "PgCluster", "PgServer", "available"]
 
 
@@ -67,12 +69,6 @@ def available() -> str:
     except KeyError:
         return f"no OS user {OS_USER} (as root, the servers run as that user)"
     return ""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def _as_postgres(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -186,9 +182,9 @@ class PgCluster:
             # crash needs fsync, and these tests crash processes, not the machine.
             "fsync": "off",
         }
-        self.primary = PgServer("primary", self.root / "primary", _free_port(), primary_options)
+        self.primary = PgServer("primary", self.root / "primary", free_port(), primary_options)
         self.standby = PgServer(
-            "standby", self.root / "standby", _free_port(), {"fsync": "off", "hot_standby": "on"}
+            "standby", self.root / "standby", free_port(), {"fsync": "off", "hot_standby": "on"}
         )
 
     @property

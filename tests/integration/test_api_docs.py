@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -22,6 +21,7 @@ from playwright.async_api import async_playwright
 
 from pipeline.api.routes.docs import CSP
 from pipeline.api.server import run_api
+from pipeline.ops.embedded import free_port
 
 from ..conftest import as_role, make_settings
 
@@ -52,17 +52,11 @@ def _chromium() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 async def api_url(pg_schema: str) -> AsyncIterator[str]:
     """The API as `pipeline run api` serves it, on a free port, until the test ends."""
     settings = make_settings(
-        "nats://unused", pg_schema, api_tokens={"reader-token": ("read",)}, api_port=_free_port()
+        "nats://unused", pg_schema, api_tokens={"reader-token": ("read",)}, api_port=free_port()
     )
     stop, started = asyncio.Event(), asyncio.Event()
     server = asyncio.create_task(run_api(as_role(settings, "api"), stop, started))

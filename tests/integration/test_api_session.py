@@ -17,12 +17,13 @@ import httpx
 import pytest
 
 from pipeline.api.auth import COOKIE
+from pipeline.ops.embedded import free_port
 from pipeline.settings import ApiToken, Settings
 from pipeline.store.eventstore import EventStore
 
 from ..conftest import as_role, make_settings
 from ..idp import AUDIENCE, ISSUER, SigningKey, access_claims, jwks_file
-from .dashboard import SseReader, free_port, serving
+from .dashboard import SseReader, serving
 from .incidents import T0, health, security, sites_file
 from .test_api_incidents import Follower
 

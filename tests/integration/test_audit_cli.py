@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pipeline.audit.note import (
     sign_note,
 )
 from pipeline.audit.publish import SIZE_HEADER
-from pipeline.ops.embedded import EmbeddedNats
+from pipeline.ops.embedded import EmbeddedNats, free_port
 from pipeline.store.eventstore import EventStore
 from tests.softhsm import SoftHsm, softhsm
 
@@ -65,12 +64,6 @@ async def _stream_sizes(url: str) -> list[int]:
         await nc.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _until(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -84,7 +77,7 @@ def test_an_operator_signs_in_the_hsm_and_an_auditor_verifies_live_and_offline(
     token = hsm.token()
     settings = make_settings(nats_server.url, pg_schema)
     asyncio.run(apply_streams_once(settings))  # the AUDIT stream keeps a copy of each checkpoint
-    metrics_port = _free_port()
+    metrics_port = free_port()
     pin_file = tmp_path / "hsm.pin"  # as a secret is mounted: the PIN never in a setting
     pin_file.write_text(token.pin + "\n")
     pin_file.chmod(0o600)
@@ -206,7 +199,7 @@ def test_an_operator_signs_in_the_hsm_and_an_auditor_verifies_live_and_offline(
     assert manifest["keys"] == vkeys and manifest["events"] == 350
     # Offline: nothing but the export and the keys; no database can be reached.
     auditor = {k: v for k, v in env.items() if not k.startswith("PIPELINE_")}
-    auditor["PIPELINE_POSTGRES_PORT"] = str(_free_port())
+    auditor["PIPELINE_POSTGRES_PORT"] = str(free_port())
     offline = _offline_verify(tmp_path / "export", keys_file, auditor)
     assert offline.returncode == 0 and "verified: 350 events" in offline.stdout, offline.stderr
     for kind, words in _tamper_export(tmp_path / "export", tmp_path / "tampered", tmp_path):
