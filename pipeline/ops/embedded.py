@@ -64,10 +64,11 @@ def _port_candidates() -> Iterator[int]:
     # processes most likely start far apart.
     end = max(_ephemeral_start(), _PORTS_FROM + 1000)
     slots = (end - _PORTS_FROM) // _PORT_STRIDE
-    first = random.SystemRandom().randrange(slots * _PORT_STRIDE)
+    span = slots * _PORT_STRIDE
+    first = random.SystemRandom().randrange(span)
     for step in itertools.count():
         lap, slot = divmod(step, slots)
-        yield _PORTS_FROM + (first + slot * _PORT_STRIDE + lap) % (slots * _PORT_STRIDE)
+        yield _PORTS_FROM + (first + slot * _PORT_STRIDE + lap) % span
 
 
 _candidates = _port_candidates()
